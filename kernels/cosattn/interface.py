@@ -1,0 +1,163 @@
+"""Public entry point: `cosine_sim_attention`. Checks inputs once, brings them to canonical 4-D form and
+dispatches: Triton kernels on CUDA (or on CPU under TRITON_INTERPRET=1), else a chunked PyTorch path."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from .reference import attention_chunked
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
+MAX_SCALE = 100.0
+
+
+def _shape(t):
+    return tuple(t.shape) if t is not None else None
+
+
+def _canonicalize(q, k, v, mask, attn_bias, alibi_slopes, scale, groups, attn_bias_batch_dim):
+    """Validate and return canonical (q4, k4, v4, mask, bias4, slopes, merged) before any launch.
+
+    q4 (b, h, i, d); k4, v4 (b, hk, j, d); mask (b, j) bool or None; bias4 (bb, bh, i, j) with
+    bb ∈ {1, b}, bh ∈ {1, h} (a view; may have zero strides); merged says q was 3-D.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if q.dim() not in (3, 4):
+        raise ValueError(f"q must be (b, h, i, d) or (B, i, d); got shape {_shape(q)}")
+    if q.dtype not in _DTYPES:
+        raise TypeError(f"q must be float16, bfloat16 or float32; got {q.dtype}")
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"q, k and v must share one dtype; got q {q.dtype}, {name} {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"q, k and v must be on one device; got q on {q.device}, {name} on {t.device}")
+    merged = q.dim() == 3
+    if merged:
+        if k.dim() != 3 or v.dim() != 3:
+            raise ValueError(
+                f"with a 3-D q (B, i, d), k and v must be 3-D (B, j, d); got q {_shape(q)}, k {_shape(k)}, "
+                f"v {_shape(v)}"
+            )
+        q4, k4, v4 = q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)
+    else:
+        if k.dim() not in (3, 4) or v.dim() != k.dim():
+            raise ValueError(f"k and v must both be (b, hk, j, d) or both (b, j, d); got k {_shape(k)}, v {_shape(v)}")
+        q4 = q
+        k4, v4 = (k.unsqueeze(1), v.unsqueeze(1)) if k.dim() == 3 else (k, v)
+    b, h, i, d = q4.shape
+    bk, hk, j, dk = k4.shape
+    if bk != b or v4.shape[0] != b:
+        raise ValueError(f"batch sizes differ: q {_shape(q)}, k {_shape(k)}, v {_shape(v)}")
+    if v4.shape[1] != hk or v4.shape[2] != j:
+        raise ValueError(f"k and v must have the same heads and length; got k {_shape(k)}, v {_shape(v)}")
+    if dk != d or v4.shape[3] != d:
+        raise ValueError(f"q, k and v must share the head dim; got q {_shape(q)}, k {_shape(k)}, v {_shape(v)}")
+    if hk == 0 or h % hk != 0:
+        raise ValueError(f"query heads must be a multiple of kv heads (h % hk == 0); got h={h}, hk={hk}")
+    if not MIN_HEAD_DIM <= d <= MAX_HEAD_DIM:
+        raise ValueError(f"head dim must be in [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}]; got d={d} (q {_shape(q)})")
+    if i == 0 or j == 0 or b == 0 or h == 0:
+        raise ValueError(f"empty inputs are not supported; got q {_shape(q)}, k {_shape(k)}")
+    if not isinstance(groups, int) or groups < 1 or d % groups != 0:
+        raise ValueError(f"groups must be a positive integer dividing the head dim {d}; got groups={groups!r}")
+    if not (isinstance(scale, (int, float)) and math.isfinite(scale) and 0 < scale <= MAX_SCALE):
+        raise ValueError(f"scale must be a finite number in (0, {MAX_SCALE:g}]; got scale={scale!r}")
+
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+            raise TypeError(f"mask must be a bool tensor (True = may attend); got {getattr(mask, 'dtype', type(mask))}")
+        if tuple(mask.shape) != (b, j):
+            raise ValueError(f"mask must be (b, j) = ({b}, {j}); got {_shape(mask)}")
+        if mask.device != q.device:
+            raise ValueError(f"mask must be on {q.device}; got {mask.device}")
+
+    bias4 = None
+    if attn_bias is not None:
+        if not isinstance(attn_bias, torch.Tensor) or not attn_bias.is_floating_point():
+            raise TypeError(f"attn_bias must be a float tensor; got {getattr(attn_bias, 'dtype', type(attn_bias))}")
+        if attn_bias.device != q.device:
+            raise ValueError(f"attn_bias must be on {q.device}; got {attn_bias.device}")
+        nd = attn_bias.dim()
+        if nd == 2:
+            bias4 = attn_bias[None, None]
+        elif nd == 3:
+            bias4 = attn_bias[:, None] if (attn_bias_batch_dim or merged) else attn_bias[None]
+        elif nd == 4 and not merged:
+            bias4 = attn_bias
+        else:
+            raise ValueError(
+                f"attn_bias must be (i, j), (h, i, j), (b, i, j) or (b, h, i, j); got {_shape(attn_bias)} "
+                f"for q {_shape(q)}"
+            )
+        bb, bh, bi, bj = bias4.shape
+        if bb not in (1, b) or bh not in (1, h) or bi != i or bj != j:
+            raise ValueError(f"attn_bias {_shape(attn_bias)} does not broadcast to (b, h, i, j) = ({b}, {h}, {i}, {j})")
+
+    if alibi_slopes is not None:
+        if not isinstance(alibi_slopes, torch.Tensor) or not alibi_slopes.is_floating_point():
+            raise TypeError("alibi_slopes must be a float tensor of shape (h,)")
+        if tuple(alibi_slopes.shape) != (h,):
+            raise ValueError(f"alibi_slopes must be (h,) = ({h},); got {_shape(alibi_slopes)}")
+        if alibi_slopes.device != q.device:
+            raise ValueError(f"alibi_slopes must be on {q.device}; got {alibi_slopes.device}")
+    return q4, k4, v4, mask, bias4, alibi_slopes, merged
+
+
+def _use_triton(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def cosine_sim_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    mask: torch.Tensor | None = None,
+    attn_bias: torch.Tensor | None = None,
+    causal: bool = False,
+    scale: float = 10.0,
+    l2norm_qk: bool = True,
+    groups: int = 1,
+    alibi_slopes: torch.Tensor | None = None,
+    attn_bias_batch_dim: bool = False,
+) -> torch.Tensor:
+    q4, k4, v4, mask, bias4, slopes, merged = _canonicalize(
+        q, k, v, mask, attn_bias, alibi_slopes, scale, groups, attn_bias_batch_dim
+    )
+    if _use_triton(q.device):
+        from .ops import triton_attention
+
+        o = triton_attention(
+            q4,
+            k4,
+            v4,
+            mask=mask,
+            attn_bias=bias4,
+            causal=causal,
+            scale=float(scale),
+            l2norm_qk=l2norm_qk,
+            groups=groups,
+            alibi_slopes=slopes,
+        )
+    else:
+        o = attention_chunked(
+            q4,
+            k4,
+            v4,
+            mask=mask,
+            attn_bias=bias4,
+            causal=causal,
+            scale=float(scale),
+            l2norm_qk=l2norm_qk,
+            groups=groups,
+            alibi_slopes=slopes,
+        )
+    return o.squeeze(1) if merged else o

@@ -1,0 +1,878 @@
+"""Triton kernels for cosine-similarity attention: l2norm pre-pass, forward, backward (dk/dv pass, dq pass).
+
+Invariant the forward relies on: q and k are l2-normalised (per group), so every logit
+scale · q̂·k̂ lies in [-scale·groups, +scale·groups]. With C = scale·groups·log2(e) (logits kept in log2 units,
+the constant folded into q̂ so the inner loop is one exp2 per logit), exp2(t − C + HEADROOM) is at most
+2^HEADROOM and at least 2^(HEADROOM − 2C): the kernel accumulates those terms and their row sum with a FIXED
+offset, no running row maximum and no rescaling of the accumulator. HEADROOM = 15 keeps the largest term
+representable in fp16 (P is cast to the input dtype for the P·V product) and, for scale·groups ≤ 10.02, the
+smallest possible row maximum above fp16's smallest normal: scale 10 fits exactly. The host checks the bound for
+the dtype and otherwise (or with an additive bias, whose range is unknown) selects USE_MAX, a FlashAttention-2
+style running maximum. Either way the forward saves one fp32 number per query row, lse2 = offset + log2(rowsum)
+(+inf for a row with no visible key), and the backward recomputes P = exp2(t − lse2) tile by tile.
+
+Backward (per group): dq = (dq̂ − q̂⟨q̂, dq̂⟩)/‖q‖, the same for k, applied in each pass's epilogue with the
+norms from its prologue. No float atomics: dk/dv programs own a key block and loop over the query heads of their
+kv head (GQA), dq programs own a query block, so gradients are bitwise deterministic.
+
+References: Dao, "FlashAttention-2" (2023); the Triton fused-attention tutorial (06); Henry et al.,
+"Query-Key Normalization for Transformers" (2020).
+"""
+
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+@triton.jit
+def _l2norm_rows(x, cols, GROUPS: tl.constexpr, GROUP_DIM: tl.constexpr, EPS: tl.constexpr):
+    """x: [R, D_PAD] fp32 with zero padding. Returns (x̂, inverse norm per column's group, [R, D_PAD])."""
+    if GROUPS == 1:
+        inv = 1.0 / tl.maximum(tl.sqrt(tl.sum(x * x, 1)), EPS)
+        inv_cols = tl.zeros_like(x) + inv[:, None]
+    else:
+        gid = cols // GROUP_DIM
+        inv_cols = tl.zeros_like(x)
+        for g in tl.static_range(GROUPS):
+            sel = (gid == g)[None, :]
+            inv = 1.0 / tl.maximum(tl.sqrt(tl.sum(tl.where(sel, x * x, 0.0), 1)), EPS)
+            inv_cols = tl.where(sel, inv[:, None], inv_cols)
+    return x * inv_cols, inv_cols
+
+
+@triton.jit
+def _l2norm_bwd(xh, inv_cols, dxh, cols, GROUPS: tl.constexpr, GROUP_DIM: tl.constexpr, EPS: tl.constexpr):
+    """Gradient through x̂ = x / max(‖x‖, eps) per group: (dx̂ − x̂⟨x̂, dx̂⟩)/‖x‖, or dx̂/eps below eps."""
+    prod = xh * dxh
+    if GROUPS == 1:
+        dot_cols = tl.zeros_like(xh) + tl.sum(prod, 1)[:, None]
+    else:
+        gid = cols // GROUP_DIM
+        dot_cols = tl.zeros_like(xh)
+        for g in tl.static_range(GROUPS):
+            sel = (gid == g)[None, :]
+            dot_cols = tl.where(sel, tl.sum(tl.where(sel, prod, 0.0), 1)[:, None], dot_cols)
+    # below eps the norm is clamped, so the projection term vanishes (F.normalize's derivative)
+    dot_cols = tl.where(inv_cols < 1.0 / EPS, dot_cols, 0.0)
+    return (dxh - xh * dot_cols) * inv_cols
+
+
+@triton.jit
+def _l2norm_kernel(
+    X,  # (b, hx, n, d) any strides
+    Y,  # (b, hx, n, d) contiguous: x̂ · multiplier, in Y's dtype
+    stride_xb,
+    stride_xh,
+    stride_xn,
+    stride_xd,
+    HX,
+    N,
+    multiplier,
+    HEAD_DIM: tl.constexpr,
+    D_PAD: tl.constexpr,
+    GROUPS: tl.constexpr,
+    L2NORM: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // HX
+    h = bh % HX
+    rows = pid * BLOCK + tl.arange(0, BLOCK)
+    cols = tl.arange(0, D_PAD)
+    m = (rows[:, None] < N) & (cols[None, :] < HEAD_DIM)
+    x = tl.load(
+        X + b * stride_xb + h * stride_xh + rows[:, None] * stride_xn + cols[None, :] * stride_xd, mask=m, other=0.0
+    )
+    x = x.to(tl.float32)
+    if L2NORM:
+        x, _ = _l2norm_rows(x, cols, GROUPS, HEAD_DIM // GROUPS, 1e-12)
+    y = x * multiplier
+    tl.store(Y + bh * N * HEAD_DIM + rows[:, None] * HEAD_DIM + cols[None, :], y.to(Y.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _logits_mods(
+    qk,
+    qpos,
+    kpos,
+    M,
+    N,
+    bias_ptrs,
+    slope2,
+    key_mask_ptrs,
+    MASKED: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
+):
+    """Adds bias / ALiBi (log2 units) to a logits tile and sets invisible entries to −inf. qpos and kpos are
+    the query and key positions as broadcastable 2-D tensors, so one helper serves both tile orientations."""
+    if HAS_BIAS:
+        bias = tl.load(bias_ptrs, mask=(qpos < M) & (kpos < N), other=0.0)
+        qk = qk + bias.to(tl.float32) * 1.4426950408889634
+    if HAS_ALIBI:
+        qk = qk - slope2 * tl.abs(qpos + (N - M) - kpos).to(tl.float32)
+    if MASKED:
+        vis = kpos < N
+        if CAUSAL:
+            vis = vis & (kpos <= qpos + (N - M))
+        qk = tl.where(vis, qk, float("-inf"))
+    if HAS_MASK:
+        km = tl.load(key_mask_ptrs, mask=kpos < N, other=0)
+        qk = tl.where(km != 0, qk, float("-inf"))
+    return qk
+
+
+@triton.jit
+def _fwd_inner(
+    acc,
+    l_i,
+    m_i,
+    q,
+    K_base,
+    V_base,
+    stride_kn,
+    stride_kd,
+    stride_vn,
+    stride_vd,
+    bias_base,
+    stride_bm,
+    stride_bn,
+    mask_base,
+    stride_mn,
+    slope2,
+    offset2,
+    offs_m,
+    cols,
+    M,
+    N,
+    lo,
+    hi,
+    HEAD_DIM: tl.constexpr,
+    D_PAD: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
+    USE_MAX: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        if MASKED:
+            kv_mask = (offs_n[:, None] < N) & (cols[None, :] < HEAD_DIM)
+        else:
+            kv_mask = cols[None, :] < HEAD_DIM
+        kT = tl.load(
+            K_base + offs_n[None, :] * stride_kn + cols[:, None] * stride_kd, mask=tl.trans(kv_mask), other=0.0
+        )
+        qk = tl.dot(q, kT, input_precision=PRECISION)  # [BLOCK_M, BLOCK_N], log2 units
+        qpos = offs_m[:, None]
+        kpos = offs_n[None, :]
+        qk = _logits_mods(
+            qk,
+            qpos,
+            kpos,
+            M,
+            N,
+            bias_base + qpos * stride_bm + kpos * stride_bn,
+            slope2,
+            mask_base + kpos * stride_mn,
+            MASKED,
+            CAUSAL,
+            HAS_MASK,
+            HAS_BIAS,
+            HAS_ALIBI,
+        )
+        if USE_MAX:
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(qk - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None]
+            m_i = m_new
+        else:
+            # bounded logits: a fixed offset, no max, no rescale
+            p = tl.exp2(qk - offset2)
+            l_i = l_i + tl.sum(p, 1)
+        v = tl.load(V_base + offs_n[:, None] * stride_vn + cols[None, :] * stride_vd, mask=kv_mask, other=0.0)
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _fwd_kernel(
+    Q,  # (b, h, i, d) raw queries, any strides
+    K,  # (b, hk, j, d) normalised keys k̂
+    V,  # (b, hk, j, d)
+    O,  # (b, h, i, d) contiguous output
+    LSE,  # (b, h, i) fp32: lse2 = offset + log2(rowsum), +inf for empty rows
+    MASK,  # (b, j) int8 key-padding mask (1 = visible)
+    BIAS,  # (bb, bh, i, j) additive bias, broadcast through zero strides
+    SLOPES,  # (h,) ALiBi slopes
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_vd,
+    stride_mb,
+    stride_mn,
+    stride_bb,
+    stride_bh,
+    stride_bm,
+    stride_bn,
+    H,
+    HK,
+    M,
+    N,
+    qk_scale,
+    offset2,
+    HEAD_DIM: tl.constexpr,
+    D_PAD: tl.constexpr,
+    GROUPS: tl.constexpr,
+    L2NORM: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
+    USE_MAX: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    hk = h // (H // HK)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, D_PAD)
+    q_mask = (offs_m[:, None] < M) & (cols[None, :] < HEAD_DIM)
+    q = tl.load(
+        Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + cols[None, :] * stride_qd,
+        mask=q_mask,
+        other=0.0,
+    )
+    q32 = q.to(tl.float32)
+    if L2NORM:
+        q32, _ = _l2norm_rows(q32, cols, GROUPS, HEAD_DIM // GROUPS, 1e-12)
+    # fold scale·log2(e) into q̂ once: the inner loop then needs one exp2 per logit and no multiply
+    q = (q32 * qk_scale).to(q.dtype)
+
+    K_base = K + b * stride_kb + hk * stride_kh
+    V_base = V + b * stride_vb + hk * stride_vh
+    bias_base = BIAS + b * stride_bb + h * stride_bh
+    mask_base = MASK + b * stride_mb
+    slope2 = 0.0
+    if HAS_ALIBI:
+        slope2 = tl.load(SLOPES + h).to(tl.float32) * 1.4426950408889634
+
+    acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+
+    if CAUSAL:
+        # keys beyond the last row's diagonal are never visible; tiles left of the first row's diagonal always are
+        hi = tl.minimum(N, tl.maximum(0, (pid_m + 1) * BLOCK_M + (N - M)))
+        full_end = tl.minimum(hi, tl.maximum(0, pid_m * BLOCK_M + (N - M) + 1))
+    else:
+        hi = N
+        full_end = N
+    full_end = (full_end // BLOCK_N) * BLOCK_N
+    acc, l_i, m_i = _fwd_inner(
+        acc,
+        l_i,
+        m_i,
+        q,
+        K_base,
+        V_base,
+        stride_kn,
+        stride_kd,
+        stride_vn,
+        stride_vd,
+        bias_base,
+        stride_bm,
+        stride_bn,
+        mask_base,
+        stride_mn,
+        slope2,
+        offset2,
+        offs_m,
+        cols,
+        M,
+        N,
+        0,
+        full_end,
+        HEAD_DIM,
+        D_PAD,
+        BLOCK_N,
+        False,
+        CAUSAL,
+        HAS_MASK,
+        HAS_BIAS,
+        HAS_ALIBI,
+        USE_MAX,
+        PRECISION,
+    )
+    acc, l_i, m_i = _fwd_inner(
+        acc,
+        l_i,
+        m_i,
+        q,
+        K_base,
+        V_base,
+        stride_kn,
+        stride_kd,
+        stride_vn,
+        stride_vd,
+        bias_base,
+        stride_bm,
+        stride_bn,
+        mask_base,
+        stride_mn,
+        slope2,
+        offset2,
+        offs_m,
+        cols,
+        M,
+        N,
+        full_end,
+        hi,
+        HEAD_DIM,
+        D_PAD,
+        BLOCK_N,
+        True,
+        CAUSAL,
+        HAS_MASK,
+        HAS_BIAS,
+        HAS_ALIBI,
+        USE_MAX,
+        PRECISION,
+    )
+    empty = l_i == 0.0
+    o = acc / tl.where(empty, 1.0, l_i)[:, None]
+    log_l = tl.log2(tl.where(empty, 1.0, l_i))
+    if USE_MAX:
+        lse = m_i + log_l
+    else:
+        lse = offset2 + log_l
+    lse = tl.where(empty, float("inf"), lse)
+    tl.store(O + bh * M * HEAD_DIM + offs_m[:, None] * HEAD_DIM + cols[None, :], o.to(O.dtype.element_ty), mask=q_mask)
+    tl.store(LSE + bh * M + offs_m, lse, mask=offs_m < M)
+
+
+@triton.jit
+def _bwd_preprocess_kernel(
+    O,  # (b, h, i, d) contiguous
+    DO,  # (b, h, i, d) any strides
+    DELTA,  # (b, h, i) fp32: rowsum(dO ⊙ O)
+    stride_db,
+    stride_dh,
+    stride_dm,
+    stride_dd,
+    H,
+    M,
+    HEAD_DIM: tl.constexpr,
+    D_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, D_PAD)
+    m = (offs_m[:, None] < M) & (cols[None, :] < HEAD_DIM)
+    o = tl.load(O + bh * M * HEAD_DIM + offs_m[:, None] * HEAD_DIM + cols[None, :], mask=m, other=0.0)
+    do = tl.load(
+        DO + b * stride_db + h * stride_dh + offs_m[:, None] * stride_dm + cols[None, :] * stride_dd, mask=m, other=0.0
+    )
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + bh * M + offs_m, delta, mask=offs_m < M)
+
+
+@triton.jit
+def _bwd_dkdv_inner(
+    dk,
+    dv,
+    k,
+    v,
+    Q_base,
+    DO_base,
+    LSE_base,
+    DELTA_base,
+    stride_dm,
+    stride_dd,
+    bias_base,
+    stride_bm,
+    stride_bn,
+    DB_base,
+    mask_base,
+    stride_mn,
+    slope2,
+    offs_n,
+    cols,
+    M,
+    N,
+    lo,
+    hi,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    MASKED: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
+    BIAS_GRAD: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    # tiles are kept transposed ([keys, queries]) so Pᵀ and dSᵀ feed the dk/dv products without a transpose
+    kpos = offs_n[:, None]
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        row_ok = offs_m < M
+        qT_mask = row_ok[None, :] & (cols[:, None] < HEAD_DIM)
+        qT = tl.load(Q_base + offs_m[None, :] * HEAD_DIM + cols[:, None], mask=qT_mask, other=0.0)  # q̂·scale·log2e
+        do = tl.load(
+            DO_base + offs_m[:, None] * stride_dm + cols[None, :] * stride_dd, mask=tl.trans(qT_mask), other=0.0
+        )
+        lse = tl.load(LSE_base + offs_m, mask=row_ok, other=float("inf"))
+        delta = tl.load(DELTA_base + offs_m, mask=row_ok, other=0.0)
+        qkT = tl.dot(k, qT, input_precision=PRECISION)  # [BLOCK_N, BLOCK_M], log2 units
+        qpos = offs_m[None, :]
+        qkT = _logits_mods(
+            qkT,
+            qpos,
+            kpos,
+            M,
+            N,
+            bias_base + qpos * stride_bm + kpos * stride_bn,
+            slope2,
+            mask_base + kpos * stride_mn,
+            MASKED,
+            CAUSAL,
+            HAS_MASK,
+            HAS_BIAS,
+            HAS_ALIBI,
+        )
+        pT = tl.exp2(qkT - lse[None, :])  # exact probabilities
+        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PRECISION)
+        dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        dsT = pT * (dpT - delta[None, :])
+        if BIAS_GRAD:
+            tl.store(DB_base + qpos * N + kpos, dsT, mask=row_ok[None, :] & (kpos < N))
+        dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _bwd_dkdv_kernel(
+    QS,  # (b, h, i, d) contiguous: q̂ · scale·log2e
+    K,  # (b, hk, j, d) raw keys
+    V,  # (b, hk, j, d)
+    DO,  # (b, h, i, d)
+    LSE,
+    DELTA,  # (b, h, i) fp32
+    DK,
+    DV,  # (b, hk, j, d) contiguous
+    DB,  # (b, h, i, j) fp32 bias gradient (only when BIAS_GRAD)
+    MASK,
+    BIAS,
+    SLOPES,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_vd,
+    stride_db,
+    stride_dh,
+    stride_dm,
+    stride_dd,
+    stride_mb,
+    stride_mn,
+    stride_bb,
+    stride_bh,
+    stride_bm,
+    stride_bn,
+    H,
+    HK,
+    M,
+    N,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    D_PAD: tl.constexpr,
+    GROUPS: tl.constexpr,
+    L2NORM: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
+    BIAS_GRAD: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    bhk = tl.program_id(1).to(tl.int64)
+    b = bhk // HK
+    hk = bhk % HK
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.arange(0, D_PAD)
+    kv_mask = (offs_n[:, None] < N) & (cols[None, :] < HEAD_DIM)
+    k_raw = tl.load(
+        K + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_kn + cols[None, :] * stride_kd,
+        mask=kv_mask,
+        other=0.0,
+    )
+    v = tl.load(
+        V + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vn + cols[None, :] * stride_vd,
+        mask=kv_mask,
+        other=0.0,
+    )
+    k32 = k_raw.to(tl.float32)
+    inv_k = tl.zeros_like(k32)
+    if L2NORM:
+        k32, inv_k = _l2norm_rows(k32, cols, GROUPS, HEAD_DIM // GROUPS, 1e-12)
+    k = k32.to(k_raw.dtype)
+
+    dk = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
+    if CAUSAL:
+        # first query row that sees this block's first key; rows past the block's last key see it all
+        lo = tl.maximum(0, pid_n * BLOCK_N - (N - M))
+        lo = (lo // BLOCK_M) * BLOCK_M
+        full_start = tl.maximum(lo, (pid_n + 1) * BLOCK_N - 1 - (N - M))
+        full_start = tl.minimum(((full_start + BLOCK_M - 1) // BLOCK_M) * BLOCK_M, tl.maximum(lo, M))
+    else:
+        lo = 0
+        full_start = 0
+    mask_base = MASK + b * stride_mb
+    group = H // HK
+    for hq in range(0, group):
+        h = hk * group + hq
+        bh = b * H + h
+        Q_base = QS + bh * M * HEAD_DIM
+        DO_base = DO + b * stride_db + h * stride_dh
+        bias_base = BIAS + b * stride_bb + h * stride_bh
+        DB_base = DB + bh * M * N
+        slope2 = 0.0
+        if HAS_ALIBI:
+            slope2 = tl.load(SLOPES + h).to(tl.float32) * 1.4426950408889634
+        # only tiles on the causal diagonal need the visibility mask: keys past N are never stored
+        dk, dv = _bwd_dkdv_inner(
+            dk,
+            dv,
+            k,
+            v,
+            Q_base,
+            DO_base,
+            LSE + bh * M,
+            DELTA + bh * M,
+            stride_dm,
+            stride_dd,
+            bias_base,
+            stride_bm,
+            stride_bn,
+            DB_base,
+            mask_base,
+            stride_mn,
+            slope2,
+            offs_n,
+            cols,
+            M,
+            N,
+            lo,
+            full_start,
+            HEAD_DIM,
+            BLOCK_M,
+            True,
+            CAUSAL,
+            HAS_MASK,
+            HAS_BIAS,
+            HAS_ALIBI,
+            BIAS_GRAD,
+            PRECISION,
+        )
+        dk, dv = _bwd_dkdv_inner(
+            dk,
+            dv,
+            k,
+            v,
+            Q_base,
+            DO_base,
+            LSE + bh * M,
+            DELTA + bh * M,
+            stride_dm,
+            stride_dd,
+            bias_base,
+            stride_bm,
+            stride_bn,
+            DB_base,
+            mask_base,
+            stride_mn,
+            slope2,
+            offs_n,
+            cols,
+            M,
+            N,
+            full_start,
+            M,
+            HEAD_DIM,
+            BLOCK_M,
+            False,
+            False,
+            HAS_MASK,
+            HAS_BIAS,
+            HAS_ALIBI,
+            BIAS_GRAD,
+            PRECISION,
+        )
+    dk = dk * 0.6931471805599453  # dk̂ = scale · dSᵀq̂ = ln2 · dSᵀ(q̂ · scale·log2e)
+    if L2NORM:
+        dk = _l2norm_bwd(k32, inv_k, dk, cols, GROUPS, HEAD_DIM // GROUPS, 1e-12)
+        dk = tl.where(kv_mask, dk, 0.0)  # padded key rows are zero vectors: keep their 1/eps out of the cast
+    out = bhk * N * HEAD_DIM + offs_n[:, None] * HEAD_DIM + cols[None, :]
+    tl.store(DK + out, dk.to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _bwd_dq_inner(
+    dq,
+    q,
+    do,
+    lse,
+    delta,
+    K_base,
+    V_base,
+    stride_vn,
+    stride_vd,
+    bias_base,
+    stride_bm,
+    stride_bn,
+    mask_base,
+    stride_mn,
+    slope2,
+    offs_m,
+    cols,
+    M,
+    N,
+    lo,
+    hi,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        if MASKED:
+            kv_mask = (offs_n[:, None] < N) & (cols[None, :] < HEAD_DIM)
+        else:
+            kv_mask = cols[None, :] < HEAD_DIM
+        k = tl.load(K_base + offs_n[:, None] * HEAD_DIM + cols[None, :], mask=kv_mask, other=0.0)  # k̂, contiguous
+        v = tl.load(V_base + offs_n[:, None] * stride_vn + cols[None, :] * stride_vd, mask=kv_mask, other=0.0)
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        qpos = offs_m[:, None]
+        kpos = offs_n[None, :]
+        qk = _logits_mods(
+            qk,
+            qpos,
+            kpos,
+            M,
+            N,
+            bias_base + qpos * stride_bm + kpos * stride_bn,
+            slope2,
+            mask_base + kpos * stride_mn,
+            MASKED,
+            CAUSAL,
+            HAS_MASK,
+            HAS_BIAS,
+            HAS_ALIBI,
+        )
+        p = tl.exp2(qk - lse[:, None])
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
+    return dq
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    Q,  # (b, h, i, d) raw queries
+    K,  # (b, hk, j, d) contiguous k̂
+    V,  # (b, hk, j, d) any strides
+    DO,
+    LSE,
+    DELTA,
+    DQ,  # (b, h, i, d) contiguous
+    MASK,
+    BIAS,
+    SLOPES,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_qd,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_vd,
+    stride_db,
+    stride_dh,
+    stride_dm,
+    stride_dd,
+    stride_mb,
+    stride_mn,
+    stride_bb,
+    stride_bh,
+    stride_bm,
+    stride_bn,
+    H,
+    HK,
+    M,
+    N,
+    qk_scale,
+    scale,
+    HEAD_DIM: tl.constexpr,
+    D_PAD: tl.constexpr,
+    GROUPS: tl.constexpr,
+    L2NORM: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    hk = h // (H // HK)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, D_PAD)
+    q_mask = (offs_m[:, None] < M) & (cols[None, :] < HEAD_DIM)
+    q_raw = tl.load(
+        Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + cols[None, :] * stride_qd,
+        mask=q_mask,
+        other=0.0,
+    )
+    q32 = q_raw.to(tl.float32)
+    inv_q = tl.zeros_like(q32)
+    if L2NORM:
+        q32, inv_q = _l2norm_rows(q32, cols, GROUPS, HEAD_DIM // GROUPS, 1e-12)
+    q = (q32 * qk_scale).to(q_raw.dtype)
+    do = tl.load(
+        DO + b * stride_db + h * stride_dh + offs_m[:, None] * stride_dm + cols[None, :] * stride_dd,
+        mask=q_mask,
+        other=0.0,
+    )
+    lse = tl.load(LSE + bh * M + offs_m, mask=offs_m < M, other=float("inf"))
+    delta = tl.load(DELTA + bh * M + offs_m, mask=offs_m < M, other=0.0)
+    K_base = K + (b * HK + hk) * N * HEAD_DIM
+    V_base = V + b * stride_vb + hk * stride_vh
+    bias_base = BIAS + b * stride_bb + h * stride_bh
+    mask_base = MASK + b * stride_mb
+    slope2 = 0.0
+    if HAS_ALIBI:
+        slope2 = tl.load(SLOPES + h).to(tl.float32) * 1.4426950408889634
+
+    dq = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
+    if CAUSAL:
+        hi = tl.minimum(N, tl.maximum(0, (pid_m + 1) * BLOCK_M + (N - M)))
+        full_end = tl.minimum(hi, tl.maximum(0, pid_m * BLOCK_M + (N - M) + 1))
+    else:
+        hi = N
+        full_end = N
+    full_end = (full_end // BLOCK_N) * BLOCK_N
+    dq = _bwd_dq_inner(
+        dq,
+        q,
+        do,
+        lse,
+        delta,
+        K_base,
+        V_base,
+        stride_vn,
+        stride_vd,
+        bias_base,
+        stride_bm,
+        stride_bn,
+        mask_base,
+        stride_mn,
+        slope2,
+        offs_m,
+        cols,
+        M,
+        N,
+        0,
+        full_end,
+        HEAD_DIM,
+        BLOCK_N,
+        False,
+        CAUSAL,
+        HAS_MASK,
+        HAS_BIAS,
+        HAS_ALIBI,
+        PRECISION,
+    )
+    dq = _bwd_dq_inner(
+        dq,
+        q,
+        do,
+        lse,
+        delta,
+        K_base,
+        V_base,
+        stride_vn,
+        stride_vd,
+        bias_base,
+        stride_bm,
+        stride_bn,
+        mask_base,
+        stride_mn,
+        slope2,
+        offs_m,
+        cols,
+        M,
+        N,
+        full_end,
+        hi,
+        HEAD_DIM,
+        BLOCK_N,
+        True,
+        CAUSAL,
+        HAS_MASK,
+        HAS_BIAS,
+        HAS_ALIBI,
+        PRECISION,
+    )
+    dq = dq * scale
+    if L2NORM:
+        dq = _l2norm_bwd(q32, inv_q, dq, cols, GROUPS, HEAD_DIM // GROUPS, 1e-12)
+        dq = tl.where(q_mask, dq, 0.0)
+    tl.store(
+        DQ + bh * M * HEAD_DIM + offs_m[:, None] * HEAD_DIM + cols[None, :], dq.to(DQ.dtype.element_ty), mask=q_mask
+    )

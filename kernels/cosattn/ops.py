@@ -1,0 +1,353 @@
+"""Host side of the Triton path: launch configurations, launchers, and the `cosattn::attention` custom op
+(with a fake implementation, so `torch.compile(fullgraph=True)` traces through it, and its autograd formula).
+
+Inputs arrive in canonical form from `cosattn.interface`: q (b, h, i, d), k/v (b, hk, j, d), mask (b, j) bool,
+bias (bb, bh, i, j) broadcast to (b, h, i, j) through zero strides, slopes (h,).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+
+from . import kernels as K
+
+LOG2E = 1.4426950408889634
+# exp2 headroom of the fixed offset: the largest term is 2^15, below fp16's max (65504)
+HEADROOM = 15.0
+# log2 of the smallest normal number of the dtype P is cast to before the P·V product
+_MIN_NORMAL_LOG2 = {torch.float16: -14.0, torch.bfloat16: -126.0, torch.float32: -126.0}
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def fixed_offset_ok(dtype: torch.dtype, scale: float, groups: int) -> bool:
+    """True when every row's largest term exp2(t_max − offset) stays a normal number of `dtype` even if all of
+    its logits sit at the lower bound −scale·groups: then a fixed offset is exact and no running max is needed."""
+    c2 = scale * groups * LOG2E
+    return 2.0 * c2 <= HEADROOM - _MIN_NORMAL_LOG2[dtype] - 0.05
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # full-precision fp32 products for fp32 inputs (the contract excludes tf32); irrelevant for 16-bit inputs
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _d_pad(d: int) -> int:
+    return max(16, triton.next_power_of_2(d))
+
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per pass, by padded head dim and dtype
+def _fwd_config(d_pad: int, dtype: torch.dtype):
+    if _interpreting():
+        return 16, 16, 1, 1
+    if dtype == torch.float32:
+        return (64, 32, 4, 2) if d_pad <= 128 else (32, 32, 4, 1)
+    if d_pad <= 64:
+        return 128, 64, 4, 3
+    if d_pad <= 128:
+        return 128, 64, 8, 3
+    return 64, 32, 4, 2
+
+
+def _bwd_config(d_pad: int, dtype: torch.dtype):
+    """(dkdv BLOCK_M, dkdv BLOCK_N, dq BLOCK_M, dq BLOCK_N, num_warps, num_stages)."""
+    if _interpreting():
+        return 16, 16, 16, 16, 1, 1
+    if dtype == torch.float32:
+        return (16, 64, 64, 16, 4, 1) if d_pad <= 128 else (16, 32, 32, 16, 4, 1)
+    if d_pad <= 128:
+        return 32, 128, 128, 32, 8 if d_pad == 128 else 4, 3
+    return 16, 64, 64, 16, 8, 1
+
+
+def l2norm_launch(x: torch.Tensor, *, groups: int, multiplier: float, l2norm: bool) -> torch.Tensor:
+    """x (b, hx, n, d) any strides -> contiguous x̂ · multiplier in x's dtype."""
+    b, hx, n, d = x.shape
+    y = torch.empty((b, hx, n, d), dtype=x.dtype, device=x.device)
+    block = 16 if _interpreting() else 64
+    grid = (triton.cdiv(n, block), b * hx)
+    K._l2norm_kernel[grid](
+        x,
+        y,
+        *x.stride(),
+        hx,
+        n,
+        multiplier,
+        HEAD_DIM=d,
+        D_PAD=_d_pad(d),
+        GROUPS=groups,
+        L2NORM=l2norm,
+        BLOCK=block,
+        num_warps=1 if _interpreting() else 4,
+    )
+    return y
+
+
+def _aux(q, mask, bias, slopes):
+    """Kernel arguments for the optional inputs (a dummy pointer with zero strides when absent)."""
+    mask_i8 = mask.to(torch.int8) if mask is not None else q
+    mask_strides = tuple(mask_i8.stride()) if mask is not None else (0, 0)
+    bias_t = bias if bias is not None else q
+    # broadcast dims must read the same element for every (b, h): a size-1 dim's own stride would not
+    bias_strides = (
+        tuple(0 if bias.shape[i] == 1 else bias.stride(i) for i in range(4)) if bias is not None else (0,) * 4
+    )
+    slopes_t = slopes.contiguous() if slopes is not None else q
+    return mask_i8, mask_strides, bias_t, bias_strides, slopes_t
+
+
+def attention_forward(q, k, v, mask, bias, slopes, causal: bool, scale: float, l2norm: bool, groups: int):
+    b, h, m, d = q.shape
+    hk, n = k.shape[1], k.shape[2]
+    d_pad = _d_pad(d)
+    use_max = bias is not None or slopes is not None or not fixed_offset_ok(q.dtype, scale, groups)
+    offset2 = scale * groups * LOG2E - HEADROOM
+    # k is normalised once here, not once per query tile
+    k_hat = l2norm_launch(k, groups=groups, multiplier=1.0, l2norm=l2norm)
+    o = torch.empty((b, h, m, d), dtype=q.dtype, device=q.device)
+    lse = torch.empty((b, h, m), dtype=torch.float32, device=q.device)
+    mask_i8, mask_strides, bias_t, bias_strides, slopes_t = _aux(q, mask, bias, slopes)
+    block_m, block_n, warps, stages = _fwd_config(d_pad, q.dtype)
+    grid = (triton.cdiv(m, block_m), b * h)
+    K._fwd_kernel[grid](
+        q,
+        k_hat,
+        v,
+        o,
+        lse,
+        mask_i8,
+        bias_t,
+        slopes_t,
+        *q.stride(),
+        *k_hat.stride(),
+        *v.stride(),
+        *mask_strides,
+        *bias_strides,
+        h,
+        hk,
+        m,
+        n,
+        scale * LOG2E,
+        offset2,
+        HEAD_DIM=d,
+        D_PAD=d_pad,
+        GROUPS=groups,
+        L2NORM=l2norm,
+        CAUSAL=causal,
+        HAS_MASK=mask is not None,
+        HAS_BIAS=bias is not None,
+        HAS_ALIBI=slopes is not None,
+        USE_MAX=use_max,
+        PRECISION=_precision(q.dtype),
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        num_warps=warps,
+        num_stages=stages,
+    )
+    return o, lse
+
+
+def attention_backward(
+    do, q, k, v, o, lse, mask, bias, slopes, causal: bool, scale: float, l2norm: bool, groups: int, bias_grad: bool
+):
+    b, h, m, d = q.shape
+    hk, n = k.shape[1], k.shape[2]
+    d_pad = _d_pad(d)
+    prec = _precision(q.dtype)
+    bm1, bn1, bm2, bn2, warps, stages = _bwd_config(d_pad, q.dtype)
+
+    delta = torch.empty((b, h, m), dtype=torch.float32, device=q.device)
+    pre_block = 16 if _interpreting() else 64
+    K._bwd_preprocess_kernel[(triton.cdiv(m, pre_block), b * h)](
+        o,
+        do,
+        delta,
+        *do.stride(),
+        h,
+        m,
+        HEAD_DIM=d,
+        D_PAD=d_pad,
+        BLOCK_M=pre_block,
+        num_warps=1 if _interpreting() else 4,
+    )
+    q_s = l2norm_launch(q, groups=groups, multiplier=scale * LOG2E, l2norm=l2norm)
+    k_hat = l2norm_launch(k, groups=groups, multiplier=1.0, l2norm=l2norm)
+    mask_i8, mask_strides, bias_t, bias_strides, slopes_t = _aux(q, mask, bias, slopes)
+    dq = torch.empty((b, h, m, d), dtype=q.dtype, device=q.device)
+    dk = torch.empty((b, hk, n, d), dtype=k.dtype, device=q.device)
+    dv = torch.empty((b, hk, n, d), dtype=v.dtype, device=q.device)
+    # the bias gradient is dS itself, written per (b, h) and reduced to the bias's shape afterwards; zeroed
+    # because causally invisible tiles are skipped, never written
+    db = torch.zeros((b, h, m, n), dtype=torch.float32, device=q.device) if bias_grad else q
+    flags = dict(
+        HEAD_DIM=d,
+        D_PAD=d_pad,
+        GROUPS=groups,
+        L2NORM=l2norm,
+        CAUSAL=causal,
+        HAS_MASK=mask is not None,
+        HAS_BIAS=bias is not None,
+        HAS_ALIBI=slopes is not None,
+        PRECISION=prec,
+    )
+    K._bwd_dkdv_kernel[(triton.cdiv(n, bn1), b * hk)](
+        q_s,
+        k,
+        v,
+        do,
+        lse,
+        delta,
+        dk,
+        dv,
+        db,
+        mask_i8,
+        bias_t,
+        slopes_t,
+        *k.stride(),
+        *v.stride(),
+        *do.stride(),
+        *mask_strides,
+        *bias_strides,
+        h,
+        hk,
+        m,
+        n,
+        scale * LOG2E,
+        BIAS_GRAD=bias_grad,
+        BLOCK_M=bm1,
+        BLOCK_N=bn1,
+        num_warps=warps,
+        num_stages=stages,
+        **flags,
+    )
+    K._bwd_dq_kernel[(triton.cdiv(m, bm2), b * h)](
+        q,
+        k_hat,
+        v,
+        do,
+        lse,
+        delta,
+        dq,
+        mask_i8,
+        bias_t,
+        slopes_t,
+        *q.stride(),
+        *v.stride(),
+        *do.stride(),
+        *mask_strides,
+        *bias_strides,
+        h,
+        hk,
+        m,
+        n,
+        scale * LOG2E,
+        scale,
+        BLOCK_M=bm2,
+        BLOCK_N=bn2,
+        num_warps=warps,
+        num_stages=stages,
+        **flags,
+    )
+    if not bias_grad:
+        db = None
+    return dq, dk, dv, db
+
+
+# ----------------------------------------------------------------------------------------------------------
+# custom op + autograd
+
+
+@torch.library.custom_op("cosattn::attention_fwd", mutates_args=())
+def _attention_fwd_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    slopes: torch.Tensor | None,
+    causal: bool,
+    scale: float,
+    l2norm: bool,
+    groups: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return attention_forward(q, k, v, mask, bias, slopes, causal, scale, l2norm, groups)
+
+
+@_attention_fwd_op.register_fake
+def _(q, k, v, mask, bias, slopes, causal, scale, l2norm, groups):
+    b, h, m, d = q.shape
+    return q.new_empty((b, h, m, d)), q.new_empty((b, h, m), dtype=torch.float32)
+
+
+@torch.library.custom_op("cosattn::attention_bwd", mutates_args=())
+def _attention_bwd_op(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    o: torch.Tensor,
+    lse: torch.Tensor,
+    mask: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    slopes: torch.Tensor | None,
+    causal: bool,
+    scale: float,
+    l2norm: bool,
+    groups: int,
+    bias_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    dq, dk, dv, db = attention_backward(
+        do, q, k, v, o, lse, mask, bias, slopes, causal, scale, l2norm, groups, bias_grad
+    )
+    if db is None:
+        db = q.new_empty((0,), dtype=torch.float32)
+    return dq, dk, dv, db
+
+
+@_attention_bwd_op.register_fake
+def _(do, q, k, v, o, lse, mask, bias, slopes, causal, scale, l2norm, groups, bias_grad):
+    b, h, m, d = q.shape
+    n = k.shape[2]
+    db_shape = (b, h, m, n) if bias_grad else (0,)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), q.new_empty(db_shape, dtype=torch.float32)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, mask, bias, slopes, causal, scale, l2norm, groups = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse, mask, bias, slopes)
+    ctx.causal, ctx.scale, ctx.l2norm, ctx.groups = causal, scale, l2norm, groups
+    ctx.bias_shape = tuple(bias.shape) if bias is not None else None
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, do, dlse):
+    q, k, v, o, lse, mask, bias, slopes = ctx.saved_tensors
+    bias_grad = bias is not None and ctx.needs_input_grad[4]
+    dq, dk, dv, db = _attention_bwd_op(
+        do, q, k, v, o, lse, mask, bias, slopes, ctx.causal, ctx.scale, ctx.l2norm, ctx.groups, bias_grad
+    )
+    dbias = None
+    if bias_grad:
+        # reduce over the dims the bias broadcast along, back to its own shape
+        dims = [i for i, s in enumerate(ctx.bias_shape) if s == 1 and db.shape[i] != 1]
+        dbias = (db.sum(dim=dims, keepdim=True) if dims else db).to(ctx.bias_dtype)
+    return dq, dk, dv, None, dbias, None, None, None, None, None
+
+
+_attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def triton_attention(q, k, v, *, mask, attn_bias, causal, scale, l2norm_qk, groups, alibi_slopes):
+    """Canonical inputs (see module docstring) -> output (b, h, i, d) in q's dtype."""
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite; got {scale}")
+    o, _ = _attention_fwd_op(q, k, v, mask, attn_bias, alibi_slopes, causal, scale, l2norm_qk, groups)
+    return o

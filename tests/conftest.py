@@ -1,0 +1,47 @@
+"""Test set-up. Without a GPU, Triton kernels run under the Triton interpreter: TRITON_INTERPRET must be
+set before any kernel module is imported, so it is set here, at collection time, before `cosattn` loads."""
+
+import os
+
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import random  # noqa: E402
+import zlib  # noqa: E402
+
+import pytest  # noqa: E402
+
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def seed(request):
+    """Seeds torch and random from the test's name: fresh inputs per case, reproducible per test id."""
+    s = zlib.crc32(request.node.nodeid.encode()) % (2**31)
+    torch.manual_seed(s)
+    random.seed(s)
+    return s
+
+
+@pytest.fixture
+def device():
+    return DEVICE
+
+
+@pytest.fixture
+def torch_attention_path(monkeypatch):
+    """Run the op's chunked PyTorch path on CPU (fast) instead of the Triton interpreter (exact but slow):
+    for model and trainer tests whose subject is not the kernel. The op reads the variable per call."""
+    if not HAS_CUDA:
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+    yield

@@ -1,0 +1,342 @@
+"""The attention op against a float64 reference and against PyTorch in the same dtype.
+
+On CPU the Triton kernels run under the interpreter (conftest sets TRITON_INTERPRET=1), in fp32 and fp16; on a
+GPU the same cases run natively, plus bf16. The criterion for the output and every gradient:
+    err(ours) <= 1.25 · err(PyTorch in the same dtype) + floor
+with err = max |x − x_f64| and a small per-dtype floor relative to the reference's magnitude.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cosattn import attention_reference, cosine_sim_attention, l2norm_tensors
+
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if torch.cuda.is_available() else [])
+FLOOR = {torch.float32: 2e-6, torch.float16: 2e-4, torch.bfloat16: 2e-3}
+
+
+def _inputs(b, h, hk, i, j, d, dtype, device, *, kv3d=False, q3d=False):
+    q = torch.randn(b, h, i, d, device=device, dtype=dtype)
+    shape_kv = (b, j, d) if kv3d else (b, hk, j, d)
+    k = torch.randn(shape_kv, device=device, dtype=dtype)
+    v = torch.randn(shape_kv, device=device, dtype=dtype)
+    if q3d:
+        q, k, v = q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1)
+    return q, k, v
+
+
+def _grads(fn, tensors, do):
+    tensors = [t.detach().requires_grad_() for t in tensors]
+    o = fn(*tensors)
+    grads = torch.autograd.grad(o, tensors, do)
+    return o.detach(), grads
+
+
+def _expand_bias_to_ref(kwargs, bias):
+    out = dict(kwargs)
+    if bias is not None:
+        out["attn_bias"] = bias
+    return out
+
+
+def check_against_torch(q, k, v, do=None, *, bias=None, **kwargs):
+    """Runs ours, the float64 reference and PyTorch in q's dtype; asserts the error criterion."""
+    dtype = q.dtype
+    tensors = [q, k, v] + ([bias] if bias is not None else [])
+    if do is None:
+        do = torch.randn(cosine_sim_attention(q, k, v, **_expand_bias_to_ref(kwargs, bias)).shape, device=q.device)
+        do = do.to(dtype)
+
+    def ours(*ts):
+        return cosine_sim_attention(*ts[:3], **_expand_bias_to_ref(kwargs, ts[3] if len(ts) > 3 else None))
+
+    def torch_ref(*ts):
+        return _reference_any_rank(*ts[:3], bias=ts[3] if len(ts) > 3 else None, **kwargs)
+
+    o, g = _grads(ours, tensors, do)
+    o64, g64 = _grads(torch_ref, [t.double() for t in tensors], do.double())
+    # PyTorch in the same dtype; CPU half matmuls are slow but fine at these sizes
+    ot, gt = _grads(torch_ref, tensors, do)
+    assert o.dtype == dtype and o.shape == q.shape
+    names = ["out", "dq", "dk", "dv", "dbias"]
+    for name, a, ref, tor in zip(names, [o, *g], [o64, *g64], [ot, *gt]):
+        assert a.shape == ref.shape, name
+        assert torch.isfinite(a).all(), f"{name}: non-finite values"
+        err = (a.double() - ref).abs().max().item()
+        err_torch = (tor.double() - ref).abs().max().item()
+        floor = FLOOR[dtype] * max(1.0, ref.abs().max().item())
+        assert err <= 1.25 * err_torch + floor, f"{name}: err {err:.3e} vs PyTorch {err_torch:.3e} (floor {floor:.1e})"
+    return o, g
+
+
+def _reference_any_rank(q, k, v, *, bias=None, mask=None, attn_bias_batch_dim=False, **kwargs):
+    """attention_reference on the op's accepted input ranks (3-D merged q, 3-D shared k/v, bias conventions)."""
+    merged = q.dim() == 3
+    if merged:
+        q, k, v = q[:, None], k[:, None], v[:, None]
+    elif k.dim() == 3:
+        k, v = k[:, None], v[:, None]
+    if bias is not None:
+        if bias.dim() == 2:
+            bias = bias[None, None]
+        elif bias.dim() == 3:
+            bias = bias[:, None] if (attn_bias_batch_dim or merged) else bias[None]
+    o = attention_reference(q, k, v, attn_bias=bias, mask=mask, **kwargs)
+    return o[:, 0] if merged else o
+
+
+# ---------------------------------------------------------------------------------------------------- basics
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("shape", [(1, 2, 2, 17, 23, 32), (2, 2, 1, 40, 33, 64), (1, 1, 1, 63, 63, 16)])
+def test_matches_reference(seed, device, dtype, causal, shape):
+    q, k, v = _inputs(*shape, dtype, device)
+    check_against_torch(q, k, v, causal=causal)
+
+
+@pytest.mark.parametrize("i,j", [(1, 1), (1, 37), (5, 31), (31, 5), (130, 17)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_odd_lengths(seed, device, i, j, causal):
+    # i < j with causal is the KV-cache case (bottom-right aligned); i > j leaves early rows with no key
+    q, k, v = _inputs(1, 2, 1, i, j, 32, torch.float32, device)
+    check_against_torch(q, k, v, causal=causal)
+
+
+@pytest.mark.parametrize("d", [16, 24, 40, 80, 96, 128, 256])
+def test_head_dims(seed, device, d):
+    q, k, v = _inputs(1, 1, 1, 19, 21, d, torch.float32, device)
+    check_against_torch(q, k, v, causal=d % 32 == 0)
+
+
+def test_fp16_head_dims(seed, device):
+    for d in (40, 128):
+        q, k, v = _inputs(1, 2, 1, 33, 18, d, torch.float16, device)
+        check_against_torch(q, k, v, causal=True)
+
+
+# ---------------------------------------------------------------------------------------------------- layouts
+
+
+def test_gqa(seed, device):
+    q, k, v = _inputs(2, 6, 2, 21, 26, 32, torch.float32, device)
+    check_against_torch(q, k, v, causal=True)
+
+
+def test_mqa_3d_kv(seed, device):
+    q, k, v = _inputs(2, 3, 1, 19, 22, 32, torch.float32, device, kv3d=True)
+    o, _ = check_against_torch(q, k, v)
+    assert o.shape == q.shape
+
+
+def test_merged_batch_heads(seed, device):
+    q, k, v = _inputs(2, 2, 2, 19, 22, 32, torch.float16, device, q3d=True)
+    assert q.dim() == 3
+    check_against_torch(q, k, v, causal=True)
+
+
+def test_non_contiguous(seed, device):
+    # (b, i, h, d) storage seen as (b, h, i, d), and v from a slice of a wider tensor
+    b, h, i, j, d = 2, 2, 19, 23, 32
+    q = torch.randn(b, i, h, d, device=device).transpose(1, 2)
+    k = torch.randn(b, j, h, d, device=device).transpose(1, 2)
+    v = torch.randn(b, h, j, 2 * d, device=device)[..., ::2]
+    assert not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous())
+    check_against_torch(q, k, v, causal=True)
+
+
+# ---------------------------------------------------------------------------------------------------- masks
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_key_padding_mask(seed, device, causal):
+    q, k, v = _inputs(3, 2, 1, 20, 29, 32, torch.float32, device)
+    mask = torch.rand(3, 29, device=device) > 0.4
+    mask[2] = False  # a batch element with no visible key at all
+    o, grads = check_against_torch(q, k, v, mask=mask, causal=causal)
+    assert o[2].abs().max() == 0 and all(g[2].abs().max() == 0 for g in grads)
+
+
+def test_masked_keys_do_not_matter(seed, device):
+    q, k, v = _inputs(1, 2, 1, 9, 14, 16, torch.float32, device)
+    mask = torch.ones(1, 14, dtype=torch.bool, device=device)
+    mask[:, 5:9] = False
+    o1 = cosine_sim_attention(q, k, v, mask=mask)
+    k2, v2 = k.clone(), v.clone()
+    k2[..., 5:9, :] = torch.randn_like(k2[..., 5:9, :])
+    v2[..., 5:9, :] = 100.0
+    torch.testing.assert_close(cosine_sim_attention(q, k2, v2, mask=mask), o1, rtol=0, atol=0)
+
+
+def test_causal_rows_without_keys_are_zero(seed, device):
+    # more queries than keys with bottom-right alignment: the first i − j rows see nothing
+    q, k, v = _inputs(1, 1, 1, 12, 4, 16, torch.float32, device)
+    q.requires_grad_()
+    o = cosine_sim_attention(q, k, v, causal=True)
+    (o * torch.randn_like(o)).sum().backward()
+    assert o[..., :8, :].abs().max() == 0 and q.grad[..., :8, :].abs().max() == 0
+    assert torch.isfinite(q.grad).all()
+
+
+# ---------------------------------------------------------------------------------------------------- bias, alibi
+
+
+@pytest.mark.parametrize(
+    "bias_shape,batch_dim",
+    [((17, 23), False), ((2, 17, 23), False), ((2, 1, 17, 23), False), ((2, 2, 17, 23), False), ((2, 17, 23), True)],
+)
+def test_attn_bias_shapes_and_grad(seed, device, bias_shape, batch_dim):
+    q, k, v = _inputs(2, 2, 1, 17, 23, 32, torch.float32, device)
+    bias = torch.randn(bias_shape, device=device)
+    _, grads = check_against_torch(q, k, v, bias=bias, causal=True, attn_bias_batch_dim=batch_dim)
+    assert grads[3].shape == bias.shape
+
+
+def test_attn_bias_large_positive_and_inf(seed, device):
+    # a large positive bias breaks the cosine bound: the kernel must still be exact
+    q, k, v = _inputs(1, 2, 1, 16, 20, 32, torch.float32, device)
+    bias = 30 * torch.randn(2, 16, 20, device=device)
+    bias[:, :, :3] = float("-inf")
+    check_against_torch(q, k, v, bias=bias)
+
+
+def test_attn_bias_merged_batch(seed, device):
+    q, k, v = _inputs(2, 2, 2, 11, 13, 16, torch.float32, device, q3d=True)
+    bias = torch.randn(4, 11, 13, device=device)
+    check_against_torch(q, k, v, bias=bias)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_alibi(seed, device, causal):
+    q, k, v = _inputs(2, 4, 2, 15, 27, 32, torch.float32, device)
+    slopes = torch.tensor([0.5, 0.25, 0.125, 0.0625], device=device)
+    check_against_torch(q, k, v, alibi_slopes=slopes, causal=causal, mask=torch.rand(2, 27, device=device) > 0.2)
+
+
+# ---------------------------------------------------------------------------------------------------- numerics
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("scale,groups", [(5.0, 1), (10.0, 4), (10.0, 8), (50.0, 1), (100.0, 1)])
+def test_scale_and_groups(seed, device, dtype, scale, groups):
+    # large scale·groups leaves the fixed-offset range: exp(-2·scale·groups) underflows; must stay exact
+    q, k, v = _inputs(1, 2, 1, 18, 21, 64, dtype, device)
+    check_against_torch(q, k, v, scale=scale, groups=groups, causal=True)
+
+
+def test_prenormalised_inputs(seed, device):
+    q, k, v = _inputs(1, 2, 1, 18, 21, 32, torch.float32, device)
+    qn, kn = l2norm_tensors(q, k, groups=2)
+    o = cosine_sim_attention(qn, kn, v, l2norm_qk=False, groups=2)
+    torch.testing.assert_close(o, cosine_sim_attention(q, k, v, groups=2), rtol=1e-5, atol=1e-5)
+    check_against_torch(qn, kn, v, l2norm_qk=False, causal=True)
+
+
+def test_zero_vectors_follow_f_normalize(seed, device):
+    q, k, v = _inputs(1, 1, 1, 9, 9, 16, torch.float32, device)
+    q[..., 3, :] = 0
+    k[..., 5, :] = 0
+    check_against_torch(q, k, v)
+
+
+def test_l2norm_tensors_matches_f_normalize(seed, device):
+    x = torch.randn(3, 5, 32, device=device)
+    torch.testing.assert_close(l2norm_tensors(x), F.normalize(x, dim=-1))
+    a, b = l2norm_tensors(x, x * 2, groups=4)
+    torch.testing.assert_close(a.view(3, 5, 4, 8).norm(dim=-1), torch.ones(3, 5, 4, device=device))
+    torch.testing.assert_close(a, b)
+
+
+def test_backward_is_deterministic(seed, device):
+    q, k, v = _inputs(2, 4, 2, 37, 45, 32, torch.float32, device)
+    bias = torch.randn(4, 37, 45, device=device)
+    do = torch.randn_like(q)
+    f = lambda *t: cosine_sim_attention(*t[:3], attn_bias=t[3], causal=True)  # noqa: E731
+    _, g1 = _grads(f, [q, k, v, bias], do)
+    _, g2 = _grads(f, [q, k, v, bias], do)
+    for a, b in zip(g1, g2):
+        assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------------------------------------- integration
+
+
+def test_chunked_cpu_path_matches(seed, monkeypatch):
+    # without the interpreter, CPU inputs take the chunked PyTorch path; same function
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    q, k, v = _inputs(2, 4, 2, 21, 30, 32, torch.float32, "cpu")
+    mask = torch.rand(2, 30) > 0.3
+    slopes = torch.rand(4)
+    do = torch.randn_like(q)
+    o, g = _grads(lambda *t: cosine_sim_attention(*t, mask=mask, alibi_slopes=slopes, causal=True), [q, k, v], do)
+    o64, g64 = _grads(
+        lambda *t: attention_reference(*t, mask=mask, alibi_slopes=slopes.double(), causal=True),
+        [q.double(), k.double(), v.double()],
+        do.double(),
+    )
+    for a, b in zip([o, *g], [o64, *g64]):
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5)
+
+
+def test_torch_compile_fullgraph(seed, device):
+    q, k, v = _inputs(1, 2, 1, 17, 17, 16, torch.float32, device)
+    q.requires_grad_()
+
+    def f(q, k, v):
+        return cosine_sim_attention(q * 2, k, v, causal=True).sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    out = compiled(q, k, v)
+    out.backward()
+    ref_q = q.detach().clone().requires_grad_()
+    f(ref_q, k, v).backward()
+    torch.testing.assert_close(out, f(ref_q, k, v))
+    torch.testing.assert_close(q.grad, ref_q.grad)
+
+
+def test_custom_op_opcheck(seed, device):
+    from cosattn.ops import _attention_fwd_op
+
+    q, k, v = _inputs(1, 2, 1, 17, 19, 16, torch.float32, device)
+    args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), None, None, None, True, 10.0, True, 1)
+    torch.library.opcheck(
+        _attention_fwd_op, args, test_utils=("test_schema", "test_faketensor", "test_autograd_registration")
+    )
+
+
+# ---------------------------------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize(
+    "make,exc,words",
+    [
+        (lambda t: dict(q=t(2, 16)), ValueError, "q must be"),
+        (lambda t: dict(k=t(1, 3, 8, 16), v=t(1, 3, 8, 16)), ValueError, "h % hk"),
+        (lambda t: dict(v=t(1, 1, 9, 16)), ValueError, "k and v"),
+        (lambda t: dict(k=t(2, 1, 8, 16), v=t(2, 1, 8, 16)), ValueError, "batch"),
+        (lambda t: dict(q=t(1, 2, 8, 8), k=t(1, 1, 8, 8), v=t(1, 1, 8, 8)), ValueError, "head dim"),
+        (lambda t: dict(q=t(1, 2, 8, 512), k=t(1, 1, 8, 512), v=t(1, 1, 8, 512)), ValueError, "head dim"),
+        (lambda t: dict(k=t(1, 1, 8, 16).double()), TypeError, "dtype"),
+        (
+            lambda t: dict(q=t(1, 2, 8, 16).long(), k=t(1, 1, 8, 16).long(), v=t(1, 1, 8, 16).long()),
+            TypeError,
+            "q must",
+        ),
+        (lambda t: dict(mask=torch.ones(1, 7, dtype=torch.bool)), ValueError, "mask must be (b, j)"),
+        (lambda t: dict(mask=torch.ones(1, 8)), TypeError, "mask must be a bool"),
+        (lambda t: dict(attn_bias=t(3, 8, 8)), ValueError, "attn_bias"),
+        (lambda t: dict(alibi_slopes=t(3)), ValueError, "alibi_slopes"),
+        (lambda t: dict(groups=3), ValueError, "groups"),
+        (lambda t: dict(scale=0.0), ValueError, "scale"),
+        (lambda t: dict(scale=101.0), ValueError, "scale"),
+    ],
+)
+def test_bad_inputs_raise(make, exc, words):
+    t = lambda *s: torch.randn(*s)  # noqa: E731
+    args = dict(q=t(1, 2, 8, 16), k=t(1, 1, 8, 16), v=t(1, 1, 8, 16))
+    args.update(make(t))
+    q, k, v = args.pop("q"), args.pop("k"), args.pop("v")
+    with pytest.raises(exc, match=words.replace("(", r"\(").replace(")", r"\)").replace("%", "%")):
+        cosine_sim_attention(q, k, v, **args)
