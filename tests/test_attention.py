@@ -3,7 +3,8 @@
 On CPU the Triton kernels run under the interpreter (conftest sets TRITON_INTERPRET=1), in fp32 and fp16; on a
 GPU the same cases run natively, plus bf16. The criterion for the output and every gradient:
     err(ours) <= 1.25 · err(PyTorch in the same dtype) + floor
-with err = max |x − x_f64| and a small per-dtype floor relative to the reference's magnitude.
+with err = rms(x − x_f64) / max(rms(x_f64), 1) and a small per-dtype floor; the largest single
+deviation is bounded too, at 2× PyTorch's plus a floor (one element's rounding is too noisy for 1.25×).
 """
 
 import pytest
@@ -13,7 +14,7 @@ import torch.nn.functional as F
 from cosattn import attention_reference, cosine_sim_attention, l2norm_tensors
 
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if torch.cuda.is_available() else [])
-FLOOR = {torch.float32: 2e-6, torch.float16: 2e-4, torch.bfloat16: 2e-3}
+FLOOR = {torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}
 
 
 def _inputs(b, h, hk, i, j, d, dtype, device, *, kv3d=False, q3d=False):
@@ -63,11 +64,29 @@ def check_against_torch(q, k, v, do=None, *, bias=None, **kwargs):
     for name, a, ref, tor in zip(names, [o, *g], [o64, *g64], [ot, *gt]):
         assert a.shape == ref.shape, name
         assert torch.isfinite(a).all(), f"{name}: non-finite values"
-        err = (a.double() - ref).abs().max().item()
-        err_torch = (tor.double() - ref).abs().max().item()
-        floor = FLOOR[dtype] * max(1.0, ref.abs().max().item())
-        assert err <= 1.25 * err_torch + floor, f"{name}: err {err:.3e} vs PyTorch {err_torch:.3e} (floor {floor:.1e})"
+        assert_close_to_reference(name, a, ref, tor, FLOOR[dtype] + _lse_floor(kwargs))
     return o, g
+
+
+def _lse_floor(kwargs):
+    """The backward recomputes P from one saved fp32 log-sum-exp per row, whose rounding (half an ulp of |lse|,
+    up to scale·groups) scales a whole row of P: a floor that matters only for fp32 at large scale·groups."""
+    return 2.0**-24 * 2 * kwargs.get("scale", 10.0) * kwargs.get("groups", 1)
+
+
+def assert_close_to_reference(name, ours, ref, torch_same_dtype, floor):
+    """ours vs the float64 `ref`, no worse than PyTorch in the same dtype (see module docstring)."""
+    # RMS errors relative to the reference's RMS, or to 1 (the inputs' scale) where the reference is smaller,
+    # e.g. dq of a row that sees one key is exactly zero and any rounding would be infinitely "relative"
+    rms = lambda t: t.double().pow(2).mean().sqrt().item()  # noqa: E731
+    scale = max(rms(ref), 1.0)
+    err = rms(ours.double() - ref) / scale
+    err_torch = rms(torch_same_dtype.double() - ref) / scale
+    assert err <= 1.25 * err_torch + floor, f"{name}: relative error {err:.3e} vs PyTorch {err_torch:.3e}"
+    big = max(1.0, ref.abs().max().item())
+    err_max = (ours.double() - ref).abs().max().item()
+    err_max_torch = (torch_same_dtype.double() - ref).abs().max().item()
+    assert err_max <= 2 * err_max_torch + 4 * floor * big, f"{name}: max error {err_max:.3e} vs {err_max_torch:.3e}"
 
 
 def _reference_any_rank(q, k, v, *, bias=None, mask=None, attn_bias_batch_dim=False, **kwargs):

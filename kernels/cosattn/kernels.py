@@ -28,18 +28,19 @@ LN2 = 0.6931471805599453
 
 @triton.jit
 def _l2norm_rows(x, cols, GROUPS: tl.constexpr, GROUP_DIM: tl.constexpr, EPS: tl.constexpr):
-    """x: [R, D_PAD] fp32 with zero padding. Returns (x̂, inverse norm per column's group, [R, D_PAD])."""
+    """x: [R, D_PAD] fp32 with zero padding. Returns (x̂, inverse norm per column's group, [R, D_PAD]).
+    Correctly rounded sqrt and division, as F.normalize: an ulp lost in x̂ is multiplied by scale·groups in
+    the logits."""
     if GROUPS == 1:
-        inv = 1.0 / tl.maximum(tl.sqrt(tl.sum(x * x, 1)), EPS)
-        inv_cols = tl.zeros_like(x) + inv[:, None]
+        norm_cols = tl.zeros_like(x) + tl.maximum(tl.sqrt_rn(tl.sum(x * x, 1)), EPS)[:, None]
     else:
         gid = cols // GROUP_DIM
-        inv_cols = tl.zeros_like(x)
+        norm_cols = tl.zeros_like(x) + 1.0
         for g in tl.static_range(GROUPS):
             sel = (gid == g)[None, :]
-            inv = 1.0 / tl.maximum(tl.sqrt(tl.sum(tl.where(sel, x * x, 0.0), 1)), EPS)
-            inv_cols = tl.where(sel, inv[:, None], inv_cols)
-    return x * inv_cols, inv_cols
+            norm = tl.maximum(tl.sqrt_rn(tl.sum(tl.where(sel, x * x, 0.0), 1)), EPS)
+            norm_cols = tl.where(sel, norm[:, None], norm_cols)
+    return tl.div_rn(x, norm_cols), 1.0 / norm_cols
 
 
 @triton.jit
@@ -108,12 +109,16 @@ def _logits_mods(
     HAS_MASK: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_ALIBI: tl.constexpr,
+    NATURAL: tl.constexpr,
 ):
     """Adds bias / ALiBi (log2 units) to a logits tile and sets invisible entries to −inf. qpos and kpos are
     the query and key positions as broadcastable 2-D tensors, so one helper serves both tile orientations."""
     if HAS_BIAS:
         bias = tl.load(bias_ptrs, mask=(qpos < M) & (kpos < N), other=0.0)
-        qk = qk + bias.to(tl.float32) * 1.4426950408889634
+        if NATURAL:
+            qk = qk + bias.to(tl.float32)
+        else:
+            qk = qk + bias.to(tl.float32) * 1.4426950408889634
     if HAS_ALIBI:
         qk = qk - slope2 * tl.abs(qpos + (N - M) - kpos).to(tl.float32)
     if MASKED:
@@ -160,8 +165,10 @@ def _fwd_inner(
     HAS_MASK: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_ALIBI: tl.constexpr,
+    NATURAL: tl.constexpr,
     USE_MAX: tl.constexpr,
     PRECISION: tl.constexpr,
+    K_INLINE: tl.constexpr,
 ):
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -173,6 +180,11 @@ def _fwd_inner(
             K_base + offs_n[None, :] * stride_kn + cols[:, None] * stride_kd, mask=tl.trans(kv_mask), other=0.0
         )
         qk = tl.dot(q, kT, input_precision=PRECISION)  # [BLOCK_M, BLOCK_N], log2 units
+        if K_INLINE:
+            # k normalised here, one inverse norm per key, instead of in a separate pass: at short lengths the
+            # extra launch costs more than this arithmetic
+            k32 = kT.to(tl.float32)
+            qk = qk * (1.0 / tl.maximum(tl.sqrt(tl.sum(k32 * k32, 0)), 1e-12))[None, :]
         qpos = offs_m[:, None]
         kpos = offs_n[None, :]
         qk = _logits_mods(
@@ -189,12 +201,18 @@ def _fwd_inner(
             HAS_MASK,
             HAS_BIAS,
             HAS_ALIBI,
+            NATURAL,
         )
         if USE_MAX:
             m_new = tl.maximum(m_i, tl.max(qk, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_safe)
-            p = tl.exp2(qk - m_safe[:, None])
+            if NATURAL:
+                # subtract in natural units first: the large bias values cancel before the log2e rounding
+                alpha = tl.exp2((m_i - m_safe) * 1.4426950408889634)
+                p = tl.exp2((qk - m_safe[:, None]) * 1.4426950408889634)
+            else:
+                alpha = tl.exp2(m_i - m_safe)
+                p = tl.exp2(qk - m_safe[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
             acc = acc * alpha[:, None]
             m_i = m_new
@@ -249,7 +267,9 @@ def _fwd_kernel(
     HAS_MASK: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_ALIBI: tl.constexpr,
+    NATURAL: tl.constexpr,
     USE_MAX: tl.constexpr,
+    K_INLINE: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -279,7 +299,9 @@ def _fwd_kernel(
     mask_base = MASK + b * stride_mb
     slope2 = 0.0
     if HAS_ALIBI:
-        slope2 = tl.load(SLOPES + h).to(tl.float32) * 1.4426950408889634
+        slope2 = tl.load(SLOPES + h).to(tl.float32)
+        if not NATURAL:
+            slope2 = slope2 * 1.4426950408889634
 
     acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -325,8 +347,10 @@ def _fwd_kernel(
         HAS_MASK,
         HAS_BIAS,
         HAS_ALIBI,
+        NATURAL,
         USE_MAX,
         PRECISION,
+        K_INLINE,
     )
     acc, l_i, m_i = _fwd_inner(
         acc,
@@ -360,12 +384,16 @@ def _fwd_kernel(
         HAS_MASK,
         HAS_BIAS,
         HAS_ALIBI,
+        NATURAL,
         USE_MAX,
         PRECISION,
+        K_INLINE,
     )
     empty = l_i == 0.0
     o = acc / tl.where(empty, 1.0, l_i)[:, None]
     log_l = tl.log2(tl.where(empty, 1.0, l_i))
+    if NATURAL:
+        log_l = log_l * 0.6931471805599453
     if USE_MAX:
         lse = m_i + log_l
     else:
@@ -376,33 +404,79 @@ def _fwd_kernel(
 
 
 @triton.jit
-def _bwd_preprocess_kernel(
+def _bwd_prep_kernel(
+    Q,  # (b, h, i, d) raw queries, any strides
+    K,  # (b, hk, j, d) raw keys, any strides
     O,  # (b, h, i, d) contiguous
     DO,  # (b, h, i, d) any strides
-    DELTA,  # (b, h, i) fp32: rowsum(dO ⊙ O)
+    QS,  # (b, h, i, d) contiguous out: q̂ · qk_scale
+    KH,  # (b, hk, j, d) contiguous out: k̂
+    DELTA,  # (b, h, i) fp32 out: rowsum(dO ⊙ O)
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_kd,
     stride_db,
     stride_dh,
     stride_dm,
     stride_dd,
     H,
+    HK,
     M,
+    N,
+    qk_scale,
     HEAD_DIM: tl.constexpr,
     D_PAD: tl.constexpr,
-    BLOCK_M: tl.constexpr,
+    GROUPS: tl.constexpr,
+    L2NORM: tl.constexpr,
+    BLOCK: tl.constexpr,
+    NORM_K: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
+    """Everything the two backward passes need precomputed, in one launch: per (b, h) row block, delta and the
+    scaled q̂; the programs with h < hk also normalise a block of k for kv head h."""
+    pid = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
     h = bh % H
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = pid * BLOCK + tl.arange(0, BLOCK)
     cols = tl.arange(0, D_PAD)
-    m = (offs_m[:, None] < M) & (cols[None, :] < HEAD_DIM)
-    o = tl.load(O + bh * M * HEAD_DIM + offs_m[:, None] * HEAD_DIM + cols[None, :], mask=m, other=0.0)
-    do = tl.load(
-        DO + b * stride_db + h * stride_dh + offs_m[:, None] * stride_dm + cols[None, :] * stride_dd, mask=m, other=0.0
-    )
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(DELTA + bh * M + offs_m, delta, mask=offs_m < M)
+    if pid * BLOCK < M:
+        m = (rows[:, None] < M) & (cols[None, :] < HEAD_DIM)
+        o = tl.load(O + bh * M * HEAD_DIM + rows[:, None] * HEAD_DIM + cols[None, :], mask=m, other=0.0)
+        do = tl.load(
+            DO + b * stride_db + h * stride_dh + rows[:, None] * stride_dm + cols[None, :] * stride_dd,
+            mask=m,
+            other=0.0,
+        )
+        tl.store(DELTA + bh * M + rows, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=rows < M)
+        x = tl.load(
+            Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qm + cols[None, :] * stride_qd, mask=m, other=0.0
+        )
+        x = x.to(tl.float32)
+        if L2NORM:
+            x, _ = _l2norm_rows(x, cols, GROUPS, HEAD_DIM // GROUPS, 1e-12)
+        tl.store(
+            QS + bh * M * HEAD_DIM + rows[:, None] * HEAD_DIM + cols[None, :],
+            (x * qk_scale).to(QS.dtype.element_ty),
+            mask=m,
+        )
+    if NORM_K and (h < HK) and (pid * BLOCK < N):
+        m = (rows[:, None] < N) & (cols[None, :] < HEAD_DIM)
+        x = tl.load(
+            K + b * stride_kb + h * stride_kh + rows[:, None] * stride_kn + cols[None, :] * stride_kd, mask=m, other=0.0
+        )
+        x = x.to(tl.float32)
+        if L2NORM:
+            x, _ = _l2norm_rows(x, cols, GROUPS, HEAD_DIM // GROUPS, 1e-12)
+        tl.store(
+            KH + (b * HK + h) * N * HEAD_DIM + rows[:, None] * HEAD_DIM + cols[None, :],
+            x.to(KH.dtype.element_ty),
+            mask=m,
+        )
 
 
 @triton.jit
@@ -410,6 +484,7 @@ def _bwd_dkdv_inner(
     dk,
     dv,
     k,
+    rk,
     v,
     Q_base,
     DO_base,
@@ -437,8 +512,10 @@ def _bwd_dkdv_inner(
     HAS_MASK: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_ALIBI: tl.constexpr,
+    NATURAL: tl.constexpr,
     BIAS_GRAD: tl.constexpr,
     PRECISION: tl.constexpr,
+    K_INLINE: tl.constexpr,
 ):
     # tiles are kept transposed ([keys, queries]) so Pᵀ and dSᵀ feed the dk/dv products without a transpose
     kpos = offs_n[:, None]
@@ -453,6 +530,8 @@ def _bwd_dkdv_inner(
         lse = tl.load(LSE_base + offs_m, mask=row_ok, other=float("inf"))
         delta = tl.load(DELTA_base + offs_m, mask=row_ok, other=0.0)
         qkT = tl.dot(k, qT, input_precision=PRECISION)  # [BLOCK_N, BLOCK_M], log2 units
+        if K_INLINE:
+            qkT = qkT * rk[:, None]  # raw k in the product, as the forward computed it
         qpos = offs_m[None, :]
         qkT = _logits_mods(
             qkT,
@@ -468,8 +547,12 @@ def _bwd_dkdv_inner(
             HAS_MASK,
             HAS_BIAS,
             HAS_ALIBI,
+            NATURAL,
         )
-        pT = tl.exp2(qkT - lse[None, :])  # exact probabilities
+        if NATURAL:
+            pT = tl.exp2((qkT - lse[None, :]) * 1.4426950408889634)
+        else:
+            pT = tl.exp2(qkT - lse[None, :])  # exact probabilities
         dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PRECISION)
         dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
         dsT = pT * (dpT - delta[None, :])
@@ -516,6 +599,7 @@ def _bwd_dkdv_kernel(
     M,
     N,
     qk_scale,
+    dk_scale,
     HEAD_DIM: tl.constexpr,
     D_PAD: tl.constexpr,
     GROUPS: tl.constexpr,
@@ -524,8 +608,10 @@ def _bwd_dkdv_kernel(
     HAS_MASK: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_ALIBI: tl.constexpr,
+    NATURAL: tl.constexpr,
     BIAS_GRAD: tl.constexpr,
     PRECISION: tl.constexpr,
+    K_INLINE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -550,7 +636,13 @@ def _bwd_dkdv_kernel(
     inv_k = tl.zeros_like(k32)
     if L2NORM:
         k32, inv_k = _l2norm_rows(k32, cols, GROUPS, HEAD_DIM // GROUPS, 1e-12)
-    k = k32.to(k_raw.dtype)
+    if K_INLINE:
+        raw32 = k_raw.to(tl.float32)
+        rk = 1.0 / tl.maximum(tl.sqrt(tl.sum(raw32 * raw32, 1)), 1e-12)
+        k = k_raw
+    else:
+        rk = tl.zeros([BLOCK_N], dtype=tl.float32)
+        k = k32.to(k_raw.dtype)
 
     dk = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
@@ -574,12 +666,15 @@ def _bwd_dkdv_kernel(
         DB_base = DB + bh * M * N
         slope2 = 0.0
         if HAS_ALIBI:
-            slope2 = tl.load(SLOPES + h).to(tl.float32) * 1.4426950408889634
+            slope2 = tl.load(SLOPES + h).to(tl.float32)
+        if not NATURAL:
+            slope2 = slope2 * 1.4426950408889634
         # only tiles on the causal diagonal need the visibility mask: keys past N are never stored
         dk, dv = _bwd_dkdv_inner(
             dk,
             dv,
             k,
+            rk,
             v,
             Q_base,
             DO_base,
@@ -607,13 +702,16 @@ def _bwd_dkdv_kernel(
             HAS_MASK,
             HAS_BIAS,
             HAS_ALIBI,
+            NATURAL,
             BIAS_GRAD,
             PRECISION,
+            K_INLINE,
         )
         dk, dv = _bwd_dkdv_inner(
             dk,
             dv,
             k,
+            rk,
             v,
             Q_base,
             DO_base,
@@ -641,10 +739,12 @@ def _bwd_dkdv_kernel(
             HAS_MASK,
             HAS_BIAS,
             HAS_ALIBI,
+            NATURAL,
             BIAS_GRAD,
             PRECISION,
+            K_INLINE,
         )
-    dk = dk * 0.6931471805599453  # dk̂ = scale · dSᵀq̂ = ln2 · dSᵀ(q̂ · scale·log2e)
+    dk = dk * dk_scale  # dk̂ = scale · dSᵀq̂ = (scale / qk_scale) · dSᵀ(q̂ · qk_scale)
     if L2NORM:
         dk = _l2norm_bwd(k32, inv_k, dk, cols, GROUPS, HEAD_DIM // GROUPS, 1e-12)
         dk = tl.where(kv_mask, dk, 0.0)  # padded key rows are zero vectors: keep their 1/eps out of the cast
@@ -661,6 +761,8 @@ def _bwd_dq_inner(
     lse,
     delta,
     K_base,
+    stride_kn,
+    stride_kd,
     V_base,
     stride_vn,
     stride_vd,
@@ -683,7 +785,9 @@ def _bwd_dq_inner(
     HAS_MASK: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_ALIBI: tl.constexpr,
+    NATURAL: tl.constexpr,
     PRECISION: tl.constexpr,
+    K_INLINE: tl.constexpr,
 ):
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -691,9 +795,14 @@ def _bwd_dq_inner(
             kv_mask = (offs_n[:, None] < N) & (cols[None, :] < HEAD_DIM)
         else:
             kv_mask = cols[None, :] < HEAD_DIM
-        k = tl.load(K_base + offs_n[:, None] * HEAD_DIM + cols[None, :], mask=kv_mask, other=0.0)  # k̂, contiguous
+        k = tl.load(K_base + offs_n[:, None] * stride_kn + cols[None, :] * stride_kd, mask=kv_mask, other=0.0)
         v = tl.load(V_base + offs_n[:, None] * stride_vn + cols[None, :] * stride_vd, mask=kv_mask, other=0.0)
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        if K_INLINE:
+            # raw k, scaled by its inverse norm after the product: the same logits as the forward computed
+            k32 = k.to(tl.float32)
+            rk = 1.0 / tl.maximum(tl.sqrt(tl.sum(k32 * k32, 1)), 1e-12)
+            qk = qk * rk[None, :]
         qpos = offs_m[:, None]
         kpos = offs_n[None, :]
         qk = _logits_mods(
@@ -710,10 +819,16 @@ def _bwd_dq_inner(
             HAS_MASK,
             HAS_BIAS,
             HAS_ALIBI,
+            NATURAL,
         )
-        p = tl.exp2(qk - lse[:, None])
+        if NATURAL:
+            p = tl.exp2((qk - lse[:, None]) * 1.4426950408889634)
+        else:
+            p = tl.exp2(qk - lse[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
+        if K_INLINE:
+            ds = ds * rk[None, :]  # dq̂ = Σ dS·k̂ = Σ (dS·rk)·k
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
     return dq
 
@@ -734,6 +849,10 @@ def _bwd_dq_kernel(
     stride_qh,
     stride_qm,
     stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_kd,
     stride_vb,
     stride_vh,
     stride_vn,
@@ -762,7 +881,9 @@ def _bwd_dq_kernel(
     HAS_MASK: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_ALIBI: tl.constexpr,
+    NATURAL: tl.constexpr,
     PRECISION: tl.constexpr,
+    K_INLINE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -791,13 +912,15 @@ def _bwd_dq_kernel(
     )
     lse = tl.load(LSE + bh * M + offs_m, mask=offs_m < M, other=float("inf"))
     delta = tl.load(DELTA + bh * M + offs_m, mask=offs_m < M, other=0.0)
-    K_base = K + (b * HK + hk) * N * HEAD_DIM
+    K_base = K + b * stride_kb + hk * stride_kh
     V_base = V + b * stride_vb + hk * stride_vh
     bias_base = BIAS + b * stride_bb + h * stride_bh
     mask_base = MASK + b * stride_mb
     slope2 = 0.0
     if HAS_ALIBI:
-        slope2 = tl.load(SLOPES + h).to(tl.float32) * 1.4426950408889634
+        slope2 = tl.load(SLOPES + h).to(tl.float32)
+        if not NATURAL:
+            slope2 = slope2 * 1.4426950408889634
 
     dq = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
     if CAUSAL:
@@ -814,6 +937,8 @@ def _bwd_dq_kernel(
         lse,
         delta,
         K_base,
+        stride_kn,
+        stride_kd,
         V_base,
         stride_vn,
         stride_vd,
@@ -836,7 +961,9 @@ def _bwd_dq_kernel(
         HAS_MASK,
         HAS_BIAS,
         HAS_ALIBI,
+        NATURAL,
         PRECISION,
+        K_INLINE,
     )
     dq = _bwd_dq_inner(
         dq,
@@ -845,6 +972,8 @@ def _bwd_dq_kernel(
         lse,
         delta,
         K_base,
+        stride_kn,
+        stride_kd,
         V_base,
         stride_vn,
         stride_vd,
@@ -867,7 +996,9 @@ def _bwd_dq_kernel(
         HAS_MASK,
         HAS_BIAS,
         HAS_ALIBI,
+        NATURAL,
         PRECISION,
+        K_INLINE,
     )
     dq = dq * scale
     if L2NORM:

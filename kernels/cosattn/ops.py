@@ -7,7 +7,6 @@ bias (bb, bh, i, j) broadcast to (b, h, i, j) through zero strides, slopes (h,).
 
 from __future__ import annotations
 
-import math
 import os
 
 import torch
@@ -33,6 +32,15 @@ def fixed_offset_ok(dtype: torch.dtype, scale: float, groups: int) -> bool:
     return 2.0 * c2 <= HEADROOM - _MIN_NORMAL_LOG2[dtype] - 0.05
 
 
+def _numerics(dtype, bias, slopes, scale: float, groups: int):
+    """(use_max, natural). Bounded logits: a fixed offset, with scale·log2(e) folded into q̂ so the inner loop is a
+    bare exp2. Otherwise (a bias of unknown range, or scale·groups past the dtype's bound) a running max, with
+    logits kept in natural units: large values cancel in `s − max` before the log2(e) multiply rounds them, and
+    fp32 logits of ±100 keep a bit more precision than ±144."""
+    use_max = bias is not None or slopes is not None or not fixed_offset_ok(dtype, scale, groups)
+    return use_max, use_max
+
+
 def _precision(dtype: torch.dtype) -> str:
     # full-precision fp32 products for fp32 inputs (the contract excludes tf32); irrelevant for 16-bit inputs
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -42,28 +50,41 @@ def _d_pad(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) per pass, by padded head dim and dtype
-def _fwd_config(d_pad: int, dtype: torch.dtype):
+# Launch configurations: (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, by padded head dim and dtype.
+# `CONFIG_OVERRIDES[(kernel, d_pad, dtype, causal)]` takes precedence (the tuning script fills it).
+CONFIG_OVERRIDES: dict = {}
+# the forward normalises k inside its loop (no separate pass, one launch less) up to this many keys
+K_INLINE_MAX_N = 2048
+
+
+def launch_config(kernel: str, d_pad: int, dtype: torch.dtype, causal: bool):
     if _interpreting():
         return 16, 16, 1, 1
-    if dtype == torch.float32:
-        return (64, 32, 4, 2) if d_pad <= 128 else (32, 32, 4, 1)
-    if d_pad <= 64:
-        return 128, 64, 4, 3
-    if d_pad <= 128:
-        return 128, 64, 8, 3
-    return 64, 32, 4, 2
-
-
-def _bwd_config(d_pad: int, dtype: torch.dtype):
-    """(dkdv BLOCK_M, dkdv BLOCK_N, dq BLOCK_M, dq BLOCK_N, num_warps, num_stages)."""
-    if _interpreting():
-        return 16, 16, 16, 16, 1, 1
-    if dtype == torch.float32:
-        return (16, 64, 64, 16, 4, 1) if d_pad <= 128 else (16, 32, 32, 16, 4, 1)
-    if d_pad <= 128:
-        return 32, 128, 128, 32, 8 if d_pad == 128 else 4, 3
-    return 16, 64, 64, 16, 8, 1
+    key = (kernel, d_pad, dtype, causal)
+    if key in CONFIG_OVERRIDES:
+        return CONFIG_OVERRIDES[key]
+    fp32 = dtype == torch.float32
+    if kernel == "fwd":
+        if fp32:
+            return (64, 32, 4, 2) if d_pad <= 128 else (32, 32, 4, 1)
+        if d_pad <= 64:
+            return 128, 64, 4, 3
+        if d_pad <= 128:
+            return 128, 64, 8, 3
+        return 64, 32, 4, 2
+    if kernel == "dkdv":
+        if fp32:
+            return (16, 64, 4, 1) if d_pad <= 128 else (16, 32, 4, 1)
+        if d_pad <= 128:
+            return 32, 128, 8 if d_pad == 128 else 4, 3
+        return 16, 64, 8, 1
+    if kernel == "dq":
+        if fp32:
+            return (64, 16, 4, 1) if d_pad <= 128 else (32, 16, 4, 1)
+        if d_pad <= 128:
+            return 128, 32, 8 if d_pad == 128 else 4, 3
+        return 64, 16, 8, 1
+    raise KeyError(kernel)
 
 
 def l2norm_launch(x: torch.Tensor, *, groups: int, multiplier: float, l2norm: bool) -> torch.Tensor:
@@ -106,14 +127,16 @@ def attention_forward(q, k, v, mask, bias, slopes, causal: bool, scale: float, l
     b, h, m, d = q.shape
     hk, n = k.shape[1], k.shape[2]
     d_pad = _d_pad(d)
-    use_max = bias is not None or slopes is not None or not fixed_offset_ok(q.dtype, scale, groups)
+    use_max, natural = _numerics(q.dtype, bias, slopes, scale, groups)
+    qk_scale = scale if natural else scale * LOG2E
     offset2 = scale * groups * LOG2E - HEADROOM
-    # k is normalised once here, not once per query tile
-    k_hat = l2norm_launch(k, groups=groups, multiplier=1.0, l2norm=l2norm)
+    # long sequences: k is normalised once by a pre-pass, not once per query tile; short ones: in the loop
+    k_inline = l2norm and groups == 1 and n <= K_INLINE_MAX_N
+    k_hat = k if k_inline else l2norm_launch(k, groups=groups, multiplier=1.0, l2norm=l2norm)
     o = torch.empty((b, h, m, d), dtype=q.dtype, device=q.device)
     lse = torch.empty((b, h, m), dtype=torch.float32, device=q.device)
     mask_i8, mask_strides, bias_t, bias_strides, slopes_t = _aux(q, mask, bias, slopes)
-    block_m, block_n, warps, stages = _fwd_config(d_pad, q.dtype)
+    block_m, block_n, warps, stages = launch_config("fwd", d_pad, q.dtype, causal)
     grid = (triton.cdiv(m, block_m), b * h)
     K._fwd_kernel[grid](
         q,
@@ -133,7 +156,7 @@ def attention_forward(q, k, v, mask, bias, slopes, causal: bool, scale: float, l
         hk,
         m,
         n,
-        scale * LOG2E,
+        qk_scale,
         offset2,
         HEAD_DIM=d,
         D_PAD=d_pad,
@@ -143,7 +166,9 @@ def attention_forward(q, k, v, mask, bias, slopes, causal: bool, scale: float, l
         HAS_MASK=mask is not None,
         HAS_BIAS=bias is not None,
         HAS_ALIBI=slopes is not None,
+        NATURAL=natural,
         USE_MAX=use_max,
+        K_INLINE=k_inline,
         PRECISION=_precision(q.dtype),
         BLOCK_M=block_m,
         BLOCK_N=block_n,
@@ -160,24 +185,41 @@ def attention_backward(
     hk, n = k.shape[1], k.shape[2]
     d_pad = _d_pad(d)
     prec = _precision(q.dtype)
-    bm1, bn1, bm2, bn2, warps, stages = _bwd_config(d_pad, q.dtype)
+    _, natural = _numerics(q.dtype, bias, slopes, scale, groups)
+    qk_scale = scale if natural else scale * LOG2E
+    bm1, bn1, warps1, stages1 = launch_config("dkdv", d_pad, q.dtype, causal)
+    bm2, bn2, warps2, stages2 = launch_config("dq", d_pad, q.dtype, causal)
 
     delta = torch.empty((b, h, m), dtype=torch.float32, device=q.device)
-    pre_block = 16 if _interpreting() else 64
-    K._bwd_preprocess_kernel[(triton.cdiv(m, pre_block), b * h)](
+    q_s = torch.empty((b, h, m, d), dtype=q.dtype, device=q.device)
+    # the forward's choice, so both passes compute bitwise the same logits
+    k_inline = l2norm and groups == 1 and n <= K_INLINE_MAX_N
+    k_hat = q_s if k_inline else torch.empty((b, hk, n, d), dtype=k.dtype, device=q.device)
+    block = 16 if _interpreting() else 64
+    K._bwd_prep_kernel[(triton.cdiv(max(m, n), block), b * h)](
+        q,
+        k,
         o,
         do,
+        q_s,
+        k_hat,
         delta,
+        *q.stride(),
+        *k.stride(),
         *do.stride(),
         h,
+        hk,
         m,
+        n,
+        qk_scale,
         HEAD_DIM=d,
         D_PAD=d_pad,
-        BLOCK_M=pre_block,
+        GROUPS=groups,
+        L2NORM=l2norm,
+        BLOCK=block,
+        NORM_K=not k_inline,
         num_warps=1 if _interpreting() else 4,
     )
-    q_s = l2norm_launch(q, groups=groups, multiplier=scale * LOG2E, l2norm=l2norm)
-    k_hat = l2norm_launch(k, groups=groups, multiplier=1.0, l2norm=l2norm)
     mask_i8, mask_strides, bias_t, bias_strides, slopes_t = _aux(q, mask, bias, slopes)
     dq = torch.empty((b, h, m, d), dtype=q.dtype, device=q.device)
     dk = torch.empty((b, hk, n, d), dtype=k.dtype, device=q.device)
@@ -194,7 +236,9 @@ def attention_backward(
         HAS_MASK=mask is not None,
         HAS_BIAS=bias is not None,
         HAS_ALIBI=slopes is not None,
+        NATURAL=natural,
         PRECISION=prec,
+        K_INLINE=k_inline,
     )
     K._bwd_dkdv_kernel[(triton.cdiv(n, bn1), b * hk)](
         q_s,
@@ -218,17 +262,19 @@ def attention_backward(
         hk,
         m,
         n,
-        scale * LOG2E,
+        qk_scale,
+        scale / qk_scale,
         BIAS_GRAD=bias_grad,
         BLOCK_M=bm1,
         BLOCK_N=bn1,
-        num_warps=warps,
-        num_stages=stages,
+        num_warps=warps1,
+        num_stages=stages1,
         **flags,
     )
+    k_dq = k if k_inline else k_hat
     K._bwd_dq_kernel[(triton.cdiv(m, bm2), b * h)](
         q,
-        k_hat,
+        k_dq,
         v,
         do,
         lse,
@@ -238,6 +284,7 @@ def attention_backward(
         bias_t,
         slopes_t,
         *q.stride(),
+        *k_dq.stride(),
         *v.stride(),
         *do.stride(),
         *mask_strides,
@@ -246,12 +293,12 @@ def attention_backward(
         hk,
         m,
         n,
-        scale * LOG2E,
+        qk_scale,
         scale,
         BLOCK_M=bm2,
         BLOCK_N=bn2,
-        num_warps=warps,
-        num_stages=stages,
+        num_warps=warps2,
+        num_stages=stages2,
         **flags,
     )
     if not bias_grad:
@@ -318,20 +365,24 @@ def _(do, q, k, v, o, lse, mask, bias, slopes, causal, scale, l2norm, groups, bi
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), q.new_empty(db_shape, dtype=torch.float32)
 
 
-def _setup_context(ctx, inputs, output):
+def _save(ctx, inputs, o, lse):
     q, k, v, mask, bias, slopes, causal, scale, l2norm, groups = inputs
-    o, lse = output
     ctx.save_for_backward(q, k, v, o, lse, mask, bias, slopes)
     ctx.causal, ctx.scale, ctx.l2norm, ctx.groups = causal, scale, l2norm, groups
     ctx.bias_shape = tuple(bias.shape) if bias is not None else None
     ctx.bias_dtype = bias.dtype if bias is not None else None
+
+
+def _setup_context(ctx, inputs, output):
+    o, lse = output
+    _save(ctx, inputs, o, lse)
     ctx.mark_non_differentiable(lse)
 
 
-def _backward(ctx, do, dlse):
+def _backward_impl(ctx, do, bwd):
     q, k, v, o, lse, mask, bias, slopes = ctx.saved_tensors
     bias_grad = bias is not None and ctx.needs_input_grad[4]
-    dq, dk, dv, db = _attention_bwd_op(
+    dq, dk, dv, db = bwd(
         do, q, k, v, o, lse, mask, bias, slopes, ctx.causal, ctx.scale, ctx.l2norm, ctx.groups, bias_grad
     )
     dbias = None
@@ -342,12 +393,32 @@ def _backward(ctx, do, dlse):
     return dq, dk, dv, None, dbias, None, None, None, None, None
 
 
+def _backward(ctx, do, dlse):
+    return _backward_impl(ctx, do, _attention_bwd_op)
+
+
 _attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _AttentionFunction(torch.autograd.Function):
+    """The same forward/backward as the custom op, without the custom-op dispatch: that costs tens of
+    microseconds per call in eager mode, as much as the whole kernel at short sequence lengths."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask, bias, slopes, causal, scale, l2norm, groups):
+        o, lse = attention_forward(q, k, v, mask, bias, slopes, causal, scale, l2norm, groups)
+        _save(ctx, (q, k, v, mask, bias, slopes, causal, scale, l2norm, groups), o, lse)
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        return _backward_impl(ctx, do, attention_backward)
+
+
 def triton_attention(q, k, v, *, mask, attn_bias, causal, scale, l2norm_qk, groups, alibi_slopes):
-    """Canonical inputs (see module docstring) -> output (b, h, i, d) in q's dtype."""
-    if not math.isfinite(scale):
-        raise ValueError(f"scale must be finite; got {scale}")
-    o, _ = _attention_fwd_op(q, k, v, mask, attn_bias, alibi_slopes, causal, scale, l2norm_qk, groups)
-    return o
+    """Canonical inputs (see module docstring) -> output (b, h, i, d) in q's dtype. Eager calls go through an
+    autograd.Function; under torch.compile the registered custom op is traced instead."""
+    args = (q, k, v, mask, attn_bias, alibi_slopes, causal, scale, l2norm_qk, groups)
+    if torch.compiler.is_compiling():
+        return _attention_fwd_op(*args)[0]
+    return _AttentionFunction.apply(*args)

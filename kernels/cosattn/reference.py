@@ -53,7 +53,8 @@ def _attend(q, k, v, *, bias, vis, scale):
         s = s + bias
     if vis is not None:
         s = s.masked_fill(~vis, float("-inf"))
-    has_key = (s > float("-inf")).any(dim=-1, keepdim=True)  # rows with no visible key → zeros
+    # rows with no visible key give zeros; a NaN logit is "visible" and propagates, never hidden
+    has_key = (s != float("-inf")).any(dim=-1, keepdim=True)
     s = torch.where(has_key, s, torch.zeros((), dtype=s.dtype, device=s.device))
     p = s.softmax(dim=-1) * has_key
     return p.to(v.dtype) @ v
