@@ -8,13 +8,13 @@ import torch
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
-# import the kernels now, while the variable holds: a module that imports triton later under
-# TRITON_INTERPRET=0 (the torch-path fixture) must not be the first to define the @triton.jit functions
 import random  # noqa: E402
 import zlib  # noqa: E402
 
 import pytest  # noqa: E402
 
+# import the kernels now, while the variable holds: a module that imports triton later under
+# TRITON_INTERPRET=0 (the torch-path fixture) must not be the first to define the @triton.jit functions
 import cosattn.ops  # noqa: E402, F401
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
