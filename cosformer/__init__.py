@@ -1,0 +1,26 @@
+"""cosformer: transformers whose attention is fixed-scale cosine similarity, computed by fused Triton kernels.
+
+Vocabulary of x-transformers: `TransformerWrapper(num_tokens, max_seq_len, attn_layers=Decoder(dim, depth, heads))`,
+`AutoregressiveWrapper(net)` for the loss and `.generate`, `XTransformer` for encoder-decoder models.
+"""
+
+from cosattn import cosine_sim_attention, l2norm_tensors
+
+from .transformer import CrossAttender, Decoder, Encoder, KVCache, Transformer
+from .wrappers import AutoregressiveWrapper, TransformerWrapper, XTransformer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "cosine_sim_attention",
+    "l2norm_tensors",
+    "Transformer",
+    "Encoder",
+    "Decoder",
+    "CrossAttender",
+    "KVCache",
+    "TransformerWrapper",
+    "AutoregressiveWrapper",
+    "XTransformer",
+    "__version__",
+]

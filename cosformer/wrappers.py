@@ -1,0 +1,290 @@
+"""Token-level wrappers around a `Transformer` stack, in x-transformers' vocabulary.
+
+- `TransformerWrapper`: token (+ absolute position) embeddings → attn_layers → logits (or the final-normed
+  embeddings with `return_embeddings=True`).
+- `AutoregressiveWrapper`: next-token cross-entropy in `forward`; `generate` with temperature, top-k / top-p,
+  an end-of-sequence token and a KV cache.
+- `XTransformer`: encoder-decoder; the decoder cross-attends to the encoder's embeddings.
+
+KV cache: each block keeps its self-attention (k, v) as the attention read them (post-projection; post-norm and
+post-rotary when rotary is on) and its cross-attention (k, v) of the context (computed once). Each decoding step
+feeds only the new token; the op's causal mask is aligned bottom-right, so one query against j keys sees all of
+them. When a sequence outgrows `max_seq_len`, `generate` falls back to a sliding window over the last
+`max_seq_len` tokens, recomputed each step without the cache (positions restart at 0 in the window).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .positional import AbsolutePositionalEmbedding
+from .sampling import check_sampling_args, sample_next
+from .transformer import Decoder, Encoder, KVCache, Transformer
+
+
+class TransformerWrapper(nn.Module):
+    """Embeddings and logits around `attn_layers` (a `Transformer`).
+
+    use_abs_pos_emb: None (default) means learned absolute positions unless the layers already encode positions
+    (rotary or alibi); True / False force them on / off, so both kinds together remain possible.
+    tie_embedding: the logits reuse the token-embedding matrix.
+    """
+
+    def __init__(
+        self,
+        num_tokens: int,
+        max_seq_len: int,
+        attn_layers: Transformer,
+        *,
+        emb_dropout: float = 0.0,
+        tie_embedding: bool = False,
+        use_abs_pos_emb: bool | None = None,
+    ):
+        super().__init__()
+        if not isinstance(attn_layers, Transformer):
+            raise ValueError(f"attn_layers must be a cosformer Transformer; got {type(attn_layers).__name__}")
+        if not isinstance(num_tokens, int) or num_tokens < 1:
+            raise ValueError(f"num_tokens must be a positive integer; got num_tokens={num_tokens!r}")
+        if not isinstance(max_seq_len, int) or max_seq_len < 1:
+            raise ValueError(f"max_seq_len must be a positive integer; got max_seq_len={max_seq_len!r}")
+        if not 0.0 <= emb_dropout < 1.0:
+            raise ValueError(f"emb_dropout must be in [0, 1); got emb_dropout={emb_dropout!r}")
+        dim = attn_layers.dim
+        self.num_tokens, self.max_seq_len = num_tokens, max_seq_len
+        self.attn_layers = attn_layers
+        if use_abs_pos_emb is None:
+            use_abs_pos_emb = not attn_layers.uses_relative_positions
+        self.token_emb = nn.Embedding(num_tokens, dim)
+        nn.init.normal_(self.token_emb.weight, std=0.02)
+        self.pos_emb = AbsolutePositionalEmbedding(dim, max_seq_len) if use_abs_pos_emb else None
+        self.emb_dropout = nn.Dropout(emb_dropout)
+        self.to_logits = None if tie_embedding else nn.Linear(dim, num_tokens, bias=False)
+        if self.to_logits is not None:
+            nn.init.normal_(self.to_logits.weight, std=dim**-0.5)
+
+    @property
+    def causal(self) -> bool:
+        return self.attn_layers.causal
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        context: torch.Tensor | None = None,
+        context_mask: torch.Tensor | None = None,
+        return_embeddings: bool = False,
+        cache: KVCache | None = None,
+        return_cache: bool = False,
+    ):
+        """x (b, n) token ids -> logits (b, n, num_tokens), or embeddings (b, n, dim) with return_embeddings.
+        With return_cache, returns (output, cache). See `Transformer.forward` for mask, context and cache."""
+        if x.dim() != 2 or x.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"x must be (b, n) integer token ids; got shape {tuple(x.shape)}, dtype {x.dtype}")
+        n = x.shape[1]
+        offset = cache.length if cache is not None else 0
+        if offset + n > self.max_seq_len:
+            raise ValueError(
+                f"sequence length {offset + n} (cached {offset} + new {n}) > max_seq_len={self.max_seq_len}"
+            )
+        h = self.token_emb(x)
+        if self.pos_emb is not None:
+            h = h + self.pos_emb(n, offset)
+        h = self.emb_dropout(h)
+        h = self.attn_layers(
+            h, mask=mask, context=context, context_mask=context_mask, cache=cache, return_cache=return_cache
+        )
+        if return_cache:
+            h, new_cache = h
+        out = h if return_embeddings else self._logits(h)
+        return (out, new_cache) if return_cache else out
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        if self.to_logits is None:
+            return h @ self.token_emb.weight.t()
+        return self.to_logits(h)
+
+
+class AutoregressiveWrapper(nn.Module):
+    """Next-token loss and sampling around a `TransformerWrapper` with causal layers."""
+
+    def __init__(self, net: TransformerWrapper, ignore_index: int = -100, pad_value: int = 0):
+        super().__init__()
+        if not isinstance(net, TransformerWrapper):
+            raise ValueError(f"net must be a TransformerWrapper; got {type(net).__name__}")
+        self.net = net
+        self.max_seq_len = net.max_seq_len
+        self.ignore_index, self.pad_value = ignore_index, pad_value
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        """x (b, n) -> mean cross-entropy of predicting x[:, 1:] from x[:, :-1]. Targets at masked positions
+        (mask False) are ignored. kwargs (context, context_mask) go to the net."""
+        if x.dim() != 2 or x.shape[1] < 2:
+            raise ValueError(f"x must be (b, n) token ids with n >= 2; got shape {tuple(x.shape)}")
+        inp, target = x[:, :-1], x[:, 1:].long()
+        if mask is not None:
+            if tuple(mask.shape) != tuple(x.shape):
+                raise ValueError(f"mask must be (b, n) = {tuple(x.shape)}; got {tuple(mask.shape)}")
+            target = target.masked_fill(~mask[:, 1:], self.ignore_index)
+            kwargs["mask"] = mask[:, :-1]
+        logits = self.net(inp, **kwargs)  # (b, n - 1, num_tokens)
+        return F.cross_entropy(logits.transpose(1, 2), target, ignore_index=self.ignore_index)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompt: torch.Tensor,
+        seq_len: int,
+        temperature: float = 1.0,
+        filter: str | None = "top_k",
+        filter_kwargs: dict | None = None,
+        eos_token: int | None = None,
+        cache_kv: bool = True,
+        mask: torch.Tensor | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        """Sample `seq_len` tokens after `prompt` (b, n) (or (n,)); returns only the new tokens (b, seq_len).
+
+        temperature 0 is greedy. filter: "top_k" (filter_kwargs k or frac_num_tokens), "top_p" (p) or None.
+        After eos_token a row is filled with pad_value. mask (b, n): key-padding mask of the prompt.
+        kwargs (context, context_mask) go to the net. cache_kv: decode with a KV cache while the sequence fits
+        in max_seq_len; beyond it, a sliding window recomputed without the cache (see the module docstring).
+        """
+        check_sampling_args(temperature, filter, filter_kwargs)
+        if not isinstance(seq_len, int) or seq_len < 1:
+            raise ValueError(f"seq_len must be a positive integer; got seq_len={seq_len!r}")
+        squeeze = prompt.dim() == 1
+        if squeeze:
+            prompt = prompt[None]
+            mask = mask[None] if mask is not None else None
+        if prompt.dim() != 2 or prompt.shape[1] < 1:
+            raise ValueError(f"prompt must be (b, n) or (n,) with n >= 1; got shape {tuple(prompt.shape)}")
+        if mask is not None and tuple(mask.shape) != tuple(prompt.shape):
+            raise ValueError(f"mask must match the prompt {tuple(prompt.shape)}; got {tuple(mask.shape)}")
+        if cache_kv and not self.net.causal:
+            raise ValueError("cache_kv=True needs causal attn_layers (a Decoder); pass cache_kv=False")
+
+        was_training = self.net.training
+        self.net.eval()
+        b, window = prompt.shape[0], self.max_seq_len
+        out = prompt
+        done = torch.zeros(b, dtype=torch.bool, device=prompt.device)
+        generated = []
+        cache = None
+        for _ in range(seq_len):
+            if cache_kv and out.shape[1] <= window:
+                # the cache feeds only the tokens it has not seen: the whole prompt first, then one per step
+                new = out if cache is None else out[:, cache.length :]
+                logits, cache = self.net(new, mask=mask, cache=cache, return_cache=True, **kwargs)
+            else:
+                cache = None
+                step_mask = mask[:, -window:] if mask is not None else None
+                logits = self.net(out[:, -window:], mask=step_mask, **kwargs)
+            token = sample_next(logits[:, -1], temperature=temperature, filter=filter, filter_kwargs=filter_kwargs)
+            # finished rows still feed their sampled token (pad_value need not be a valid token id)
+            out = torch.cat((out, token[:, None]), dim=1)
+            if eos_token is not None:
+                token = token.masked_fill(done, self.pad_value)
+                done = done | (token == eos_token)
+            generated.append(token)
+            if mask is not None:
+                mask = torch.cat((mask, mask.new_ones(b, 1)), dim=1)
+            if eos_token is not None and bool(done.all()):
+                break
+        self.net.train(was_training)
+        tokens = torch.stack(generated, dim=1)
+        if tokens.shape[1] < seq_len:
+            tokens = F.pad(tokens, (0, seq_len - tokens.shape[1]), value=self.pad_value)
+        return tokens[0] if squeeze else tokens
+
+
+def _split_by_prefix(kwargs: dict, prefixes: tuple[str, ...]) -> tuple[dict, ...]:
+    """Route `enc_*` / `dec_*` kwargs; an unprefixed kwarg applies to both stacks (a prefixed one wins)."""
+    shared = {k: v for k, v in kwargs.items() if not k.startswith(prefixes)}
+    routed = []
+    for prefix in prefixes:
+        own = {k[len(prefix) :]: v for k, v in kwargs.items() if k.startswith(prefix)}
+        routed.append(shared | own)
+    return tuple(routed)
+
+
+_WRAPPER_KEYS = ("emb_dropout", "tie_embedding", "use_abs_pos_emb")
+
+
+def _split_wrapper(kwargs: dict) -> tuple[dict, dict]:
+    wrapper = {k: kwargs.pop(k) for k in _WRAPPER_KEYS if k in kwargs}
+    return wrapper, kwargs
+
+
+class XTransformer(nn.Module):
+    """Encoder-decoder. kwargs are routed by prefix: `enc_*` to the encoder, `dec_*` to the decoder (wrapper
+    options emb_dropout / tie_embedding / use_abs_pos_emb, or any `Transformer` option); unprefixed kwargs go to
+    both. The decoder cross-attends to the encoder embeddings, with the source mask as its context mask."""
+
+    def __init__(
+        self,
+        dim: int,
+        enc_num_tokens: int,
+        enc_depth: int,
+        enc_heads: int,
+        enc_max_seq_len: int,
+        dec_num_tokens: int,
+        dec_depth: int,
+        dec_heads: int,
+        dec_max_seq_len: int,
+        tie_token_emb: bool = False,
+        ignore_index: int = -100,
+        pad_value: int = 0,
+        **kwargs,
+    ):
+        super().__init__()
+        enc_kwargs, dec_kwargs = _split_by_prefix(kwargs, ("enc_", "dec_"))
+        enc_wrapper, enc_layers = _split_wrapper(enc_kwargs)
+        dec_wrapper, dec_layers = _split_wrapper(dec_kwargs)
+        if "dim_context" in dec_layers:
+            raise ValueError("XTransformer sets the decoder's dim_context to the encoder's dim")
+        self.encoder = TransformerWrapper(
+            num_tokens=enc_num_tokens,
+            max_seq_len=enc_max_seq_len,
+            attn_layers=Encoder(dim, enc_depth, enc_heads, **enc_layers),
+            **enc_wrapper,
+        )
+        self.decoder = AutoregressiveWrapper(
+            TransformerWrapper(
+                num_tokens=dec_num_tokens,
+                max_seq_len=dec_max_seq_len,
+                attn_layers=Decoder(dim, dec_depth, dec_heads, cross_attend=True, **dec_layers),
+                **dec_wrapper,
+            ),
+            ignore_index=ignore_index,
+            pad_value=pad_value,
+        )
+        if tie_token_emb:
+            if enc_num_tokens != dec_num_tokens:
+                raise ValueError(
+                    f"tie_token_emb=True needs enc_num_tokens == dec_num_tokens; got {enc_num_tokens}, {dec_num_tokens}"
+                )
+            self.decoder.net.token_emb = self.encoder.token_emb
+
+    def forward(self, src: torch.Tensor, tgt: torch.Tensor, mask: torch.Tensor | None = None, **kwargs):
+        """src (b, n_src), tgt (b, n_tgt), mask (b, n_src) source padding mask -> the decoder's loss."""
+        enc = self.encoder(src, mask=mask, return_embeddings=True)
+        return self.decoder(tgt, context=enc, context_mask=mask, **kwargs)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        seq_in: torch.Tensor,
+        seq_out_start: torch.Tensor,
+        seq_len: int,
+        mask: torch.Tensor | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        """Encode seq_in (b, n_src), then sample seq_len tokens after seq_out_start (b, n); kwargs as in
+        `AutoregressiveWrapper.generate`. Returns (b, seq_len)."""
+        was_training = self.encoder.training
+        self.encoder.eval()
+        enc = self.encoder(seq_in, mask=mask, return_embeddings=True)
+        self.encoder.train(was_training)
+        return self.decoder.generate(seq_out_start, seq_len, context=enc, context_mask=mask, **kwargs)

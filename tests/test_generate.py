@@ -1,0 +1,235 @@
+"""Generation: KV-cached decoding equals full recomputation (logits and greedy tokens), sampling filters against
+brute force, end-of-sequence padding, the sliding-window fallback, and the text-to-image usage."""
+
+import pytest
+import torch
+
+from cosattn import l2norm_tensors
+from cosformer import AutoregressiveWrapper, Decoder, Encoder, TransformerWrapper, XTransformer
+from cosformer.sampling import sample_next, top_k, top_p
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These shapes gain nothing from intra-op threads, whose spin-waits cost seconds per test on a busy runner."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+VARIANTS = {
+    "abs": {},
+    "rotary-groups": dict(rotary=True, groups=2),
+    "alibi-gqa": dict(alibi=True, kv_heads=1),
+    "prenorm-glu": dict(pre_norm=True, ff_glu=True),
+}
+
+
+def make_lm(attn, *, cross=False, max_seq_len=40, num_tokens=37, **opts):
+    if attn == "regular":
+        opts.pop("groups", None)
+    if cross and opts.pop("alibi", False):
+        opts["rotary"] = True  # alibi with cross-attention is rejected (test_model): keep the GQA part of the case
+    layers = Decoder(dim=32, depth=2, heads=2, dim_head=16, attn=attn, cross_attend=cross, **opts)
+    return AutoregressiveWrapper(TransformerWrapper(num_tokens=num_tokens, max_seq_len=max_seq_len, attn_layers=layers))
+
+
+@pytest.mark.parametrize("cross", [False, True], ids=["self", "cross"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("attn", ["cosine", "regular"])
+def test_cached_logits_equal_full_forward(attn, variant, cross, seed, torch_attention_path):
+    model = make_lm(attn, cross=cross, **VARIANTS[variant]).eval()
+    net = model.net
+    x = torch.randint(0, 37, (2, 19))
+    kwargs = {}
+    if cross:
+        kwargs = dict(context=torch.randn(2, 6, 32), context_mask=torch.rand(2, 6) > 0.3)
+    full = net(x, **kwargs)
+    # prompt of 7, then chunks of 1, 1 and 10 tokens through the cache
+    logits, cache = net(x[:, :7], cache=None, return_cache=True, **kwargs)
+    pieces = [logits]
+    for start, stop in ((7, 8), (8, 9), (9, 19)):
+        logits, cache = net(x[:, start:stop], cache=cache, return_cache=True, **kwargs)
+        pieces.append(logits)
+    assert cache.length == 19
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("cross", [False, True], ids=["self", "cross"])
+@pytest.mark.parametrize("variant", ["abs", "rotary-groups", "alibi-gqa"])
+@pytest.mark.parametrize("attn", ["cosine", "regular"])
+def test_cached_greedy_equals_uncached(attn, variant, cross, seed, torch_attention_path):
+    model = make_lm(attn, cross=cross, **VARIANTS[variant])
+    prompt = torch.randint(0, 37, (3, 5))
+    kwargs = {}
+    if cross:
+        kwargs = dict(
+            context=torch.randn(3, 4, 32), context_mask=torch.tensor([[1, 1, 0, 1], [1, 0, 0, 0], [1] * 4]).bool()
+        )
+    cached = model.generate(prompt, 12, temperature=0.0, cache_kv=True, **kwargs)
+    uncached = model.generate(prompt, 12, temperature=0.0, cache_kv=False, **kwargs)
+    assert cached.shape == (3, 12) and cached.dtype == torch.long
+    assert torch.equal(cached, uncached)
+    assert model.training  # restored
+
+
+@pytest.mark.parametrize("attn", ["cosine", "regular"])
+def test_prompt_mask_with_cache(attn, seed, torch_attention_path):
+    model = make_lm(attn, rotary=True)
+    prompt = torch.randint(0, 37, (2, 6))
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[0, :3] = False  # left padding
+    cached = model.generate(prompt, 8, temperature=0.0, mask=mask)
+    uncached = model.generate(prompt, 8, temperature=0.0, mask=mask, cache_kv=False)
+    assert torch.equal(cached, uncached)
+    other = prompt.clone()
+    other[0, :3] = (prompt[0, :3] + 1) % 37  # what sits under the mask must not matter
+    assert torch.equal(model.generate(other, 8, temperature=0.0, mask=mask), cached)
+
+
+def test_cached_keys_are_normalised_and_rotated(seed, torch_attention_path):
+    net = make_lm("cosine", rotary=True, groups=2).net.eval()
+    x = torch.randint(0, 37, (1, 9))
+    _, cache = net(x, return_cache=True)
+    (k, v), cross = cache.layers[0]
+    assert k.shape == (1, 2, 9, 16) and v.shape == (1, 2, 9, 16) and cross is None
+    attn = net.attn_layers.layers[0].self_attn
+    k_normed = l2norm_tensors(attn.to_k(net.token_emb(x)).unflatten(-1, (2, 16)).transpose(1, 2), groups=2)
+    torch.testing.assert_close(k[:, :, 0], k_normed[:, :, 0])  # position 0: rotation by angle 0
+    assert not torch.allclose(k[:, :, 1:], k_normed[:, :, 1:], atol=1e-3)  # later positions rotated...
+    norms = k.unflatten(-1, (2, 8)).norm(dim=-1)
+    torch.testing.assert_close(norms, torch.ones_like(norms))  # ...with every group's norm preserved
+
+
+@pytest.mark.parametrize("attn", ["cosine", "regular"])
+def test_sliding_window_past_max_seq_len(attn, seed, torch_attention_path):
+    model = make_lm(attn, max_seq_len=12)
+    prompt = torch.randint(0, 37, (2, 4))
+    cached = model.generate(prompt, 20, temperature=0.0, cache_kv=True)
+    uncached = model.generate(prompt, 20, temperature=0.0, cache_kv=False)
+    assert cached.shape == (2, 20) and torch.equal(cached, uncached)
+    # past the limit each step sees exactly the last 12 tokens
+    seq = torch.cat((prompt, cached), dim=1)
+    model.eval()
+    last = model.net(seq[:, -13:-1])[:, -1].argmax(dim=-1)
+    assert torch.equal(last, cached[:, -1])
+
+
+def test_eos_fills_with_pad(seed, torch_attention_path):
+    model = AutoregressiveWrapper(
+        TransformerWrapper(num_tokens=6, max_seq_len=32, attn_layers=Decoder(dim=32, depth=1, heads=2, dim_head=16)),
+        pad_value=-1,
+    )
+    prompt = torch.randint(0, 6, (4, 3))
+    free = model.generate(prompt, 15, temperature=0.0)
+    eos = int(free[0, 2])
+    out = model.generate(prompt, 15, temperature=0.0, eos_token=eos)
+    assert out.shape == (4, 15)
+    for row_free, row in zip(free, out):
+        hits = (row_free == eos).nonzero()
+        stop = int(hits[0]) + 1 if len(hits) else 15
+        assert torch.equal(row[:stop], row_free[:stop])
+        assert (row[stop:] == -1).all()
+
+
+def test_filters_against_brute_force(seed):
+    logits = torch.randn(5, 50)
+    kept = top_k(logits, k=7)
+    for row, row_kept in zip(logits, kept):
+        expected = set(row.argsort(descending=True)[:7].tolist())
+        assert set(torch.isfinite(row_kept).nonzero().flatten().tolist()) == expected
+    assert torch.isfinite(top_k(logits)).sum(dim=-1).eq(5).all()  # default: 10% of 50 tokens
+
+    for p in (0.05, 0.5, 0.9):
+        kept = top_p(logits, p=p)
+        for row, row_kept in zip(logits, kept):
+            probs, order = row.softmax(-1).sort(descending=True)
+            n = int((probs.cumsum(-1) < p).sum()) + 1  # smallest prefix with mass >= p
+            assert set(torch.isfinite(row_kept).nonzero().flatten().tolist()) == set(order[:n].tolist())
+    assert torch.equal(top_p(logits, p=1.0), logits)
+
+
+def test_sampling(seed):
+    logits = torch.randn(64, 30)
+    greedy = logits.argmax(-1)
+    assert torch.equal(sample_next(logits, temperature=0.0), greedy)
+    assert torch.equal(sample_next(logits, temperature=1.0, filter="top_k", filter_kwargs={"k": 1}), greedy)
+    samples = sample_next(logits, temperature=2.0, filter="top_k", filter_kwargs={"k": 3})
+    top3 = logits.topk(3, dim=-1).indices
+    assert (top3 == samples[:, None]).any(-1).all()
+    assert not torch.equal(sample_next(logits, temperature=5.0, filter=None), greedy)
+
+
+def test_generate_rejects_bad_arguments(torch_attention_path):
+    model = make_lm("cosine")
+    prompt = torch.randint(0, 37, (1, 3))
+    for kwargs, name in [
+        (dict(temperature=-1.0), "temperature"),
+        (dict(filter="top_z"), "filter"),
+        (dict(filter="top_k", filter_kwargs={"k": 0}), "k"),
+        (dict(filter="top_p", filter_kwargs={"p": 1.5}), "p"),
+    ]:
+        with pytest.raises(ValueError, match=name):
+            model.generate(prompt, 2, **kwargs)
+    with pytest.raises(ValueError, match="seq_len"):
+        model.generate(prompt, 0)
+    enc = AutoregressiveWrapper(
+        TransformerWrapper(num_tokens=9, max_seq_len=8, attn_layers=Encoder(dim=32, depth=1, heads=2, dim_head=16))
+    )
+    with pytest.raises(ValueError, match="cache_kv"):
+        enc.generate(torch.zeros(1, 2, dtype=torch.long), 3)
+    assert enc.generate(torch.zeros(2, dtype=torch.long), 3, cache_kv=False).shape == (3,)
+
+
+def test_loss_ignores_masked_targets(seed, torch_attention_path):
+    model = make_lm("cosine")
+    x = torch.randint(0, 37, (2, 10))
+    mask = torch.ones(2, 10, dtype=torch.bool)
+    mask[:, 7:] = False
+    loss = model(x, mask=mask)
+    logits = model.net(x[:, :-1], mask=mask[:, :-1])
+    expected = torch.nn.functional.cross_entropy(logits[:, :6].transpose(1, 2), x[:, 1:7])
+    torch.testing.assert_close(loss, expected)
+
+
+def test_xtransformer_generate_cached_equals_uncached(seed, torch_attention_path):
+    model = XTransformer(
+        dim=32, enc_num_tokens=20, enc_depth=1, enc_heads=2, enc_max_seq_len=10, dec_num_tokens=15, dec_depth=2,
+        dec_heads=2, dec_max_seq_len=16, dim_head=16, dec_rotary=True,
+    )  # fmt: skip
+    src = torch.randint(0, 20, (2, 10))
+    src_mask = torch.ones(2, 10, dtype=torch.bool)
+    src_mask[0, 6:] = False
+    start = torch.zeros(2, 1, dtype=torch.long)
+    cached = model.generate(src, start, 12, mask=src_mask, temperature=0.0)
+    uncached = model.generate(src, start, 12, mask=src_mask, temperature=0.0, cache_kv=False)
+    assert cached.shape == (2, 12) and torch.equal(cached, uncached)
+
+
+@pytest.mark.parametrize("attn", ["cosine", "regular"])
+def test_text_to_image_usage(attn, seed, torch_attention_path):
+    """The exact construction a text-to-image model uses (a shorter generation to stay fast on a CPU)."""
+    enc = TransformerWrapper(num_tokens=256, max_seq_len=64, attn_layers=Encoder(dim=256, depth=2, heads=4, attn=attn))
+    dec = AutoregressiveWrapper(
+        TransformerWrapper(
+            num_tokens=512,
+            max_seq_len=1025,
+            attn_layers=Decoder(dim=256, depth=4, heads=4, cross_attend=True, attn=attn),
+        )
+    )
+    text = torch.randint(0, 256, (2, 40))
+    text_mask = torch.ones(2, 40, dtype=torch.bool)
+    text_mask[1, 20:] = False
+    ctx = enc(text, mask=text_mask, return_embeddings=True)
+    assert ctx.shape == (2, 40, 256)
+    img_tokens = torch.randint(0, 512, (2, 1025))
+    loss = dec(img_tokens, context=ctx, context_mask=text_mask)
+    loss.backward()
+    assert torch.isfinite(loss) and abs(loss.item() - torch.log(torch.tensor(512.0)).item()) < 1.5
+    assert enc.token_emb.weight.grad is not None  # the loss reaches the text encoder through the context
+    start = torch.randint(0, 512, (2, 1))
+    ctx = ctx.detach()
+    out = dec.generate(start, 48, context=ctx, context_mask=text_mask, cache_kv=True, temperature=0.0)
+    ref = dec.generate(start, 48, context=ctx, context_mask=text_mask, cache_kv=False, temperature=0.0)
+    assert out.shape == (2, 48) and torch.equal(out, ref)

@@ -1,0 +1,485 @@
+"""Model zoo tests: every option against a pure-PyTorch float64 reference of the same blocks on the same weights
+(attention written out as softmax(10 · cos) for cosine and softmax(q kᵀ / sqrt(d)) for regular), masks and
+causality honoured, DeepNet constants, invalid options, dropout, autocast, Accelerate, the Triton interpreter
+path and torch.compile on a GPU."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+import triton  # noqa: F401  (Triton fixes its interpreter mode at first import: do it under conftest's setting)
+
+import cosformer
+from cosformer import CrossAttender, Decoder, Encoder, Transformer, TransformerWrapper, XTransformer
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These shapes gain nothing from intra-op threads, whose spin-waits cost seconds per test on a busy runner."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the reference: reads the module's weights, recomputes everything in float64 with explicit attention
+
+
+def _lin(x, layer):
+    w = layer.weight.double()
+    return F.linear(x, w, layer.bias.double() if layer.bias is not None else None)
+
+
+def _ln(x, norm):
+    return F.layer_norm(x, x.shape[-1:], norm.weight.double(), norm.bias.double(), norm.eps)
+
+
+def _group_l2norm(t, groups):
+    g = t.unflatten(-1, (groups, -1))
+    return (g / g.norm(dim=-1, keepdim=True).clamp_min(1e-12)).flatten(-2)
+
+
+def _rotate_interleaved(t, theta):
+    # pairs (2i, 2i+1) as complex numbers times e^{i · pos · theta^(-2i/d)}
+    n, d = t.shape[-2], t.shape[-1]
+    freqs = theta ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
+    angles = torch.arange(n, dtype=torch.float64)[:, None] * freqs[None]
+    z = torch.view_as_complex(t.unflatten(-1, (-1, 2)).contiguous()) * torch.polar(torch.ones_like(angles), angles)
+    return torch.view_as_real(z).flatten(-2)
+
+
+def _slopes(h):
+    def geometric(n):
+        return [2 ** (-8 * (i + 1) / n) for i in range(n)]
+
+    p = 2 ** int(math.log2(h))
+    s = geometric(p) + geometric(2 * p)[0::2][: h - p]
+    return torch.tensor(s, dtype=torch.float64)
+
+
+def ref_attention(mod, x, src, *, key_mask, cfg, rotary):
+    h, hk, d = mod.heads, mod.kv_heads, mod.dim_head
+    b, i, j = x.shape[0], x.shape[1], src.shape[1]
+    q = _lin(x, mod.to_q).view(b, i, h, d).transpose(1, 2)
+    k = _lin(src, mod.to_k).view(b, j, hk, d).transpose(1, 2).repeat_interleave(h // hk, dim=1)
+    v = _lin(src, mod.to_v).view(b, j, hk, d).transpose(1, 2).repeat_interleave(h // hk, dim=1)
+    if cfg["attn"] == "cosine":
+        q, k = _group_l2norm(q, cfg["groups"]), _group_l2norm(k, cfg["groups"])
+    if rotary:
+        q, k = _rotate_interleaved(q, 10000.0), _rotate_interleaved(k, 10000.0)
+    if cfg["attn"] == "cosine":
+        s = cfg["scale"] * q @ k.transpose(-1, -2)
+    else:
+        s = q @ k.transpose(-1, -2) / math.sqrt(d)
+    if cfg["alibi"] and not mod.cross:
+        dist = (torch.arange(i)[:, None] + (j - i) - torch.arange(j)[None]).abs().double()
+        s = s - _slopes(h)[:, None, None] * dist
+    vis = torch.ones(b, 1, i, j, dtype=torch.bool)
+    if mod.causal:
+        vis = vis & (torch.arange(j)[None] <= torch.arange(i)[:, None] + (j - i))
+    if key_mask is not None:
+        vis = vis & key_mask[:, None, None, :]
+    p = s.masked_fill(~vis, float("-inf")).softmax(dim=-1).nan_to_num(0.0)  # rows with no key: zeros
+    out = (p @ v).transpose(1, 2).reshape(b, i, h * d)
+    return _lin(out, mod.to_out)
+
+
+def ref_ff(ff, x, glu):
+    hid = _lin(x, ff.proj_in)
+    if glu:
+        a, gate = hid.chunk(2, dim=-1)
+        hid = a * F.gelu(gate)
+    else:
+        hid = F.gelu(hid)
+    return _lin(hid, ff.proj_out)
+
+
+def ref_wrapper(model, x, cfg, mask=None, context=None, context_mask=None, return_embeddings=False):
+    layers = model.attn_layers
+    depth, pre_norm = len(layers.layers), cfg["pre_norm"]
+    alpha = (2 * depth) ** 0.25  # DeepNet, post-LN
+    h = model.token_emb.weight.double()[x]
+    if model.pos_emb is not None:
+        h = h + model.pos_emb.emb.weight.double()[: x.shape[1]]
+    ctx = context.double() if context is not None else None
+
+    def sublayer(h, norm, f):
+        return h + f(_ln(h, norm)) if pre_norm else _ln(alpha * h + f(h), norm)
+
+    for blk in layers.layers:
+        if blk.self_attn is not None:
+            h = sublayer(
+                h,
+                blk.self_norm,
+                lambda t, blk=blk: ref_attention(blk.self_attn, t, t, key_mask=mask, cfg=cfg, rotary=cfg["rotary"]),
+            )
+        if blk.cross_attn is not None:
+            h = sublayer(
+                h,
+                blk.cross_norm,
+                lambda t, blk=blk: ref_attention(blk.cross_attn, t, ctx, key_mask=context_mask, cfg=cfg, rotary=False),
+            )
+        h = sublayer(h, blk.ff_norm, lambda t, blk=blk: ref_ff(blk.ff, t, cfg["ff_glu"]))
+    if pre_norm:
+        h = _ln(h, layers.final_norm)
+    if return_embeddings:
+        return h
+    w = model.token_emb.weight if model.to_logits is None else model.to_logits.weight
+    return h @ w.double().t()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+BASE = dict(attn="cosine", pre_norm=False, kv_heads=None, groups=1, rotary=False, alibi=False, ff_glu=False, scale=10.0)
+
+CASES = {
+    "cosine": {},
+    "cosine-prenorm": dict(pre_norm=True),
+    "cosine-gqa": dict(kv_heads=1),
+    "cosine-groups-rotary": dict(groups=2, rotary=True),
+    "cosine-alibi": dict(alibi=True),
+    "cosine-glu-scale": dict(ff_glu=True, scale=7.5),
+    "cosine-cross": dict(cross=True),
+    "regular": dict(attn="regular"),
+    "regular-prenorm-gqa": dict(attn="regular", pre_norm=True, kv_heads=1),
+    "regular-rotary": dict(attn="regular", rotary=True),
+    "regular-alibi": dict(attn="regular", alibi=True),
+    "regular-glu-cross": dict(attn="regular", ff_glu=True, cross=True),
+}
+
+
+def build(cfg, *, causal, heads=3, dim=24, dim_head=16, depth=2, num_tokens=29, max_seq_len=32, dim_context=None):
+    kw = {k: v for k, v in cfg.items() if k in BASE}
+    kw["kv_heads"] = cfg["kv_heads"]
+    if cfg.get("kv_heads"):
+        heads = 4
+    cross = cfg.get("cross", False)
+    layers = Transformer(
+        dim,
+        depth,
+        heads,
+        causal=causal,
+        dim_head=dim_head,
+        cross_attend=cross,
+        dim_context=dim_context if cross else None,
+        ff_mult=2,
+        **kw,
+    )
+    return TransformerWrapper(num_tokens=num_tokens, max_seq_len=max_seq_len, attn_layers=layers, use_abs_pos_emb=True)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["enc", "dec"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_matches_reference(case, causal, seed, torch_attention_path):
+    cfg = BASE | CASES[case]
+    b, n, m, dim_context = 2, 13, 7, 20
+    model = build(cfg, causal=causal, dim_context=dim_context)
+    x = torch.randint(0, 29, (b, n))
+    mask = torch.rand(b, n) > 0.3
+    mask[1] = True  # one row unpadded, one with holes (possibly a query with no visible key)
+    context = context_mask = None
+    if cfg.get("cross"):
+        context = torch.randn(b, m, dim_context)
+        context_mask = torch.rand(b, m) > 0.4
+        context_mask[0, 0] = True
+    kwargs = dict(mask=mask, context=context, context_mask=context_mask)
+
+    logits = model(x, **kwargs)
+    assert logits.shape == (b, n, 29)
+    expected = ref_wrapper(model, x, cfg, **kwargs)
+    torch.testing.assert_close(logits.double(), expected, atol=2e-4, rtol=1e-4)
+
+    # gradients of both flow into the same fp32 parameters
+    upstream = torch.randn_like(logits)
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad((logits * upstream).sum(), params, allow_unused=True)
+    grads_ref = torch.autograd.grad((expected * upstream.double()).sum(), params, allow_unused=True)
+    for g, g_ref in zip(grads, grads_ref):
+        if g_ref is None:
+            continue
+        assert g is not None and torch.isfinite(g).all()
+        torch.testing.assert_close(g, g_ref.float(), atol=5e-4, rtol=1e-3)
+
+    emb = model(x, return_embeddings=True, **kwargs)
+    assert emb.shape == (b, n, 24)
+    torch.testing.assert_close(
+        emb.double(), ref_wrapper(model, x, cfg, return_embeddings=True, **kwargs), atol=2e-4, rtol=1e-4
+    )
+
+
+@pytest.mark.parametrize("attn", ["cosine", "regular"])
+def test_cross_attender_and_tied_embedding(attn, seed, torch_attention_path):
+    layers = CrossAttender(dim=32, depth=2, heads=2, dim_head=16, attn=attn, pre_norm=True)
+    model = TransformerWrapper(num_tokens=17, max_seq_len=16, attn_layers=layers, tie_embedding=True)
+    assert all(blk.self_attn is None for blk in layers.layers)
+    x, context = torch.randint(0, 17, (3, 9)), torch.randn(3, 5, 32)
+    context_mask = torch.rand(3, 5) > 0.5
+    out = model(x, context=context, context_mask=context_mask)
+    cfg = BASE | dict(attn=attn, pre_norm=True)
+    expected = ref_wrapper(model, x, cfg, context=context, context_mask=context_mask)
+    torch.testing.assert_close(out.double(), expected, atol=2e-4, rtol=1e-4)
+    out.sum().backward()
+    assert model.token_emb.weight.grad is not None and model.to_logits is None
+
+
+@pytest.mark.parametrize("attn", ["cosine", "regular"])
+@pytest.mark.parametrize(
+    "opts", [{}, dict(rotary=True), dict(alibi=True, kv_heads=1, heads=2)], ids=["abs", "rot", "alibi"]
+)
+def test_masked_keys_do_not_leak(attn, opts, seed, torch_attention_path):
+    opts = dict(opts)
+    heads = opts.pop("heads", 2)
+    model = TransformerWrapper(
+        num_tokens=50, max_seq_len=20, attn_layers=Encoder(dim=32, depth=2, heads=heads, dim_head=16, attn=attn, **opts)
+    ).eval()
+    x = torch.randint(0, 50, (2, 11))
+    mask = torch.ones(2, 11, dtype=torch.bool)
+    mask[0, [2, 7, 10]] = False
+    mask[1, 4:] = False
+    y = x.clone()
+    y[~mask] = torch.randint(0, 50, (int((~mask).sum()),))
+    a, b = model(x, mask=mask), model(y, mask=mask)
+    torch.testing.assert_close(a[mask], b[mask], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(model(y), model(x), atol=1e-3)  # the change is visible without the mask
+
+
+@pytest.mark.parametrize("attn", ["cosine", "regular"])
+def test_causal_future_does_not_leak(attn, seed, torch_attention_path):
+    model = TransformerWrapper(
+        num_tokens=50, max_seq_len=20, attn_layers=Decoder(dim=32, depth=2, heads=2, dim_head=16, attn=attn)
+    ).eval()
+    x = torch.randint(0, 50, (2, 15))
+    y = x.clone()
+    y[:, 9:] = torch.randint(0, 50, (2, 6))
+    torch.testing.assert_close(model(x)[:, :9], model(y)[:, :9], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(model(x)[:, 9:], model(y)[:, 9:], atol=1e-3)
+
+
+@pytest.mark.parametrize("attn", ["cosine", "regular"])
+def test_masked_context_does_not_leak(attn, seed, torch_attention_path):
+    layers = Decoder(dim=32, depth=2, heads=2, dim_head=16, attn=attn, cross_attend=True, dim_context=24)
+    model = TransformerWrapper(num_tokens=50, max_seq_len=20, attn_layers=layers).eval()
+    x, context = torch.randint(0, 50, (2, 10)), torch.randn(2, 6, 24)
+    context_mask = torch.tensor([[True, False, True, True, False, False], [False, False, True, False, False, False]])
+    other = torch.where(context_mask[..., None], context, torch.randn_like(context) * 5)
+    a = model(x, context=context, context_mask=context_mask)
+    b = model(x, context=other, context_mask=context_mask)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(model(x, context=context), model(x, context=other), atol=1e-3)
+
+
+def test_deepnet_constants(seed):
+    depth = 4
+    post = Transformer(dim=256, depth=depth, heads=4, dim_head=64)
+    alpha, beta = (2 * depth) ** 0.25, (8 * depth) ** -0.25
+    assert post.alpha == pytest.approx(alpha) and post.beta == pytest.approx(beta)
+    assert all(blk.alpha == pytest.approx(alpha) for blk in post.layers)
+
+    def gain(linear):
+        fan_out, fan_in = linear.weight.shape
+        return linear.weight.std().item() / math.sqrt(2.0 / (fan_in + fan_out))
+
+    for blk in post.layers:
+        a, ff = blk.self_attn, blk.ff
+        assert gain(a.to_q) == pytest.approx(1.0, rel=0.05) and gain(a.to_k) == pytest.approx(1.0, rel=0.05)
+        for lin in (a.to_v, a.to_out, ff.proj_in, ff.proj_out):
+            assert gain(lin) == pytest.approx(beta, rel=0.05)
+        assert (ff.proj_in.bias == 0).all()
+
+    pre = Transformer(dim=256, depth=depth, heads=4, dim_head=64, pre_norm=True)
+    assert pre.alpha == 1.0 and isinstance(pre.final_norm, torch.nn.LayerNorm)
+    assert gain(pre.layers[0].self_attn.to_v) == pytest.approx(1.0, rel=0.05)
+
+    # alpha scales the residual: one post-LN sublayer is LN(alpha · x + f(x))
+    blk, x = post.layers[0], torch.randn(2, 5, 256)
+    expected = blk.ff_norm(alpha * x + blk.ff(x))
+    torch.testing.assert_close(blk._out(x, blk.ff(blk._in(x, blk.ff_norm)), blk.ff_norm), expected)
+
+
+INVALID = [
+    (dict(attn="flash"), "attn"),
+    (dict(heads=4, kv_heads=3), "kv_heads"),
+    (dict(groups=3), "groups"),
+    (dict(rotary=True, alibi=True), "rotary"),
+    (dict(alibi=True, cross_attend=True), "alibi"),
+    (dict(dim_head=8), "dim_head"),
+    (dict(attn="regular", groups=2), "groups"),
+    (dict(attn="regular", scale=5.0), "scale"),
+    (dict(scale=0.0), "scale"),
+    (dict(dropout=1.0), "dropout"),
+    (dict(dim_context=16), "dim_context"),
+    (dict(rotary=True, dim_head=18, groups=2), "rotary"),
+    (dict(depth=0), "depth"),
+    (dict(only_cross=True), "only_cross"),
+]
+
+
+@pytest.mark.parametrize("kwargs,name", INVALID, ids=[n + str(i) for i, (_, n) in enumerate(INVALID)])
+def test_invalid_options_raise(kwargs, name):
+    args = dict(dim=32, depth=1, heads=2, dim_head=16) | kwargs
+    with pytest.raises(ValueError, match=name):
+        Transformer(**args)
+
+
+def test_invalid_usage_raises(torch_attention_path):
+    with pytest.raises(ValueError, match="causal"):
+        Decoder(dim=32, depth=1, heads=2, causal=False)
+    with pytest.raises(ValueError, match="alibi"):
+        CrossAttender(dim=32, depth=1, heads=2, dim_head=16, alibi=True)
+    with pytest.raises(TypeError, match="attn_foo"):
+        Transformer(dim=32, depth=1, heads=2, dim_head=16, attn_foo=1)
+    model = TransformerWrapper(num_tokens=10, max_seq_len=8, attn_layers=Encoder(dim=32, depth=1, heads=2, dim_head=16))
+    with pytest.raises(ValueError, match="max_seq_len"):
+        model(torch.zeros(1, 9, dtype=torch.long))
+    with pytest.raises(ValueError, match="mask"):
+        model(torch.zeros(1, 5, dtype=torch.long), mask=torch.ones(1, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="context"):
+        model(torch.zeros(1, 5, dtype=torch.long), context=torch.randn(1, 3, 32))
+    dec = TransformerWrapper(
+        num_tokens=10, max_seq_len=8, attn_layers=Decoder(dim=32, depth=1, heads=2, dim_head=16, cross_attend=True)
+    )
+    with pytest.raises(ValueError, match="context is required"):
+        dec(torch.zeros(1, 5, dtype=torch.long))
+    with pytest.raises(ValueError, match="tie_token_emb"):
+        XTransformer(
+            dim=32, enc_num_tokens=10, enc_depth=1, enc_heads=2, enc_max_seq_len=8, dec_num_tokens=11, dec_depth=1,
+            dec_heads=2, dec_max_seq_len=8, tie_token_emb=True, dim_head=16,
+        )  # fmt: skip
+
+
+def test_prefixed_kwargs_are_routed():
+    t = Transformer(dim=32, depth=1, heads=2, dim_head=16, attn_dropout=0.25, ff_dropout=0.5, ff_bias=False)
+    blk = t.layers[0]
+    assert blk.self_attn.dropout.p == 0.25 and blk.ff.dropout.p == 0.5 and blk.ff.proj_in.bias is None
+
+
+def test_abs_pos_emb_default_follows_relative_positions():
+    def wrap(**kw):
+        return TransformerWrapper(num_tokens=10, max_seq_len=8, attn_layers=Encoder(dim=32, depth=1, heads=2, **kw))
+
+    assert wrap().pos_emb is not None
+    assert wrap(rotary=True).pos_emb is None and wrap(alibi=True).pos_emb is None
+    forced = TransformerWrapper(
+        num_tokens=10, max_seq_len=8, attn_layers=Encoder(dim=32, depth=1, heads=2, rotary=True), use_abs_pos_emb=True
+    )
+    assert forced.pos_emb is not None
+
+
+@pytest.mark.parametrize("attn", ["cosine", "regular"])
+def test_dropout_in_train_mode(attn, seed, torch_attention_path):
+    layers = Decoder(dim=32, depth=2, heads=2, dim_head=16, attn=attn, dropout=0.3)
+    model = TransformerWrapper(num_tokens=20, max_seq_len=16, attn_layers=layers, emb_dropout=0.1)
+    x = torch.randint(0, 20, (2, 12))
+    model.train()
+    a, b = model(x), model(x)
+    assert not torch.allclose(a, b)
+    a.sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    model.eval()
+    torch.testing.assert_close(model(x), model(x))
+
+
+@pytest.mark.parametrize("attn", ["cosine", "regular"])
+def test_bf16_autocast(attn, seed, torch_attention_path):
+    layers = Decoder(dim=64, depth=2, heads=4, dim_head=16, kv_heads=2, attn=attn, rotary=True, cross_attend=True)
+    model = cosformer.AutoregressiveWrapper(TransformerWrapper(num_tokens=40, max_seq_len=32, attn_layers=layers))
+    x, context = torch.randint(0, 40, (2, 20)), torch.randn(2, 5, 64)
+    loss32 = model(x, context=context)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss16 = model(x, context=context)
+    loss16.backward()
+    assert torch.isfinite(loss16) and abs(loss16.item() - loss32.item()) < 0.05
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_accelerate_step(seed, torch_attention_path):
+    accelerate = pytest.importorskip("accelerate")
+    accelerator = accelerate.Accelerator(cpu=True)
+    model = cosformer.AutoregressiveWrapper(
+        TransformerWrapper(num_tokens=30, max_seq_len=16, attn_layers=Decoder(dim=32, depth=1, heads=2, dim_head=16))
+    )
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model, opt = accelerator.prepare(model, opt)
+    x = torch.randint(0, 30, (4, 16))
+    losses = []
+    for _ in range(5):
+        loss = model(x)
+        accelerator.backward(loss)
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+
+
+def test_xtransformer_loss_and_routing(seed, torch_attention_path):
+    model = XTransformer(
+        dim=32, enc_num_tokens=20, enc_depth=1, enc_heads=2, enc_max_seq_len=12, dec_num_tokens=20, dec_depth=2,
+        dec_heads=2, dec_max_seq_len=10, tie_token_emb=True, dim_head=16, enc_attn="regular", dec_rotary=True,
+        dec_emb_dropout=0.1,
+    )  # fmt: skip
+    assert model.encoder.attn_layers.attn == "regular" and model.decoder.net.attn_layers.attn == "cosine"
+    assert model.decoder.net.attn_layers.rotary is not None and model.decoder.net.pos_emb is None
+    assert model.decoder.net.token_emb is model.encoder.token_emb
+    assert model.decoder.net.emb_dropout.p == 0.1 and len(model.decoder.net.attn_layers.layers) == 2
+    src, tgt = torch.randint(0, 20, (2, 12)), torch.randint(0, 20, (2, 10))
+    src_mask = torch.ones(2, 12, dtype=torch.bool)
+    src_mask[1, 8:] = False
+    loss = model(src, tgt, mask=src_mask)
+    loss.backward()
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    assert model.encoder.token_emb.weight.grad is not None
+
+
+def test_triton_interpreter_matches_torch_path(seed, monkeypatch):
+    """Runs the fused op's Triton kernels (interpreted on CPU) inside the model; tiny on purpose."""
+    pytest.importorskip("cosattn.ops", reason="the Triton kernels of cosattn are not importable")
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    layers = Decoder(dim=32, depth=1, heads=2, dim_head=16)
+    model = TransformerWrapper(num_tokens=16, max_seq_len=8, attn_layers=layers)
+    x = torch.randint(0, 16, (1, 8))
+    out_triton = model(x)
+    out_triton.sum().backward()
+    grads_triton = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    out_torch = model(x)
+    out_torch.sum().backward()
+    torch.testing.assert_close(out_triton, out_torch, atol=1e-4, rtol=1e-4)
+    for g, p in zip(grads_triton, model.parameters()):
+        torch.testing.assert_close(g, p.grad, atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("attn", ["cosine", "regular"])
+def test_compile_fullgraph_traces_without_breaks(attn, seed, torch_attention_path):
+    """fullgraph=True fails on any graph break in the model code; aot_eager also traces the backward."""
+    layers = Decoder(dim=32, depth=1, heads=2, dim_head=16, kv_heads=1, attn=attn, rotary=True, cross_attend=True)
+    model = cosformer.AutoregressiveWrapper(TransformerWrapper(num_tokens=30, max_seq_len=16, attn_layers=layers))
+    x, context = torch.randint(0, 30, (2, 16)), torch.randn(2, 5, 32)
+    context_mask = torch.rand(2, 5) > 0.3
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    loss = compiled(x, context=context, context_mask=context_mask)
+    loss.backward()
+    torch.testing.assert_close(loss, model(x, context=context, context_mask=context_mask))
+    assert all(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("attn", ["cosine", "regular"])
+def test_compile_fullgraph_bf16(attn, seed):
+    layers = Decoder(dim=128, depth=2, heads=4, dim_head=32, kv_heads=2, attn=attn, rotary=True, cross_attend=True)
+    model = cosformer.AutoregressiveWrapper(
+        TransformerWrapper(num_tokens=64, max_seq_len=256, attn_layers=layers)
+    ).cuda()
+    x, context = torch.randint(0, 64, (2, 200), device="cuda"), torch.randn(2, 17, 128, device="cuda")
+    context_mask = torch.rand(2, 17, device="cuda") > 0.3
+    compiled = torch.compile(model, fullgraph=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss_eager = model(x, context=context, context_mask=context_mask)
+        loss_compiled = compiled(x, context=context, context_mask=context_mask)
+    loss_compiled.backward()
+    assert torch.isfinite(loss_compiled)
+    torch.testing.assert_close(loss_compiled, loss_eager, atol=2e-2, rtol=2e-2)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
