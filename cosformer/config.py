@@ -1,0 +1,332 @@
+"""Typed run configuration: dataclass sections, YAML layering and dotted `key=value` overrides.
+
+A run is described by one `Config` (sections model / data / train / log / t2i). It is built from the dataclass
+defaults, then each YAML file in order (a later file overrides an earlier one), then `section.key=value`
+overrides as wandb sweeps pass them (`${args_no_hyphens}`). Every key and value is checked against the
+dataclass fields before anything is built: an unknown key or a value of the wrong type raises `ConfigError`
+naming the key, so a typo in a sweep fails at once instead of silently training the default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import pathlib
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override names an unknown key or carries a value of the wrong type."""
+
+
+@dataclass
+class ModelConfig:
+    dim: int = 128
+    depth: int = 3
+    heads: int = 4
+    dim_head: int = 32
+    kv_heads: int = 0  # 0 = as many as `heads`; fewer is grouped-query attention
+    attn: Literal["cosine", "regular"] = "cosine"
+    pre_norm: bool = False
+    scale: float = 10.0  # fixed logit scale of cosine attention
+    groups: int = 1  # l2norm groups of q, k
+    ff_mult: int = 4
+    ff_glu: bool = False
+    dropout: float = 0.0
+    rotary: bool = False
+    alibi: bool = False
+    abs_pos_emb: bool | Literal["auto"] = "auto"  # auto = learned positions unless rotary/alibi
+    tie_embedding: bool = False
+
+
+@dataclass
+class DataConfig:
+    name: Literal["enwik8", "text", "pystdlib", "shapes", "hf"] = "pystdlib"
+    path: str = ""  # a local copy of the corpus (enwik8 or its zip; the file for `text`)
+    seq_len: int = 128
+    cache_dir: str = "~/.cache/cosformer"
+    max_bytes: int = 20_000_000  # cap on the embedded `pystdlib` corpus
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 16  # per process and micro-step
+    grad_accum: int = 1
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    max_steps: int = 250
+    warmup_steps: int = 25
+    min_lr_ratio: float = 0.1
+    eval_every: int = 50
+    eval_batches: int = 8
+    checkpoint_every: int = 0  # 0 = only at the end
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    sample_every: int = 0  # 0 = at every evaluation
+    sample_length: int = 96  # bytes generated after the prompt; within data.seq_len the KV cache serves them
+    final_eval: bool = True  # full-split val and test at the end
+    out_dir: str = "runs/default"
+    resume: bool | str = False  # true = latest checkpoint in out_dir, or a checkpoint path
+    seed: int = 0
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    grad_clip: float = 1.0  # 0 = no clipping
+    num_workers: int = 0
+
+
+@dataclass
+class LogConfig:
+    tracker: Literal["wandb", "none"] = "none"
+    project: str = "cosformer"
+    group: str = ""
+    name: str = ""
+
+
+@dataclass
+class T2IConfig:
+    image_size: int = 32
+    palette: int = 8  # colour tokens
+    num_train: int = 20000
+    num_val: int = 1000
+    num_test: int = 1000
+    text_max_len: int = 64
+    enc_depth: int = 2
+    hf_dataset: str = ""
+    hf_image_column: str = "image"
+    hf_caption_column: str = "text"
+    hf_split: str = "train"
+    fid_samples: int = 256
+    sample_temperature: float = 1.0
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    t2i: T2IConfig = field(default_factory=T2IConfig)
+
+
+SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(Config)}
+
+
+def _all_keys() -> list[str]:
+    return [f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
+
+
+def _unknown(key: str) -> ConfigError:
+    close = difflib.get_close_matches(key, _all_keys() + list(SECTIONS), n=1, cutoff=0.6)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return ConfigError(f"unknown config key '{key}'{hint}")
+
+
+def _type_name(tp) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+_YAML_BOOL_WORDS = {False: ("no", "off", "false"), True: ("yes", "on", "true")}
+
+
+def _coerce(key: str, value: Any, tp) -> Any:
+    """Return `value` as type `tp` or raise ConfigError naming `key`. Only lossless conversions happen:
+    int -> float, and strings such as '3e-4' (which YAML 1.1 reads as a string) -> float."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if isinstance(value, bool):
+            # YAML 1.1 reads a bare `no` / `off` as False: map it back when the choice exists
+            spelled = [c for c in (_YAML_BOOL_WORDS[value]) if c in choices]
+            if spelled:
+                return spelled[0]
+        elif value in choices:
+            return value
+    elif origin in (Union, types.UnionType):
+        # bool first, so that a YAML `true` never becomes the string 'True'
+        for arm in sorted(typing.get_args(tp), key=lambda a: a is not bool):
+            try:
+                return _coerce(key, value, arm)
+            except ConfigError:
+                pass
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"config key '{key}' expects {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
+def _field_types(cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _apply(cfg: Config, key: str, value: Any) -> None:
+    section, _, name = key.partition(".")
+    if section not in SECTIONS or not name or "." in name:
+        raise _unknown(key)
+    types_ = _field_types(SECTIONS[section])
+    if name not in types_:
+        raise _unknown(key)
+    setattr(getattr(cfg, section), name, _coerce(key, value, types_[name]))
+
+
+def apply_dict(cfg: Config, tree: Any, source: str = "config") -> Config:
+    """Apply a nested mapping {section: {key: value}} onto `cfg` in place, checking every key."""
+    if tree is None:
+        return cfg
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections, got {type(tree).__name__}")
+    for section, values in tree.items():
+        if section not in SECTIONS:
+            raise _unknown(str(section))
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: section '{section}' must be a mapping, got {values!r}")
+        for name, value in values.items():
+            _apply(cfg, f"{section}.{name}", value)
+    return cfg
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'train.lr=3e-4' -> ('train.lr', 3e-4). Values are YAML scalars; leading dashes are tolerated so that
+    both `key=value` and `--key=value` work."""
+    key, sep, raw = text.lstrip("-").partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override must look like section.key=value, got {text!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    if isinstance(value, (dict, list)):
+        value = raw  # only scalars are config values; keep the text so the type check names the key
+    return key.strip(), value
+
+
+def _text_field(key: str) -> bool:
+    """Fields whose values are always text (plain str or a choice of strings): an override is taken verbatim."""
+    section, _, name = key.partition(".")
+    tp = _field_types(SECTIONS[section]).get(name) if section in SECTIONS else None
+    return tp is str or (typing.get_origin(tp) is Literal and all(isinstance(c, str) for c in typing.get_args(tp)))
+
+
+def load_config(paths: list[str | pathlib.Path] = (), overrides: list[str] = ()) -> Config:
+    """Defaults, then each YAML file in order, then dotted overrides; every key and type is checked."""
+    cfg = Config()
+    for path in paths:
+        path = pathlib.Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        apply_dict(cfg, yaml.safe_load(path.read_text()), source=str(path))
+    for text in overrides:
+        key, value = parse_override(text)
+        # `log.name=2024` or `train.mixed_precision=no` is text, not a number or a YAML boolean
+        if not isinstance(value, str) and _text_field(key):
+            value = text.lstrip("-").partition("=")[2].strip()
+        _apply(cfg, key, value)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> Config:
+    """Checks across keys that single types cannot express."""
+    m, t = cfg.model, cfg.train
+    positive = {
+        "model.dim": m.dim,
+        "model.depth": m.depth,
+        "model.heads": m.heads,
+        "model.dim_head": m.dim_head,
+        "model.groups": m.groups,
+        "model.ff_mult": m.ff_mult,
+        "data.seq_len": cfg.data.seq_len,
+        "data.max_bytes": cfg.data.max_bytes,
+        "train.batch_size": t.batch_size,
+        "train.grad_accum": t.grad_accum,
+        "train.max_steps": t.max_steps,
+        "train.eval_batches": t.eval_batches,
+        "train.log_every": t.log_every,
+        "train.keep_checkpoints": t.keep_checkpoints,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"config key '{key}' must be >= 1, got {value}")
+    non_negative = {
+        "model.kv_heads": m.kv_heads,
+        "train.warmup_steps": t.warmup_steps,
+        "train.eval_every": t.eval_every,
+        "train.checkpoint_every": t.checkpoint_every,
+        "train.sample_every": t.sample_every,
+        "train.sample_length": t.sample_length,
+        "train.num_workers": t.num_workers,
+        "train.grad_clip": t.grad_clip,
+        "train.weight_decay": t.weight_decay,
+    }
+    for key, value in non_negative.items():
+        if value < 0:
+            raise ConfigError(f"config key '{key}' must be >= 0, got {value}")
+    if m.kv_heads and m.heads % m.kv_heads:
+        raise ConfigError(f"model.heads ({m.heads}) must be a multiple of model.kv_heads ({m.kv_heads})")
+    if m.attn == "regular" and (m.scale != 10.0 or m.groups != 1):
+        raise ConfigError(
+            "model.scale and model.groups belong to cosine attention; leave them at 10.0 and 1 for regular"
+        )
+    if m.dim_head % m.groups:
+        raise ConfigError(f"model.groups ({m.groups}) must divide model.dim_head ({m.dim_head})")
+    if not 0.0 <= m.dropout < 1.0:
+        raise ConfigError(f"config key 'model.dropout' must be in [0, 1), got {m.dropout}")
+    if not t.lr > 0:
+        raise ConfigError(f"config key 'train.lr' must be > 0, got {t.lr}")
+    if not 0.0 <= t.min_lr_ratio <= 1.0:
+        raise ConfigError(f"config key 'train.min_lr_ratio' must be in [0, 1], got {t.min_lr_ratio}")
+    if m.rotary and m.alibi:
+        raise ConfigError("model.rotary and model.alibi are two position schemes; choose one")
+    if isinstance(t.resume, str) and not t.resume:
+        t.resume = False
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(tree: dict) -> Config:
+    """Rebuild a Config from `to_dict` output (e.g. a checkpoint's config.yaml), with the same checks."""
+    return validate(apply_dict(Config(), tree))
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def save_yaml(cfg: Config, path: str | pathlib.Path) -> None:
+    """Write the resolved config atomically (tmp file + rename) so a reader never sees half a file."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(dump_yaml(cfg))
+    tmp.replace(path)
+
+
+def load_yaml(path: str | pathlib.Path) -> Config:
+    return from_dict(yaml.safe_load(pathlib.Path(path).read_text()))

@@ -1,0 +1,306 @@
+"""Byte-level corpora and the datasets the language-model task trains on.
+
+Corpora are byte arrays (256 tokens, one per byte value):
+- `enwik8`: the first 10^8 bytes of a 2006 English Wikipedia dump (the Hutter Prize file), split 90M/5M/5M as in
+  Transformer-XL and every paper since. Fetched once from the canonical archive into `data.cache_dir`; the zip is
+  verified against its published SHA-256 and size, the extracted file against its exact size and header.
+- `text`: any local file, read as bytes, split 90/5/5 by fraction.
+- `pystdlib`: the .py sources of the running interpreter's standard library (tests and site-packages left out),
+  in sorted path order and capped at `data.max_bytes`: an embedded corpus every machine has, for offline runs.
+
+Training items are random crops of seq_len + 1 bytes whose offsets are a pure function of (seed, item index), so a
+run resumed at step s, which skips the first s batches, draws exactly the crops the uninterrupted run drew, and
+ranks sharded by Accelerate (rank r takes batches r, r + world, ...) see different crops. Validation items are
+fixed, evenly spaced windows; the final evaluation tiles a split with non-overlapping windows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pathlib
+import sys
+import sysconfig
+import urllib.error
+import urllib.request
+import zipfile
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+ENWIK8_URL = "http://mattmahoney.net/dc/enwik8.zip"
+# Published with the Hugging Face `enwik8` dataset's download checksums for this exact URL.
+ENWIK8_ZIP_SHA256 = "547994d9980ebed1288380d652999f38a14fe291a6247c157c3d33d4932534bc"
+ENWIK8_ZIP_BYTES = 36_445_475
+ENWIK8_BYTES = 100_000_000
+ENWIK8_HEADER = b"<mediawiki "
+ENWIK8_SPLIT = (90_000_000, 5_000_000, 5_000_000)
+SPLITS = ("train", "val", "test")
+TEXT_FRACTIONS = (0.90, 0.05, 0.05)
+
+
+class DataUnavailableError(RuntimeError):
+    """A corpus can neither be found locally nor downloaded."""
+
+
+class ChecksumError(RuntimeError):
+    """A file does not have the size or digest it is published with."""
+
+
+# ---------------------------------------------------------------------------------------------- files
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify_file(path: str | os.PathLike, *, size: int | None = None, sha256: str | None = None) -> None:
+    """Raise ChecksumError naming the file and both values unless `path` has the expected size and digest."""
+    path = pathlib.Path(path)
+    seen = path.stat().st_size
+    if size is not None and seen != size:
+        raise ChecksumError(f"{path}: expected {size:,} bytes, found {seen:,}")
+    if sha256 is not None:
+        digest = sha256_file(path)
+        if digest != sha256:
+            raise ChecksumError(f"{path}: expected SHA-256 {sha256}, found {digest}")
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write to a sibling tmp file, then rename: readers see the old file or the whole new one, never a part."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def download(
+    url: str, dest: str | os.PathLike, *, size: int | None = None, sha256: str | None = None, hint: str = ""
+) -> pathlib.Path:
+    """Download `url` to `dest` with a progress bar, verify it, then rename into place. An interrupted or
+    corrupt download never leaves a file at `dest`. Network failures raise DataUnavailableError naming the URL."""
+    from tqdm.auto import tqdm
+
+    dest = pathlib.Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.part")
+    try:
+        try:
+            response = urllib.request.urlopen(url, timeout=30)
+        except (urllib.error.URLError, OSError, ValueError) as e:
+            raise DataUnavailableError(f"could not download {url} ({e}).{hint}") from e
+        with response, open(tmp, "wb") as f:
+            total = int(response.headers.get("Content-Length") or 0) or size
+            with tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {dest.name}") as bar:
+                while block := response.read(1 << 20):
+                    f.write(block)
+                    bar.update(len(block))
+        verify_file(tmp, size=size, sha256=sha256)
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dest
+
+
+# ---------------------------------------------------------------------------------------------- corpora
+
+
+def _expand(path: str) -> pathlib.Path:
+    return pathlib.Path(os.path.expandvars(os.path.expanduser(path)))
+
+
+def _check_enwik8(data: bytes, source: str) -> bytes:
+    if len(data) != ENWIK8_BYTES or not data.startswith(ENWIK8_HEADER):
+        raise ChecksumError(
+            f"{source} is not enwik8: expected {ENWIK8_BYTES:,} bytes starting with {ENWIK8_HEADER!r}, "
+            f"found {len(data):,} bytes starting with {data[: len(ENWIK8_HEADER)]!r}"
+        )
+    return data
+
+
+def _unzip_enwik8(zip_path: pathlib.Path) -> bytes:
+    with zipfile.ZipFile(zip_path) as z:
+        names = [n for n in z.namelist() if pathlib.PurePosixPath(n).name == "enwik8"]
+        if not names:
+            raise ChecksumError(f"{zip_path} holds no file named 'enwik8' (found {z.namelist()})")
+        return z.read(names[0])
+
+
+def load_enwik8(cache_dir: str = "~/.cache/cosformer", path: str = "", url: str = ENWIK8_URL) -> bytes:
+    """The 10^8 bytes of enwik8, from `path` (the raw file or its zip), else the cache, else downloaded once."""
+    if path:
+        p = _expand(path)
+        if not p.is_file():
+            raise DataUnavailableError(f"data.path={path} does not exist")
+        data = _unzip_enwik8(p) if zipfile.is_zipfile(p) else p.read_bytes()
+        return _check_enwik8(data, str(p))
+    cache = _expand(cache_dir)
+    raw = cache / "enwik8"
+    if raw.is_file():
+        return _check_enwik8(raw.read_bytes(), str(raw))
+    archive = cache / "enwik8.zip"
+    if not archive.is_file():
+        hint = (
+            f" Download it by hand from {url} and pass data.path=/path/to/enwik8.zip (or the extracted enwik8),"
+            f" or place it in {cache}."
+        )
+        download(url, archive, size=ENWIK8_ZIP_BYTES, sha256=ENWIK8_ZIP_SHA256, hint=hint)
+    else:
+        verify_file(archive, size=ENWIK8_ZIP_BYTES, sha256=ENWIK8_ZIP_SHA256)
+    data = _check_enwik8(_unzip_enwik8(archive), str(archive))
+    atomic_write_bytes(raw, data)
+    return data
+
+
+def stdlib_sources(stdlib: str | os.PathLike | None = None) -> list[pathlib.Path]:
+    """The standard library's .py files in sorted relative-path order, without tests or installed packages."""
+    root = pathlib.Path(stdlib or sysconfig.get_paths()["stdlib"])
+    skip = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
+    files = [p for p in root.rglob("*.py") if not skip.intersection(p.relative_to(root).parts[:-1]) and p.is_file()]
+    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
+
+
+def build_pystdlib(max_bytes: int, stdlib: str | os.PathLike | None = None) -> bytes:
+    root = pathlib.Path(stdlib or sysconfig.get_paths()["stdlib"])
+    out, total = [], 0
+    for p in stdlib_sources(root):
+        # a path line between files gives the model document boundaries to learn
+        chunk = f"# ==== {p.relative_to(root).as_posix()} ====\n".encode() + p.read_bytes() + b"\n"
+        out.append(chunk)
+        total += len(chunk)
+        if total >= max_bytes:
+            break
+    return b"".join(out)[:max_bytes]
+
+
+def load_pystdlib(cache_dir: str = "~/.cache/cosformer", max_bytes: int = 20_000_000) -> bytes:
+    """The embedded corpus, built once per interpreter version and cap and cached as one file."""
+    version = "{}.{}.{}".format(*sys.version_info[:3])
+    cached = _expand(cache_dir) / f"pystdlib-{version}-{max_bytes}.bin"
+    if cached.is_file():
+        return cached.read_bytes()
+    data = build_pystdlib(max_bytes)
+    if len(data) < 1000:
+        raise DataUnavailableError(f"the standard library at {sysconfig.get_paths()['stdlib']} yielded no sources")
+    try:
+        atomic_write_bytes(cached, data)
+    except OSError:
+        pass  # a read-only cache costs a rebuild next time, nothing else
+    return data
+
+
+def split_bytes(data: bytes | np.ndarray, sizes: tuple[int, ...]) -> dict[str, np.ndarray]:
+    arr = np.frombuffer(data, dtype=np.uint8) if isinstance(data, (bytes, bytearray)) else np.asarray(data)
+    if sum(sizes) > len(arr):
+        raise ValueError(f"split sizes {sizes} need {sum(sizes):,} bytes, corpus has {len(arr):,}")
+    bounds = np.cumsum((0,) + tuple(sizes))
+    return {name: arr[bounds[n] : bounds[n + 1]] for n, name in enumerate(SPLITS)}
+
+
+def split_fractions(data: bytes | np.ndarray, fractions: tuple[float, ...] = TEXT_FRACTIONS) -> dict[str, np.ndarray]:
+    n = len(data)
+    n_val, n_test = int(n * fractions[1]), int(n * fractions[2])
+    return split_bytes(data, (n - n_val - n_test, n_val, n_test))
+
+
+def load_corpus(name: str, *, path: str = "", cache_dir: str = "~/.cache/cosformer", max_bytes: int = 20_000_000):
+    """{'train', 'val', 'test'} -> uint8 arrays for a byte-level corpus name."""
+    if name == "enwik8":
+        return split_bytes(load_enwik8(cache_dir, path), ENWIK8_SPLIT)
+    if name == "text":
+        if not path:
+            raise DataUnavailableError("data.name=text needs data.path=/path/to/file")
+        p = _expand(path)
+        if not p.is_file():
+            raise DataUnavailableError(f"data.path={path} does not exist")
+        return split_fractions(p.read_bytes())
+    if name == "pystdlib":
+        return split_fractions(load_pystdlib(cache_dir, max_bytes))
+    raise ValueError(f"data.name={name!r} is not a byte-level corpus (enwik8, text, pystdlib)")
+
+
+# ---------------------------------------------------------------------------------------------- datasets
+
+
+def _min_length(data: np.ndarray, seq_len: int, what: str) -> None:
+    if len(data) < seq_len + 1:
+        raise ValueError(f"{what} has {len(data):,} bytes, fewer than data.seq_len + 1 = {seq_len + 1}")
+
+
+class RandomCropDataset(Dataset):
+    """Item i is `seq_len + 1` bytes at an offset drawn from a generator seeded by (seed, i): no hidden sampler
+    state, so skipping the first n items reproduces a run exactly. The length is nominal (the trainer stops by
+    step count), large enough never to wrap."""
+
+    def __init__(self, data: np.ndarray, seq_len: int, seed: int = 0, length: int = 1 << 40):
+        _min_length(data, seq_len, "the training split")
+        self.data, self.seq_len, self.seed, self.length = data, seq_len, seed, length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def offset(self, index: int) -> int:
+        rng = np.random.Generator(np.random.Philox(key=self.seed, counter=index))
+        return int(rng.integers(0, len(self.data) - self.seq_len))
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        start = self.offset(index)
+        return {"x": torch.from_numpy(self.data[start : start + self.seq_len + 1].astype(np.int64))}
+
+
+class WindowDataset(Dataset):
+    """Fixed windows of `seq_len + 1` bytes. With `num_windows` they are evenly spaced over the split (a cheap,
+    stable validation sample); without, they tile it: consecutive windows share one byte, so every byte after
+    the first is predicted exactly once (the last partial window is left out)."""
+
+    def __init__(self, data: np.ndarray, seq_len: int, num_windows: int | None = None):
+        _min_length(data, seq_len, "the evaluation split")
+        self.data, self.seq_len = data, seq_len
+        last = len(data) - seq_len - 1
+        if num_windows is None:
+            self.starts = np.arange(0, last + 1, seq_len)
+        else:
+            self.starts = np.linspace(0, last, num=max(num_windows, 1)).round().astype(np.int64)
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        start = int(self.starts[index])
+        return {"x": torch.from_numpy(self.data[start : start + self.seq_len + 1].astype(np.int64))}
+
+
+def decode(tokens) -> str:
+    """Bytes to printable text: invalid UTF-8 is replaced rather than raised on."""
+    return bytes(int(t) for t in tokens).decode("utf-8", errors="replace")
+
+
+def encode(text: str) -> torch.Tensor:
+    return torch.tensor(list(text.encode("utf-8")), dtype=torch.long)
+
+
+__all__ = [
+    "ENWIK8_URL",
+    "ChecksumError",
+    "DataUnavailableError",
+    "RandomCropDataset",
+    "WindowDataset",
+    "decode",
+    "download",
+    "encode",
+    "load_corpus",
+    "load_enwik8",
+    "load_pystdlib",
+    "split_bytes",
+    "split_fractions",
+    "verify_file",
+]

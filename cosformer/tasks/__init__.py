@@ -1,0 +1,95 @@
+"""Tasks: what the generic trainer trains. A task owns the model, the datasets and the task-specific evaluation;
+the trainer owns the loop (Accelerate, optimiser, schedule, checkpoints, tracking).
+
+Registry, keyed by `data.name`: "enwik8", "text", "pystdlib" -> `LMTask` (byte-level language modelling);
+"shapes", "hf" -> the text-to-image task in `cosformer.tasks.t2i`, imported only when asked for.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pathlib
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+from ..config import Config
+
+
+@runtime_checkable
+class Task(Protocol):
+    """The contract between a task and the trainer."""
+
+    def __init__(self, cfg: Config): ...
+
+    def build_model(self) -> torch.nn.Module:
+        """A fresh model; `model(**batch)` returns the scalar training loss."""
+        ...
+
+    def datasets(self) -> dict[str, torch.utils.data.Dataset]:
+        """'train', 'val' (and 'test'); items are dict[str, Tensor] whose keys are the model's arguments."""
+        ...
+
+    def tokens_per_item(self) -> int:
+        """Tokens one training item contributes (for tokens/s)."""
+        ...
+
+    def loss_metrics(self, loss: float, split: str) -> dict[str, float]:
+        """Named metrics of a mean loss on `split` (LM: {f"{split}_loss", f"{split}_bpc"})."""
+        ...
+
+    def evaluate(self, model, accelerator, step: int, out_dir: pathlib.Path) -> dict[str, Any]:
+        """Called at every evaluation on all processes (generation on the main process only). Returns float
+        metrics and media: str values are text samples, pathlib.Path values PNG images."""
+        ...
+
+    def final_evaluate(self, model, accelerator, out_dir: pathlib.Path) -> dict[str, float]:
+        """End of run: full-split metrics (LM: val and test bpc; text-to-image: test FID)."""
+        ...
+
+
+_METHODS = ("build_model", "datasets", "tokens_per_item", "loss_metrics", "evaluate", "final_evaluate")
+
+# data.name -> (module, class); class None = the one class that module defines with every Task method
+_REGISTRY: dict[str, tuple[str, str | None]] = {
+    "enwik8": ("cosformer.tasks.lm", "LMTask"),
+    "text": ("cosformer.tasks.lm", "LMTask"),
+    "pystdlib": ("cosformer.tasks.lm", "LMTask"),
+    "shapes": ("cosformer.tasks.t2i", None),
+    "hf": ("cosformer.tasks.t2i", None),
+}
+
+
+def _implements(cls: type) -> bool:
+    return all(callable(getattr(cls, m, None)) for m in _METHODS)
+
+
+def task_class(name: str) -> type:
+    """The Task class for `data.name`, importing its module only now (the t2i stack loads only for t2i runs)."""
+    if name not in _REGISTRY:
+        raise ValueError(f"data.name={name!r} has no task; known: {sorted(_REGISTRY)}")
+    module_name, attr = _REGISTRY[name]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name != module_name:
+            raise
+        raise ImportError(f"data.name={name!r} needs the task module {module_name}, which does not exist yet") from e
+    if attr is not None:
+        return getattr(module, attr)
+    found = [
+        obj
+        for obj in vars(module).values()
+        if isinstance(obj, type) and obj.__module__ == module_name and _implements(obj)
+    ]
+    if len(found) != 1:
+        names = [c.__name__ for c in found]
+        raise ImportError(f"{module_name} must define exactly one Task class for data.name={name!r}; found {names}")
+    return found[0]
+
+
+def build_task(cfg: Config) -> Task:
+    return task_class(cfg.data.name)(cfg)
+
+
+__all__ = ["Task", "build_task", "task_class"]

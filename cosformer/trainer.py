@@ -1,0 +1,390 @@
+"""The training loop: one Accelerate loop, generic over tasks (see `cosformer.tasks`).
+
+    cfg -> Trainer(cfg): task, model, AdamW, data loaders, one accelerator.prepare(...), tracker, resume
+        -> train(): steps of `grad_accum` micro-batches under accelerator.accumulate, clip, step;
+                    log / evaluate / sample / checkpoint on their intervals; final full-split evaluation
+        -> close()
+
+Exact resume: the training data is a pure function of (seed, item index), the learning rate a pure function of the
+step (`get_lr`), and Accelerate's checkpoint restores model, optimiser, gradient-accumulation counter and every
+process's RNG state; a resumed run skips the batches already consumed, so its loss curve equals the uninterrupted
+one (fp32; tests check it bit for bit on CPU). Text samples draw from their own seeded stream and cannot perturb it.
+
+Stopping: SIGINT / SIGTERM set a flag that all processes agree on at the next step (it travels in the per-step
+all-reduce, so no rank enters the checkpoint collective alone); the run saves and returns. A non-finite loss stops
+the run with `NonFiniteLossError` before the optimiser applies the step, leaving the last good checkpoint as is.
+
+References: nanoGPT's train.py (warmup + cosine schedule, estimate_loss over fixed batches); Accelerate's
+examples/by_feature (checkpointing, gradient accumulation, tracking).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import pathlib
+import resource
+import signal
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType, set_seed
+from torch.utils.data import DataLoader
+
+from . import checkpoint as ckpt
+from .config import Config, dump_yaml, save_yaml, to_dict
+from .tasks import Task, build_task
+from .tracking import Tracker, configure_wandb
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite; the run stopped without saving."""
+
+
+def get_lr(step: int, *, lr: float, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:
+    """Learning rate of optimiser step `step` (0-based): linear warmup to `lr`, then cosine decay to
+    `lr * min_lr_ratio` at `max_steps`."""
+    if step < warmup_steps:
+        return lr * (step + 1) / (warmup_steps + 1)
+    min_lr = lr * min_lr_ratio
+    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+    return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def resolve_mixed_precision(value: str) -> str:
+    if value != "auto":
+        return value
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    """Peak accelerator memory allocated by tensors on GPU; peak resident set size of the process on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices and embeddings only; biases and norm gains keep their scale (nanoGPT's split)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+@dataclass
+class TrainState:
+    """Counters saved with every checkpoint (through accelerator.register_for_checkpointing)."""
+
+    step: int = 0  # optimiser steps done
+    micro_batches: int = 0  # training batches consumed by this process: the sampler position
+    tokens: int = 0  # tokens seen, all processes
+
+    def state_dict(self) -> dict[str, int]:
+        return {"step": self.step, "micro_batches": self.micro_batches, "tokens": self.tokens}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.step, self.micro_batches, self.tokens = (
+            int(state["step"]),
+            int(state["micro_batches"]),
+            int(state["tokens"]),
+        )
+
+
+class Trainer:
+    def __init__(self, cfg: Config, task: Task | None = None):
+        self.cfg = cfg
+        t = cfg.train
+        self.out_dir = pathlib.Path(t.out_dir)
+        use_wandb = cfg.log.tracker == "wandb"
+        wandb_mode = configure_wandb() if use_wandb else None
+        self.accelerator = Accelerator(
+            mixed_precision=resolve_mixed_precision(t.mixed_precision),
+            gradient_accumulation_steps=t.grad_accum,
+            log_with="wandb" if use_wandb else None,
+        )
+        acc = self.accelerator
+        if wandb_mode is not None:
+            acc.print(f"wandb: {wandb_mode}")
+
+        set_seed(t.seed)  # identical initial weights on every process
+        self.task = task if task is not None else build_task(cfg)
+        model = self.task.build_model()
+        self.num_params = sum(p.numel() for p in model.parameters())
+        datasets = self.task.datasets()
+        self.datasets = datasets
+        optimizer = torch.optim.AdamW(
+            param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), fused=False
+        )
+        pin = acc.device.type == "cuda"
+        train_loader = DataLoader(
+            datasets["train"], batch_size=t.batch_size, drop_last=True, num_workers=t.num_workers, pin_memory=pin
+        )
+        val_loader = DataLoader(datasets["val"], batch_size=t.batch_size, num_workers=t.num_workers, pin_memory=pin)
+        self.model, self.optimizer, self.train_loader, self.val_loader = acc.prepare(
+            model, optimizer, train_loader, val_loader
+        )
+        self.state = TrainState()
+        acc.register_for_checkpointing(self.state)
+
+        self.resumed_from = ckpt.resolve_resume(t.resume, self.out_dir)
+        if self.resumed_from is not None:
+            ckpt.check_compatible(cfg, self.resumed_from)
+            acc.load_state(str(self.resumed_from))
+            acc.print(f"resumed from {self.resumed_from} at step {self.state.step}")
+        elif t.resume is True:
+            acc.print(f"train.resume=true but no checkpoint in {self.out_dir / ckpt.CHECKPOINTS}: starting fresh")
+        # per-process randomness (dropout) differs across ranks; a resumed run got its streams from the checkpoint
+        if self.resumed_from is None:
+            set_seed(t.seed, device_specific=True)
+
+        if acc.is_main_process:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            save_yaml(cfg, self.out_dir / "config.yaml")
+        self.tracker = Tracker(acc, self.out_dir, cfg.log, to_dict(cfg), use_wandb)
+        self.tracker.truncate(self.state.step)
+        self.last_eval: dict[str, float] = {}
+        self.last_saved_step = self.state.step if self.resumed_from is not None else -1
+        self._stop_signal: str | None = None  # set by this process's signal handler
+        self._stop_agreed = False  # set when any process had a signal at the last all-reduce
+        self._fingerprint_checked = False
+
+    # ------------------------------------------------------------------------------------------ pieces
+
+    @property
+    def global_batch_items(self) -> int:
+        return self.cfg.train.batch_size * self.cfg.train.grad_accum * self.accelerator.num_processes
+
+    def lr_at(self, step: int) -> float:
+        t = self.cfg.train
+        return get_lr(step, lr=t.lr, warmup_steps=t.warmup_steps, max_steps=t.max_steps, min_lr_ratio=t.min_lr_ratio)
+
+    def _batches(self):
+        """Training batches from where the run stands: the first `micro_batches` are skipped without loading."""
+        loader = self.train_loader
+        if self.state.micro_batches:
+            loader = self.accelerator.skip_first_batches(loader, self.state.micro_batches)
+        device = self.accelerator.device
+        while True:
+            it = iter(loader)
+            # a new DataLoader iterator draws its base seed from the global RNG: keep that draw out of the
+            # training stream, or a resumed run (one more iterator) would see different dropout masks
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                first = next(it)
+            yield first
+            yield from it
+            loader = self.train_loader  # the nominal length is far beyond any run; wrap if it is not
+
+    def _check_sharding(self, batch: dict[str, torch.Tensor]) -> None:
+        """Once, on multi-process runs: ranks must draw different training batches."""
+        self._fingerprint_checked = True
+        acc = self.accelerator
+        if acc.num_processes == 1:
+            return
+        first = next(iter(batch.values()))
+        digest = hashlib.sha256(first.detach().cpu().numpy().tobytes()).digest()[:8]
+        code = torch.tensor([int.from_bytes(digest, "little") & (2**62 - 1)], device=acc.device)
+        codes = acc.gather(code).tolist()
+        if len(set(codes)) != len(codes):
+            raise RuntimeError(f"processes received identical training batches (fingerprints {codes}): sharding broke")
+
+    def train_step(self, batches) -> tuple[float, float]:
+        """One optimiser step over `grad_accum` micro-batches. Returns (mean loss over all processes, grad norm)."""
+        acc, t = self.accelerator, self.cfg.train
+        lr = self.lr_at(self.state.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), device=acc.device)
+        mean_loss = math.nan
+        grad_norm = torch.zeros((), device=acc.device)
+        for _ in range(t.grad_accum):
+            batch = next(batches)
+            if not self._fingerprint_checked:
+                self._check_sharding(batch)
+            with acc.accumulate(self.model):
+                loss = self.model(**batch)
+                acc.backward(loss)
+                loss_sum += loss.detach().float()
+                if acc.sync_gradients:
+                    norm = acc.clip_grad_norm_(self.model.parameters(), t.grad_clip if t.grad_clip > 0 else math.inf)
+                    grad_norm = norm.detach().float() if norm is not None else grad_norm
+                    # one all-reduce carries the loss, the non-finite flag and a pending stop request, so every
+                    # process takes the same decision at the same step
+                    stats = torch.stack(
+                        [
+                            loss_sum / t.grad_accum,
+                            (~torch.isfinite(loss_sum)).float(),
+                            torch.tensor(float(self._stop_signal is not None), device=acc.device),
+                        ]
+                    )
+                    stats = acc.reduce(stats, reduction="sum")
+                    mean_loss, bad, stop = stats.tolist()
+                    if bad:
+                        self._diverged(mean_loss)
+                    self._stop_agreed = bool(stop)
+                    if stop and self._stop_signal is None:
+                        self._stop_signal = "another process's signal"
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            self.state.micro_batches += 1
+        self.state.step += 1
+        self.state.tokens += self.global_batch_items * self.task.tokens_per_item()
+        return mean_loss / acc.num_processes, float(grad_norm)
+
+    def _diverged(self, loss: float) -> None:
+        step = self.state.step + 1
+        self.tracker.log({}, step=step, diverged=True)
+        self.tracker.finish()
+        last = ckpt.latest_checkpoint(self.out_dir)
+        kept = f"the last good checkpoint is {last}" if last else "no checkpoint was saved yet"
+        raise NonFiniteLossError(f"non-finite training loss ({loss}) at step {step}; stopping, {kept}")
+
+    @torch.no_grad()
+    def evaluate_loss(self) -> float:
+        """Mean loss over the fixed validation batches (`train.eval_batches` of them, spread over processes)."""
+        self.model.eval()
+        losses = []
+        for batch in self.val_loader:
+            loss = self.model(**batch).float()
+            n = next(iter(batch.values())).shape[0]
+            # one entry per sample so that gather_for_metrics can drop the samples padding the last batch
+            losses.append(self.accelerator.gather_for_metrics(loss.expand(n).contiguous()))
+        self.model.train()
+        return torch.cat(losses).mean().item()
+
+    def evaluate(self, step: int, with_loss: bool) -> dict:
+        metrics = {}
+        if with_loss:
+            metrics.update(self.task.loss_metrics(self.evaluate_loss(), "val"))
+        self.model.eval()
+        metrics.update(self.task.evaluate(self.model, self.accelerator, step, self.out_dir))
+        self.model.train()
+        self.last_eval.update({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+        return metrics
+
+    def save(self) -> pathlib.Path:
+        t = self.cfg.train
+        path = ckpt.save_checkpoint(
+            self.accelerator, self.out_dir, self.state.step, self.cfg, keep=t.keep_checkpoints, model=self.model
+        )
+        self.last_saved_step = self.state.step
+        return path
+
+    def _install_signal_handlers(self):
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+
+        def handler(signum, frame):
+            name = signal.Signals(signum).name
+            if self._stop_signal is not None and signum == signal.SIGINT:
+                raise KeyboardInterrupt  # a second Ctrl-C: stop now, without the checkpoint
+            self._stop_signal = name
+            self.accelerator.print(f"\n{name}: saving a checkpoint and stopping after this step")
+
+        return {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    # ------------------------------------------------------------------------------------------ loop
+
+    def train(self) -> dict:
+        """Run to `train.max_steps` (or a stop signal). Returns the final metrics ({} when stopped early)."""
+        from tqdm.auto import tqdm
+
+        acc, t = self.accelerator, self.cfg.train
+        if self.state.step == 0:
+            acc.print(dump_yaml(self.cfg))
+        acc.print(
+            f"{self.num_params / 1e6:.2f}M parameters | {acc.num_processes} process(es) on {acc.device} | "
+            f"mixed precision {acc.mixed_precision} | {self.global_batch_items} sequences per step"
+        )
+        previous = self._install_signal_handlers()
+        batches = self._batches()
+        bar = tqdm(
+            total=t.max_steps, initial=self.state.step, disable=not acc.is_local_main_process, dynamic_ncols=True
+        )
+        self.model.train()
+        start_tokens, train_seconds = self.state.tokens, 0.0
+        log_tokens, log_time = self.state.tokens, time.perf_counter()
+        try:
+            while self.state.step < t.max_steps:
+                step_start = time.perf_counter()
+                loss, grad_norm = self.train_step(batches)  # returns host floats: the step has finished
+                train_seconds += time.perf_counter() - step_start
+                step = self.state.step
+                bar.update(1)
+                if step % t.log_every == 0 or step == t.max_steps:
+                    now = time.perf_counter()
+                    tps = (self.state.tokens - log_tokens) / max(now - log_time, 1e-9)
+                    log_tokens, log_time = self.state.tokens, now
+                    record = {
+                        "loss": loss,
+                        "lr": self.lr_at(step - 1),
+                        "grad_norm": grad_norm,
+                        "tokens_per_s": tps,
+                        "memory_mib": peak_memory_mib(acc.device),
+                    }
+                    self.tracker.log(record, step=step)
+                    bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps:,.0f}")
+                eval_now = (t.eval_every and step % t.eval_every == 0) or step == t.max_steps
+                sample_now = bool(t.sample_every) and step % t.sample_every == 0
+                if eval_now or sample_now:
+                    metrics = self.evaluate(step, with_loss=eval_now)
+                    self.tracker.log(metrics, step=step)
+                    shown = {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)}
+                    if shown and acc.is_local_main_process:
+                        bar.write(f"step {step}: {shown}")
+                # alone, a process may stop as soon as it sees its own signal; together, only on the reduced flag,
+                # which every process reads at the same step
+                if self._stop_agreed or (acc.num_processes == 1 and self._stop_signal is not None):
+                    break
+                if t.checkpoint_every and step % t.checkpoint_every == 0:
+                    self.save()
+        except KeyboardInterrupt:
+            # a Ctrl-C that arrived outside the handler (e.g. before it was installed): save if it is safe
+            self._stop_signal = self._stop_signal or "KeyboardInterrupt"
+            if acc.num_processes > 1:
+                raise
+        finally:
+            bar.close()
+            for sig, old in previous.items():
+                signal.signal(sig, old)
+
+        if self.state.step > self.last_saved_step:
+            self.save()
+        if self._stop_signal is not None and self.state.step < t.max_steps:
+            acc.print(f"stopped by {self._stop_signal} at step {self.state.step}; resume with train.resume=true")
+            return {}
+
+        final = dict(self.last_eval)
+        if t.final_eval:
+            final.update(self.task.final_evaluate(self.model, acc, self.out_dir))
+        final.update(
+            tokens_per_s=(self.state.tokens - start_tokens) / max(train_seconds, 1e-9),  # training steps only
+            memory_mib=peak_memory_mib(acc.device),
+            num_params=self.num_params,
+        )
+        final = {k: v for k, v in final.items() if isinstance(v, (int, float))}
+        self.tracker.log(final, step=self.state.step, final=True)
+        acc.print("final: " + ", ".join(f"{k}={v:.4g}" for k, v in final.items()))
+        return final
+
+    def close(self) -> None:
+        self.tracker.finish()
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.distributed_type != DistributedType.NO and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def run(cfg: Config) -> dict:
+    """Build, train, close: the whole of scripts/train.py's work, for tests and notebooks."""
+    trainer = Trainer(cfg)
+    try:
+        return trainer.train()
+    finally:
+        trainer.close()
+
+
+__all__ = ["NonFiniteLossError", "TrainState", "Trainer", "get_lr", "run"]

@@ -1,0 +1,49 @@
+"""Generate text from a trained checkpoint: the model is rebuilt from the config stored with the checkpoint.
+
+python scripts/sample.py runs/default/checkpoints/step_000250 --prompt "def main(" --length 300
+python scripts/sample.py runs/default --prompt "import "        # a run dir: its latest checkpoint
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from cosformer.checkpoint import load_checkpoint_config, load_model_weights, resolve_resume
+from cosformer.data import decode, encode
+from cosformer.tasks.lm import build_language_model
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", help="a checkpoint directory, or a run directory (its latest checkpoint)")
+    parser.add_argument("--prompt", default="\n", help="text to continue (encoded as UTF-8 bytes)")
+    parser.add_argument("--length", type=int, default=256, help="bytes to generate")
+    parser.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    parser.add_argument("--top_k", type=int, default=0, help="keep the k most likely bytes (0 = no filter)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+
+    path = resolve_resume(args.checkpoint, args.checkpoint)
+    cfg = load_checkpoint_config(path)
+    if cfg.data.name not in ("enwik8", "text", "pystdlib"):
+        parser.error(f"{path} was trained on data.name={cfg.data.name}, not a byte-level text corpus")
+    if not args.prompt:
+        parser.error("--prompt must not be empty")
+    model = build_language_model(cfg)
+    load_model_weights(model, path)
+    model.to(args.device).eval()
+
+    torch.manual_seed(args.seed)
+    prompt = encode(args.prompt).to(args.device)
+    filter_args = {"filter": "top_k", "filter_kwargs": {"k": args.top_k}} if args.top_k else {"filter": None}
+    tokens = model.generate(prompt, args.length, temperature=args.temperature, **filter_args)
+    print(args.prompt + decode(tokens.tolist()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,411 @@
+"""Trainer: schedule, a tiny run whose loss falls, exact resume, atomic checkpoints, stop on signals and on
+non-finite loss, tracking files, sampling from a checkpoint, and a 2-process run on CPU (gloo)."""
+
+import importlib.util
+import json
+import math
+import os
+import pathlib
+import random
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from cosformer import checkpoint as ckpt
+from cosformer.config import ConfigError, load_config
+from cosformer.tasks import build_task, task_class
+from cosformer.tracking import MetricsLog, choose_wandb_mode
+from cosformer.trainer import NonFiniteLossError, Trainer, get_lr
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+COMPARED = ("loss", "lr", "grad_norm", "val_loss", "val_bpc")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A small corpus with structure to learn: sentences over a 12-word vocabulary."""
+    rng = random.Random(0)
+    words = "the quick brown fox jumps over a lazy dog and cat sat".split()
+    text = "".join(" ".join(rng.choice(words) for _ in range(6)) + ".\n" for _ in range(2500))
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture
+def clean_accelerate(torch_attention_path):
+    """One Accelerator per test: reset Accelerate's process-wide singletons; one thread keeps tiny runs fast."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def tiny(corpus, out_dir, *overrides):
+    return load_config(
+        [],
+        [
+            "data.name=text",
+            f"data.path={corpus}",
+            "data.seq_len=32",
+            "model.dim=32",
+            "model.depth=1",
+            "model.heads=2",
+            "model.dim_head=16",
+            "train.batch_size=8",
+            "train.lr=3e-3",
+            "train.warmup_steps=5",
+            "train.max_steps=20",
+            "train.eval_every=5",
+            "train.eval_batches=2",
+            "train.log_every=1",
+            "train.sample_length=12",
+            "train.final_eval=false",
+            "train.mixed_precision=no",
+            f"train.out_dir={out_dir}",
+            *overrides,
+        ],
+    )
+
+
+def train(cfg, trainer_cls=Trainer):
+    trainer = trainer_cls(cfg)
+    try:
+        return trainer.train()
+    finally:
+        trainer.close()
+
+
+def records(out_dir):
+    return MetricsLog(pathlib.Path(out_dir) / "metrics.jsonl").records()
+
+
+def curve(out_dir):
+    """Per-step values that must be identical across a resumed run and an uninterrupted one."""
+    out = []
+    for r in records(out_dir):
+        if not r.get("final"):
+            out.append((r["step"], {k: r[k] for k in COMPARED if k in r}))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- schedule
+
+
+def test_lr_schedule_warmup_then_cosine():
+    kw = dict(lr=1.0, warmup_steps=10, max_steps=110, min_lr_ratio=0.1)
+    lrs = [get_lr(s, **kw) for s in range(111)]
+    assert lrs[0] == pytest.approx(1 / 11) and lrs[9] == pytest.approx(10 / 11)
+    assert all(a < b for a, b in zip(lrs[:10], lrs[1:11]))
+    assert lrs[10] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert lrs[60] == pytest.approx(0.55) and lrs[110] == pytest.approx(0.1)
+    assert get_lr(500, **kw) == pytest.approx(0.1)
+    assert get_lr(0, lr=2.0, warmup_steps=0, max_steps=10, min_lr_ratio=0.0) == pytest.approx(2.0)
+
+
+# ---------------------------------------------------------------------------------------------- runs
+
+
+def test_tiny_run_learns_and_writes_its_files(corpus, tmp_path, clean_accelerate):
+    out = tmp_path / "run"
+    final = train(tiny(corpus, out, "train.max_steps=30", "train.final_eval=true"))
+    losses = [r["loss"] for r in records(out) if "loss" in r]
+    assert len(losses) == 30
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 1.5, losses
+    # final full-split metrics, in bits per byte, next to the last validation sample's
+    assert final["val_bpc"] == pytest.approx(final["val_loss"] / math.log(2))
+    assert final["test_bpc"] < 6.0 and final["tokens_per_s"] > 0 and final["memory_mib"] > 0
+    last = records(out)[-1]
+    assert last["final"] is True and last["val_bpc"] == pytest.approx(final["val_bpc"])
+    evals = [r for r in records(out) if "val_bpc" in r and not r.get("final")]
+    assert [r["step"] for r in evals] == [5, 10, 15, 20, 25, 30]
+    train_line = next(r for r in records(out) if "loss" in r)
+    assert {"step", "loss", "lr", "tokens_per_s", "memory_mib"} <= set(train_line)
+    assert load_config([out / "config.yaml"]).train.max_steps == 30
+    assert (out / "samples" / "sample_step_000030.txt").read_text()
+    assert ckpt.checkpoint_step(ckpt.latest_checkpoint(out)) == 30
+
+
+def test_full_split_loss_is_exact(corpus, tmp_path, clean_accelerate):
+    """The final evaluation covers each split's bytes exactly once: compare with a direct computation."""
+    cfg = tiny(corpus, tmp_path / "run", "train.max_steps=2", "train.batch_size=3")
+    trainer = Trainer(cfg)
+    got = trainer.task.split_loss(trainer.model, trainer.accelerator, "test")
+    data = torch.from_numpy(trainer.task.splits["test"].astype("int64"))
+    n = (len(data) - 1) // 32 * 32
+    model = trainer.accelerator.unwrap_model(trainer.model).eval()
+    with torch.no_grad():
+        logits = model.net(data[:n].view(-1, 32))
+        want = torch.nn.functional.cross_entropy(logits.flatten(0, 1), data[1 : n + 1]).item()
+    trainer.close()
+    assert got == pytest.approx(want, rel=1e-5)
+
+
+class StopAtStep(Trainer):
+    """Delivers SIGTERM to this process right after a given step, as a scheduler or Ctrl-C would."""
+
+    stop_at = 10
+
+    def train_step(self, batches):
+        out = super().train_step(batches)
+        if self.state.step == self.stop_at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return out
+
+
+def test_signal_saves_and_resume_continues_the_identical_run(corpus, tmp_path, clean_accelerate):
+    """With dropout, so that the restored RNG streams matter too."""
+    full, parts = tmp_path / "full", tmp_path / "parts"
+    train(tiny(corpus, full, "train.checkpoint_every=10", "model.dropout=0.1"))
+
+    assert train(tiny(corpus, parts, "model.dropout=0.1"), StopAtStep) == {}  # stopped: no final line
+    assert ckpt.checkpoint_step(ckpt.latest_checkpoint(parts)) == 10
+    assert max(r["step"] for r in records(parts)) == 10
+    # a torn line past the checkpoint, as a killed run leaves it, must not survive the resume
+    with open(parts / "metrics.jsonl", "a") as f:
+        f.write('{"step": 11, "loss": 9.9}\n{"step": 12, "lo')
+    train(tiny(corpus, parts, "train.resume=true", "train.checkpoint_every=10", "model.dropout=0.1"))
+
+    want, got = curve(full), curve(parts)
+    assert [s for s, _ in got] == [s for s, _ in want]
+    assert got == want  # bit-identical in fp32 on CPU
+    assert sum(1 for r in records(parts) if r.get("final")) == 1
+
+
+def test_resume_from_an_explicit_checkpoint_path(corpus, tmp_path, clean_accelerate):
+    first = tmp_path / "first"
+    train(tiny(corpus, first, "train.checkpoint_every=10", "train.keep_checkpoints=5"))
+    ten = ckpt.checkpoint_dir(first, 10)
+    second = tmp_path / "second"
+    train(tiny(corpus, second, f"train.resume={ten}"))
+    after = [c for c in curve(first) if c[0] > 10]
+    assert [c for c in curve(second) if c[0] > 10] == after
+    with pytest.raises(ConfigError, match="model.dim: checkpoint 32, now 48"):
+        Trainer(tiny(corpus, tmp_path / "third", f"train.resume={ten}", "model.dim=48"))
+
+
+def test_interrupted_save_keeps_the_last_good_checkpoint(corpus, tmp_path, clean_accelerate):
+    out = tmp_path / "run"
+    trainer = Trainer(tiny(corpus, out, "train.checkpoint_every=5", "train.max_steps=10"))
+    real_save = trainer.accelerator.save_state
+
+    def crashing_save(output_dir, **kwargs):
+        if "000010" not in output_dir:
+            return real_save(output_dir, **kwargs)
+        real_save(output_dir, **kwargs)
+        (pathlib.Path(output_dir) / "model.safetensors").write_bytes(b"\0" * 10)  # torn write
+        raise OSError("disk full")
+
+    trainer.accelerator.save_state = crashing_save
+    with pytest.raises(OSError, match="disk full"):
+        trainer.train()
+    trainer.close()
+
+    good = ckpt.latest_checkpoint(out)
+    assert good == ckpt.checkpoint_dir(out, 5) and (out / "checkpoints" / ".tmp_step_000010").exists()
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_000005"
+    model = build_task(load_config([good / "config.yaml"])).build_model()
+    ckpt.load_model_weights(model, good)  # loadable, and the weights are the ones saved at step 5
+
+    final = train(tiny(corpus, out, "train.checkpoint_every=5", "train.max_steps=10", "train.resume=true"))
+    assert final and ckpt.checkpoint_step(ckpt.latest_checkpoint(out)) == 10
+    assert not (out / "checkpoints" / ".tmp_step_000010").exists()
+
+
+class PoisonAtStep(Trainer):
+    """Makes the weights NaN before a given step, the way a diverging run ends."""
+
+    poison_at = 4
+
+    def train_step(self, batches):
+        if self.state.step == self.poison_at:
+            with torch.no_grad():
+                for p in self.model.parameters():
+                    p.fill_(float("nan"))
+        return super().train_step(batches)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(corpus, tmp_path, clean_accelerate):
+    out = tmp_path / "run"
+    with pytest.raises(NonFiniteLossError, match="non-finite training loss .* at step 5.*step_000003"):
+        train(tiny(corpus, out, "train.checkpoint_every=3"), PoisonAtStep)
+    assert ckpt.checkpoint_step(ckpt.latest_checkpoint(out)) == 3
+    assert records(out)[-1] == {"step": 5, "diverged": True}
+    assert not any(r.get("final") for r in records(out))
+
+
+def test_gradient_accumulation_matches_a_larger_batch(corpus, tmp_path, clean_accelerate):
+    """2 micro-batches of 4 accumulate to the step 1 batch of 8 takes (same items, same order)."""
+    a = tiny(corpus, tmp_path / "a", "train.max_steps=3", "train.eval_every=0", "train.sample_length=0")
+    b = tiny(corpus, tmp_path / "b", "train.max_steps=3", "train.eval_every=0", "train.sample_length=0")
+    b.train.batch_size, b.train.grad_accum = 4, 2
+    train(a)
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    train(b)
+    la = [r["loss"] for r in records(tmp_path / "a") if "loss" in r]
+    lb = [r["loss"] for r in records(tmp_path / "b") if "loss" in r]
+    assert la == pytest.approx(lb, rel=1e-5)
+
+
+def test_sample_script_rebuilds_the_model_from_the_checkpoint(corpus, tmp_path, clean_accelerate, capsys):
+    out = tmp_path / "run"
+    train(tiny(corpus, out, "train.max_steps=5", "train.sample_length=0"))
+    capsys.readouterr()  # the training run's output
+    spec = importlib.util.spec_from_file_location("sample_script", ROOT / "scripts" / "sample.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.main([str(out), "--prompt", "the quick", "--length", "20", "--temperature", "0"]) == 0
+    first = capsys.readouterr().out
+    assert first.startswith("the quick") and len(first) > len("the quick") + 5
+    assert script.main([str(ckpt.latest_checkpoint(out)), "--prompt", "the quick", "--length", "20",
+                        "--temperature", "0"]) == 0  # fmt: skip
+    assert capsys.readouterr().out == first  # greedy: deterministic
+
+
+# ---------------------------------------------------------------------------------------------- pieces
+
+
+def test_wandb_mode_choice(tmp_path, monkeypatch):
+    for var in ("WANDB_MODE", "WANDB_API_KEY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    assert choose_wandb_mode()[0] == "offline"
+    (tmp_path / "netrc").write_text("machine api.wandb.ai\n  login user\n  password secret\n")
+    assert choose_wandb_mode()[0] == "online"
+    (tmp_path / "netrc").write_text("machine example.com\n  login user\n  password secret\n")
+    assert choose_wandb_mode()[0] == "offline"
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert choose_wandb_mode()[0] == "online"
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert choose_wandb_mode() == ("disabled", "WANDB_MODE is set in the environment")
+
+
+def test_metrics_log_truncates_to_the_resumed_step(tmp_path):
+    log = MetricsLog(tmp_path / "m.jsonl")
+    for step in range(1, 6):
+        log.append({"step": step, "loss": 1.0 / step})
+    log.append({"step": 5, "val_loss": 0.5, "final": True})
+    log.truncate(3)
+    assert [r["step"] for r in log.records()] == [1, 2, 3]
+
+
+def test_checkpoint_discovery_ignores_incomplete_directories(tmp_path):
+    root = tmp_path / "checkpoints"
+    for step, complete in ((5, True), (10, True), (15, False)):
+        d = root / f"step_{step:06d}"
+        d.mkdir(parents=True)
+        if complete:
+            (d / ckpt.COMPLETE).write_text(json.dumps({"step": step}))
+    (root / ".tmp_step_000020").mkdir()
+    assert ckpt.latest_checkpoint(tmp_path) == root / "step_000010"  # no pointer: newest complete
+    (root / "latest").write_text("step_000005\n")
+    assert ckpt.latest_checkpoint(tmp_path) == root / "step_000005"  # the pointer wins
+    (root / "latest").write_text("step_000015\n")
+    assert ckpt.latest_checkpoint(tmp_path) == root / "step_000010"  # a stale pointer does not
+    assert ckpt.resolve_resume(False, tmp_path) is None
+    assert ckpt.resolve_resume(True, tmp_path / "elsewhere") is None
+    assert ckpt.resolve_resume(str(root / "step_000005"), tmp_path) == root / "step_000005"
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        ckpt.resolve_resume(str(root / "step_000015"), tmp_path)
+
+
+def test_task_registry(monkeypatch):
+    from cosformer import tasks
+    from cosformer.tasks.lm import LMTask
+
+    assert all(task_class(name) is LMTask for name in ("enwik8", "text", "pystdlib"))
+    with pytest.raises(ValueError, match="data.name='mnist' has no task"):
+        task_class("mnist")
+    monkeypatch.setitem(tasks._REGISTRY, "shapes", ("cosformer.tasks.not_written_yet", None))
+    with pytest.raises(ImportError, match="needs the task module cosformer.tasks.not_written_yet"):
+        task_class("shapes")
+
+
+def test_train_script_rejects_a_bad_key_before_building(capsys):
+    spec = importlib.util.spec_from_file_location("train_script", ROOT / "scripts" / "train.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.main(["train.lrr=1e-3"]) == 2
+    assert "unknown config key 'train.lrr' (did you mean 'train.lr'?)" in capsys.readouterr().err
+    assert script.parse_args(["--config", "a.yaml", "--train.lr=1", "model.dim=8"]) == (
+        ["a.yaml"],
+        ["model.dim=8", "--train.lr=1"],
+    )
+
+
+def test_wandb_offline_without_credentials(corpus, tmp_path):
+    """No WANDB_API_KEY and no netrc: the run goes offline, says so once, and still writes metrics.jsonl."""
+    out = tmp_path / "wb"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(HOME=str(tmp_path), NETRC=str(tmp_path / "none"), TRITON_INTERPRET="0", OMP_NUM_THREADS="1")
+    args = [
+        "data.name=text",
+        f"data.path={corpus}",
+        *[f"model.{k}={v}" for k, v in dict(dim=32, depth=1, heads=2, dim_head=16).items()],
+        "data.seq_len=32",
+        "train.batch_size=4",
+        "train.max_steps=3",
+        "train.eval_batches=1",
+        "train.sample_length=8",
+        "train.final_eval=false",
+        f"train.out_dir={out}",
+        "log.tracker=wandb",
+        "log.project=cosformer-test",
+    ]
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts/train.py"), *args], env=env, capture_output=True, text=True, timeout=180
+    )
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-3000:]
+    assert output.count("wandb: offline") == 1
+    assert list((out / "wandb").glob("offline-run-*"))
+    assert records(out)[-1]["final"] is True
+
+
+# ---------------------------------------------------------------------------------------------- processes
+
+
+def test_two_process_cpu_run(corpus, tmp_path):
+    """torchrun with 2 CPU processes (gloo): trains, evaluates, checkpoints, resumes; the trainer itself checks
+    that the ranks drew different batches (it raises otherwise)."""
+    out = tmp_path / "ddp"
+    env = dict(os.environ, ACCELERATE_USE_CPU="true", TRITON_INTERPRET="0", OMP_NUM_THREADS="1")
+    env.pop("WANDB_MODE", None)
+    base = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(ROOT / "scripts/train.py")]
+    args = [
+        "data.name=text",
+        f"data.path={corpus}",
+        "data.seq_len=32",
+        "model.dim=32",
+        "model.depth=1",
+        "model.heads=2",
+        "model.dim_head=16",
+        "train.batch_size=4",
+        "train.eval_every=3",
+        "train.eval_batches=3",  # 12 windows over 2 ranks: exercises the padded last batch
+        "train.log_every=1",
+        "train.sample_length=8",
+        "train.checkpoint_every=3",
+        f"train.out_dir={out}",
+    ]
+    for extra in (["train.max_steps=3"], ["train.max_steps=5", "train.resume=true"]):
+        proc = subprocess.run(base + args + extra, env=env, capture_output=True, text=True, timeout=240)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "resumed from" in proc.stdout + proc.stderr
+    recs = records(out)
+    assert [r["step"] for r in recs if "loss" in r] == [1, 2, 3, 4, 5]
+    assert recs[-1]["final"] and math.isfinite(recs[-1]["test_bpc"])
+    state = ckpt.latest_checkpoint(out)
+    assert ckpt.checkpoint_step(state) == 5
+    assert {p.name for p in state.glob("random_states_*.pkl")} == {"random_states_0.pkl", "random_states_1.pkl"}
