@@ -1,0 +1,350 @@
+"""Results report: training runs' local logs → curves, a markdown table and a side-by-side sample grid.
+
+A run directory holds what the trainer writes: `metrics.jsonl` (train lines {step, loss, lr, tokens_per_s,
+memory_mib}; eval lines {step, val_loss, val_bpc} or, for text-to-image, {step, val_loss, val_bits_per_pixel,
+val_fid, val_fidelity}; a last {"final": true, ...} line; {"step", "diverged": true} if the loss went non-finite),
+`config.yaml` (the resolved config, nested by section) and, for text-to-image, `samples_step_XXXXXX.png` image
+grids (also found as `samples/<key>_step_XXXXXX.png`, where the tracker files its media).
+Each run is labelled by how its config differs from the other runs' (e.g. "cosine post-LN scale=10"), so the
+same code reports an attention × norm grid, a scale sweep or two hand-picked runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+# Keys that differ between runs by construction and say nothing about the variant.
+IGNORED_KEY_PREFIXES = ("train.out_dir", "train.resume", "log.")
+# Known keys get short labels; the rest read "leaf=value".
+_FIRST_KEYS = ("model.attn", "model.pre_norm")
+_SAMPLE_RE = re.compile(r"_step_(\d+)\.png$")
+
+# (column header, how to get it from a Run); a column whose every value is missing is left out.
+_VAL_COLUMNS = (
+    ("val bpc", "val_bpc"),
+    ("test bpc", "test_bpc"),
+    ("val bits/pixel", "val_bits_per_pixel"),
+    ("test bits/pixel", "test_bits_per_pixel"),
+)
+
+
+@dataclass
+class RunLog:
+    path: Path
+    config: dict  # flattened: {"model.attn": "cosine", ...}
+    train: list[dict] = field(default_factory=list)  # lines with "loss"
+    evals: list[dict] = field(default_factory=list)  # lines with a "val_*" key
+    final: dict = field(default_factory=dict)
+    diverged_at: int | None = None
+    samples: list[Path] = field(default_factory=list)  # sorted by step
+    label: str = ""
+
+    @property
+    def steps(self) -> int:
+        steps = [r["step"] for r in self.train + self.evals if isinstance(r.get("step"), int)]
+        if isinstance(self.final.get("step"), int):
+            steps.append(self.final["step"])
+        if self.diverged_at is not None:
+            steps.append(self.diverged_at)
+        return max(steps, default=0)
+
+    def last(self, key: str) -> float | None:
+        """The run's result for `key`: from the final line when it has it, else the last eval that logged it."""
+        if _is_number(self.final.get(key)):
+            return float(self.final[key])
+        for record in reversed(self.evals):
+            if _is_number(record.get(key)):
+                return float(record[key])
+        return None
+
+    def median_tokens_per_s(self) -> float | None:
+        values = [float(r["tokens_per_s"]) for r in self.train if _is_number(r.get("tokens_per_s"))]
+        return statistics.median(values) if values else None
+
+    def peak_memory_mib(self) -> float | None:
+        values = [float(r["memory_mib"]) for r in self.train if _is_number(r.get("memory_mib"))]
+        if _is_number(self.final.get("memory_mib")):
+            values.append(float(self.final["memory_mib"]))
+        return max(values) if values else None
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def load_metrics(path: str | os.PathLike) -> list[dict]:
+    """Records of a metrics.jsonl; a torn last line (a run killed mid-write) is dropped, not fatal."""
+    records = []
+    lines = Path(path).read_text().splitlines()
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):
+                break
+            raise ValueError(f"{path}:{number}: not a JSON line: {line[:80]!r}") from None
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in (tree or {}).items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def load_run(path: str | os.PathLike) -> RunLog:
+    path = Path(path)
+    config_file = path / "config.yaml"
+    config = flatten(yaml.safe_load(config_file.read_text()) or {}) if config_file.exists() else {}
+    run = RunLog(path=path, config=config, label=path.name)
+    for record in load_metrics(path / "metrics.jsonl"):
+        if record.get("final"):
+            run.final = record
+        elif record.get("diverged"):
+            run.diverged_at = record.get("step")
+        elif any(k.startswith("val_") for k in record):
+            run.evals.append(record)
+        elif "loss" in record:
+            run.train.append(record)
+    files = [*path.glob("samples_step_*.png"), *path.glob("samples/*_step_*.png")]
+    steps = [(int(m.group(1)), p) for p in files if (m := _SAMPLE_RE.search(p.name))]
+    run.samples = [p for _, p in sorted(steps)]
+    return run
+
+
+def find_runs(paths: list[str | os.PathLike]) -> list[RunLog]:
+    """Every run under the given directories (a run directory, or any folder above some: a sweep root)."""
+    dirs = []
+    for path in map(Path, paths):
+        if not path.is_dir():
+            raise FileNotFoundError(f"run directory not found: {path}")
+        found = sorted(p.parent for p in path.rglob("metrics.jsonl"))
+        if not found:
+            raise FileNotFoundError(f"no metrics.jsonl under {path}")
+        dirs += [d for d in found if d not in dirs]
+    runs = [load_run(d) for d in dirs]
+    label_runs(runs)
+    return runs
+
+
+# ----------------------------------------------------------------------------- labels
+
+
+def _describe(key: str, value) -> str:
+    if key == "model.attn":
+        return str(value)
+    if key == "model.pre_norm":
+        return "pre-LN" if value else "post-LN"
+    return f"{key.rsplit('.', 1)[-1]}={value}"
+
+
+def label_runs(runs: list[RunLog]) -> None:
+    """Label each run by the config keys whose values differ across runs; fall back on directory names."""
+    keys = sorted({k for r in runs for k in r.config if not k.startswith(IGNORED_KEY_PREFIXES)})
+    varying = [k for k in keys if len({repr(r.config.get(k)) for r in runs}) > 1]
+    # The attention type and norm placement lead; any other key that varies follows in name order.
+    varying = [k for k in _FIRST_KEYS if k in varying] + [k for k in varying if k not in _FIRST_KEYS]
+    # A cosine-only knob (scale, groups) shown on a regular-attention run would suggest it had an effect.
+    cosine_only = {"model.scale", "model.groups"}
+    for run in runs:
+        parts = []
+        for key in varying:
+            if key in cosine_only and run.config.get("model.attn") == "regular" and "model.attn" in varying:
+                continue
+            parts.append(_describe(key, run.config.get(key)))
+        run.label = " ".join(parts) or run.path.name
+    labels = [r.label for r in runs]
+    for run in runs:
+        if labels.count(run.label) > 1:  # configs equal up to ignored keys: tell them apart by directory
+            run.label = f"{run.label} ({run.path.name})"
+
+
+# ----------------------------------------------------------------------------- table
+
+
+# How each column prints: losses to 4 decimals, scores to fewer, rates and memory as whole numbers.
+_FORMATS = {
+    "FID": "{:.2f}",
+    "fidelity": "{:.3f}",
+    "params": "{:,.0f}",
+    "tokens/s (median)": "{:,.0f}",
+    "peak memory (MiB)": "{:,.0f}",
+}
+
+
+def _fmt(value, column: str) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float) or column in _FORMATS:
+        return _FORMATS.get(column, "{:.4f}").format(value)
+    return str(value)
+
+
+def _test_or_val(run: RunLog, name: str) -> float | None:
+    """A text-to-image score: the final test-set value when the run reached it, else the last validation one."""
+    test = run.final.get(f"test_{name}")
+    return float(test) if _is_number(test) else run.last(f"val_{name}")
+
+
+def result_rows(runs: list[RunLog]) -> tuple[list[str], list[list]]:
+    """Header and rows of the results table (raw values; `markdown_table` formats them)."""
+    columns = [(name, (lambda r, k=key: r.last(k))) for name, key in _VAL_COLUMNS]
+    columns += [("FID", lambda r: _test_or_val(r, "fid")), ("fidelity", lambda r: _test_or_val(r, "fidelity"))]
+    columns += [("params", lambda r: r.final.get("num_params") if _is_number(r.final.get("num_params")) else None)]
+    present = [(name, get) for name, get in columns if any(get(r) is not None for r in runs)]
+    header = ["variant", "steps", *(name for name, _ in present), "tokens/s (median)", "peak memory (MiB)", "diverged"]
+    rows = []
+    for run in runs:
+        diverged = f"yes (step {run.diverged_at})" if run.diverged_at is not None else "no"
+        rows.append(
+            [
+                run.label,
+                run.steps,
+                *(get(run) for _, get in present),
+                run.median_tokens_per_s(),
+                run.peak_memory_mib(),
+                diverged,
+            ]
+        )
+    return header, rows
+
+
+def markdown_table(runs: list[RunLog]) -> str:
+    header, rows = result_rows(runs)
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(_fmt(v, c) for v, c in zip(row, header)) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- figures
+
+
+def _val_key(runs: list[RunLog]) -> str | None:
+    for key in ("val_bpc", "val_bits_per_pixel", "val_loss"):
+        if any(_is_number(r.get(key)) for run in runs for r in run.evals):
+            return key
+    return None
+
+
+def plot_curves(runs: list[RunLog], path: str | os.PathLike, title: str = "") -> Path:
+    """Train loss and the validation curve vs step, one colour per variant; × marks where a run diverged."""
+    from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
+
+    val_key = _val_key(runs)
+    fig = Figure(figsize=(12 if val_key else 6.5, 4.5), layout="constrained")
+    axes = fig.subplots(1, 2 if val_key else 1, squeeze=False)[0]
+    panels = [("loss", "train loss")] + ([(val_key, val_key.replace("_", " "))] if val_key else [])
+    for ax, (key, name) in zip(axes, panels):
+        records_of = (lambda r: r.train) if key == "loss" else (lambda r: r.evals)
+        for i, run in enumerate(runs):
+            points = [(r["step"], r[key]) for r in records_of(run) if _is_number(r.get(key)) and "step" in r]
+            if not points:
+                continue
+            steps, values = zip(*points)
+            color = f"C{i % 10}"
+            ax.plot(steps, values, color=color, label=run.label, marker="o" if len(points) < 20 else None, ms=3)
+            if run.diverged_at is not None:
+                ax.plot([steps[-1]], [values[-1]], "x", color=color, ms=9, mew=2)
+        ax.set_xlabel("step")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def sample_grid(runs: list[RunLog], path: str | os.PathLike, title: str = "", columns: int = 4) -> Path | None:
+    """Each run's last sample image side by side, labelled with its variant; None when no run has samples."""
+    from matplotlib.figure import Figure
+    from matplotlib.image import imread
+
+    shown = [r for r in runs if r.samples]
+    if not shown:
+        return None
+    columns = min(columns, len(shown))
+    rows = -(-len(shown) // columns)
+    fig = Figure(figsize=(3.6 * columns, 3.9 * rows + (0.4 if title else 0)), layout="constrained")
+    axes = fig.subplots(rows, columns, squeeze=False).ravel()
+    for ax in axes:
+        ax.axis("off")
+    for ax, run in zip(axes, shown):
+        last = run.samples[-1]
+        ax.imshow(imread(last), interpolation="nearest")
+        step = int(_SAMPLE_RE.search(last.name).group(1))
+        ax.set_title(f"{run.label}\nstep {step}", fontsize=9)
+    if title:
+        fig.suptitle(title)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    return path
+
+
+# ----------------------------------------------------------------------------- the report
+
+
+def shared_settings(runs: list[RunLog]) -> dict:
+    """Config values every run has in common (the controlled variables of the comparison)."""
+    if not runs:
+        return {}
+    common = dict(runs[0].config)
+    for run in runs[1:]:
+        common = {k: v for k, v in common.items() if k in run.config and run.config[k] == v}
+    return {k: v for k, v in sorted(common.items()) if not k.startswith(IGNORED_KEY_PREFIXES)}
+
+
+def write_report(paths: list[str | os.PathLike], out: str | os.PathLike, title: str | None = None) -> dict:
+    """Write `<out>/curves.png`, `<out>/results.md`, `<out>/results.json` and, when runs saved image
+    samples, `<out>/samples.png`. Returns {"runs", "curves", "table", "markdown", "json", "samples"}."""
+    out = Path(out)
+    runs = find_runs(paths)
+    title = title or out.name
+    out.mkdir(parents=True, exist_ok=True)
+    curves = plot_curves(runs, out / "curves.png", title=title)
+    samples = sample_grid(runs, out / "samples.png", title=title)
+    table = markdown_table(runs)
+    shared = shared_settings(runs)
+    lines = [f"# {title}", "", f"![training curves]({curves.name})", "", table, ""]
+    if samples is not None:
+        lines += ["Last samples of each run:", "", f"![samples]({samples.name})", ""]
+    lines += [
+        "Steps are the last step each run logged; tokens/s is the median over logged intervals; "
+        "results come from a run's final line when it has one, else its last evaluation.",
+        "",
+        "<details><summary>Settings shared by all runs</summary>",
+        "",
+        *(f"- `{k}`: `{v}`" for k, v in shared.items()),
+        "",
+        "</details>",
+        "",
+    ]
+    markdown = out / "results.md"
+    markdown.write_text("\n".join(lines))
+    header, rows = result_rows(runs)
+    records = [dict(zip(header, row), run_dir=str(run.path)) for run, row in zip(runs, rows)]
+    json_path = out / "results.json"
+    json_path.write_text(json.dumps(records, indent=2) + "\n")
+    return {"runs": runs, "curves": curves, "table": table, "markdown": markdown, "json": json_path, "samples": samples}

@@ -1,0 +1,215 @@
+"""Results report on generated run directories: labels from config differences, the table's values against
+values computed here from the same generated logs, the curves PNG, and the text-to-image sample grid."""
+
+import json
+import random
+import runpy
+import statistics
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from matplotlib.image import imread, imsave
+
+from cosformer.report import find_runs, label_runs, load_metrics, load_run, markdown_table, result_rows, write_report
+
+ROOT = Path(__file__).resolve().parents[1]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def base_config(**changes):
+    config = {
+        "model": {"dim": 64, "depth": 2, "heads": 2, "attn": "cosine", "pre_norm": False, "scale": 10.0, "groups": 1},
+        "data": {"name": "pystdlib", "seq_len": 64},
+        "train": {"max_steps": 40, "out_dir": "x", "seed": 0},
+        "log": {"tracker": "none", "group": "g", "name": "n"},
+    }
+    for key, value in changes.items():
+        section, leaf = key.split(".")
+        config[section][leaf] = value
+    return config
+
+
+def fake_run(path, config, steps=40, rng=None, t2i=False, diverge_at=None, final=True, samples=(), prefix="samples"):
+    """A run directory as the trainer leaves it; returns the logged values the report should summarise."""
+    rng = rng or random.Random(0)
+    path.mkdir(parents=True)
+    config = json.loads(json.dumps(config))
+    config["train"]["out_dir"] = str(path)
+    config["log"]["name"] = path.name
+    (path / "config.yaml").write_text(yaml.safe_dump(config))
+    lines, logged = [], {"tokens_per_s": [], "memory_mib": [], "val": []}
+    val_key = "val_bits_per_pixel" if t2i else "val_bpc"
+    for step in range(5, steps + 1, 5):
+        if diverge_at is not None and step >= diverge_at:
+            lines.append({"step": step, "diverged": True})
+            break
+        tps, mem = rng.uniform(1e3, 5e4), rng.uniform(100, 900)
+        logged["tokens_per_s"].append(tps)
+        logged["memory_mib"].append(mem)
+        lines.append({"step": step, "loss": 4.0 - step / 20 + rng.random() * 0.1, "lr": 1e-3, "tokens_per_s": tps,
+                      "memory_mib": mem})  # fmt: skip
+        if step % 10 == 0:
+            val = rng.uniform(1.0, 3.0)
+            logged["val"].append(val)
+            record = {"step": step, "val_loss": val * 0.69, val_key: val}
+            if t2i:
+                record.update(val_fid=rng.uniform(10, 100), val_fidelity=rng.uniform(0, 1))
+                logged["fid"], logged["fidelity"] = record["val_fid"], record["val_fidelity"]
+            lines.append(record)
+    if final and diverge_at is None:
+        end = {"step": steps, "final": True, "num_params": rng.randint(1000, 10**7)}
+        end.update({"test_fid": rng.uniform(10, 100)} if t2i else {"test_bpc": rng.uniform(1.0, 3.0)})
+        logged["final"] = end
+        lines.append(end)
+    (path / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    for step, color in samples:
+        image = np.zeros((12, 20, 3), dtype=np.float32)
+        image[..., color] = 1.0
+        (path / prefix).parent.mkdir(parents=True, exist_ok=True)
+        imsave(path / f"{prefix}_step_{step:06d}.png", image)
+    return logged
+
+
+def table_rows(table):
+    """Markdown table → list of {header: cell}."""
+    lines = table.strip().splitlines()
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    return [dict(zip(header, (c.strip() for c in line.strip("|").split("|")))) for line in lines[2:]]
+
+
+def test_attention_norm_grid_report(tmp_path, seed):
+    rng = random.Random(seed)
+    root = tmp_path / "sweep"
+    variants = {
+        "a": ({"model.attn": "cosine", "model.pre_norm": False}, None),
+        "b": ({"model.attn": "cosine", "model.pre_norm": True}, None),
+        "c": ({"model.attn": "regular", "model.pre_norm": False}, 25),
+        "d": ({"model.attn": "regular", "model.pre_norm": True}, None),
+    }
+    logged = {}
+    for name, (changes, diverge) in variants.items():
+        # nesting one level deeper checks the recursive search of a sweep root
+        logged[name] = fake_run(root / "group" / name, base_config(**changes), rng=rng, diverge_at=diverge)
+    report = write_report([root], tmp_path / "out", title="attention × norm")
+
+    assert [r.label for r in report["runs"]] == ["cosine post-LN", "cosine pre-LN", "regular post-LN", "regular pre-LN"]
+    rows = {row["variant"]: row for row in table_rows(report["table"])}
+    assert list(rows) == [r.label for r in report["runs"]]
+    for name, label in zip(variants, rows):
+        row, values = rows[label], logged[name]
+        assert float(row["val bpc"]) == pytest.approx(values["val"][-1], rel=1e-3)
+        assert float(row["tokens/s (median)"].replace(",", "")) == pytest.approx(
+            statistics.median(values["tokens_per_s"]), abs=0.51
+        )
+        assert float(row["peak memory (MiB)"]) == pytest.approx(max(values["memory_mib"]), rel=1e-3)
+    assert rows["regular post-LN"]["diverged"] == "yes (step 25)" and rows["regular post-LN"]["steps"] == "25"
+    assert rows["regular post-LN"]["test bpc"] == rows["regular post-LN"]["params"] == "–"
+    assert rows["cosine post-LN"]["params"] == f"{logged['a']['final']['num_params']:,}"
+    assert float(rows["cosine pre-LN"]["test bpc"]) == pytest.approx(logged["b"]["final"]["test_bpc"], rel=1e-3)
+    assert {rows[k]["diverged"] for k in rows if k != "regular post-LN"} == {"no"}
+    assert "FID" not in rows["cosine pre-LN"] and "val bits/pixel" not in rows["cosine pre-LN"]
+
+    assert report["curves"].read_bytes()[:8] == PNG_MAGIC
+    height, width = imread(report["curves"]).shape[:2]
+    assert width > height > 200
+    assert report["samples"] is None and not (tmp_path / "out" / "samples.png").exists()
+    markdown = report["markdown"].read_text()
+    assert markdown.startswith("# attention × norm") and "(curves.png)" in markdown and report["table"] in markdown
+    assert "`data.seq_len`: `64`" in markdown and "train.out_dir" not in markdown
+    records = json.loads(report["json"].read_text())
+    assert [r["variant"] for r in records] == list(rows) and records[2]["diverged"] == "yes (step 25)"
+
+
+def test_labels_follow_config_differences(tmp_path):
+    runs = []
+    for i, changes in enumerate(
+        [{"model.scale": 5.0}, {"model.scale": 20.0}, {"model.attn": "regular", "model.scale": 5.0}]
+    ):
+        fake_run(tmp_path / f"r{i}", base_config(**changes))
+        runs.append(load_run(tmp_path / f"r{i}"))
+    label_runs(runs)
+    # scale means nothing to regular attention, so its label leaves it out
+    assert [r.label for r in runs] == ["cosine scale=5.0", "cosine scale=20.0", "regular"]
+
+    label_runs(runs[:2])
+    assert [r.label for r in runs[:2]] == ["scale=5.0", "scale=20.0"]
+
+    # equal configs (out_dir and log.* differ by construction) fall back on directory names
+    for name in ("x1", "x2"):
+        fake_run(tmp_path / "same" / name, base_config())
+    assert [r.label for r in find_runs([tmp_path / "same"])] == ["x1", "x2"]
+    assert [r.label for r in find_runs([tmp_path / "same" / "x1"])] == ["x1"]
+
+
+def test_text_to_image_report_with_sample_grid(tmp_path, seed):
+    rng = random.Random(seed)
+    logged = {}
+    # the second run keeps its images where the tracker files media: samples/<key>_step_XXXXXX.png
+    for name, attn, samples, prefix in (
+        ("cos", "cosine", [(10, 0), (200, 1), (30, 2)], "samples"),
+        ("reg", "regular", [(40, 2)], "samples/image"),
+    ):
+        config = base_config(**{"model.attn": attn, "data.name": "shapes"})
+        logged[name] = fake_run(tmp_path / name, config, rng=rng, t2i=True, samples=samples, prefix=prefix)
+    config = base_config(**{"model.attn": "cosine", "model.groups": 4, "data.name": "shapes"})
+    fake_run(tmp_path / "nosamples", config, rng=rng, t2i=True)
+
+    runs = find_runs([tmp_path / "cos", tmp_path / "reg", tmp_path / "nosamples"])
+    assert [p.name for p in runs[0].samples] == [f"samples_step_{s:06d}.png" for s in (10, 30, 200)]
+    report = write_report([tmp_path / "cos", tmp_path / "reg", tmp_path / "nosamples"], tmp_path / "out")
+    rows = table_rows(report["table"])
+    assert [r["variant"] for r in rows] == ["cosine groups=1", "regular", "cosine groups=4"]
+    assert "val bpc" not in rows[0]
+    for row, name in zip(rows, ("cos", "reg")):
+        assert float(row["val bits/pixel"]) == pytest.approx(logged[name]["val"][-1], rel=1e-3)
+        assert float(row["FID"]) == pytest.approx(logged[name]["final"]["test_fid"], rel=1e-3)  # test beats val
+        assert float(row["fidelity"]) == pytest.approx(logged[name]["fidelity"], abs=5e-4)
+
+    grid = imread(report["samples"])
+    assert report["samples"].name == "samples.png" and grid.shape[1] > grid.shape[0]
+    # both runs' last samples are in the grid: pure green (cos, step 200) and pure blue (reg, step 40)
+    pixels = grid[..., :3].reshape(-1, 3)
+    assert (np.all(pixels == [0, 1, 0], axis=1)).sum() > 50
+    assert (np.all(pixels == [0, 0, 1], axis=1)).sum() > 50
+    assert (np.all(pixels == [1, 0, 0], axis=1)).sum() == 0  # an earlier sample (step 10) is not shown
+    assert "(samples.png)" in report["markdown"].read_text()
+
+
+def test_unfinished_run_and_torn_log(tmp_path):
+    logged = fake_run(tmp_path / "r", base_config(), final=False)
+    with open(tmp_path / "r" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 45, "lo')  # killed mid-write
+    run = load_run(tmp_path / "r")
+    assert run.final == {} and run.steps == 40
+    header, rows = result_rows([run])
+    assert rows[0][header.index("val bpc")] == pytest.approx(logged["val"][-1])
+
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "metrics.jsonl").write_text('{"step": 1\n{"step": 2, "loss": 1.0}\n')
+    with pytest.raises(ValueError, match="metrics.jsonl:1"):
+        load_metrics(tmp_path / "bad" / "metrics.jsonl")
+    with pytest.raises(FileNotFoundError, match="no metrics.jsonl"):
+        find_runs([_empty_dir(tmp_path)])
+    with pytest.raises(FileNotFoundError, match="not found"):
+        find_runs([tmp_path / "missing"])
+    assert "| r | 40 |" in markdown_table([run])
+
+
+def _empty_dir(tmp_path):
+    path = tmp_path / "empty"
+    path.mkdir()
+    return path
+
+
+def test_report_script(tmp_path, capsys):
+    for name, attn in (("one", "cosine"), ("two", "regular")):
+        fake_run(tmp_path / "runs" / name, base_config(**{"model.attn": attn}))
+    main = runpy.run_path(str(ROOT / "scripts" / "report.py"), run_name="report_script")["main"]
+    out = tmp_path / "docs" / "results" / "cmp"
+    assert main([str(tmp_path / "runs" / "one"), str(tmp_path / "runs" / "two"), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "| cosine |" in printed and "| regular |" in printed and "2 run(s)" in printed
+    assert sorted(p.name for p in out.iterdir()) == ["curves.png", "results.json", "results.md"]
+    assert (out / "results.md").read_text().startswith("# cmp\n")
