@@ -491,15 +491,17 @@ def make_run(forward, x: dict, p: Point):
 
 
 def compare(ours: tuple, peer: tuple) -> tuple[float, float]:
-    """(max |o_ours − o_peer|, worst over o and grads of max |diff| / max |peer|)."""
+    """(max |o_ours − o_peer|, worst over o and grads of ‖diff‖ / ‖peer‖). A norm ratio, not max/max: two
+    correct 16-bit results differ by an ulp somewhere, which is percents of a small output's largest entry."""
     abs_o, rel = 0.0, 0.0
     for idx, (a, b) in enumerate(zip(ours, peer)):
         if a.shape != b.shape:
             raise ValueError(f"output {idx} shapes differ: ours {tuple(a.shape)}, peer {tuple(b.shape)}")
-        diff = (a.float() - b.float()).abs().max().item()
-        scale = b.float().abs().max().item()
+        delta = a.float() - b.float()
+        diff = delta.norm().item()
+        scale = b.float().norm().item()
         if idx == 0:
-            abs_o = diff
+            abs_o = delta.abs().max().item()
         r = diff / scale if scale > 0 else diff
         rel = max(rel, r if math.isfinite(r) else math.inf)  # NaN must not compare as "close"
     return abs_o, rel

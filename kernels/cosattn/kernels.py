@@ -410,7 +410,8 @@ def _bwd_prep_kernel(
     O,  # (b, h, i, d) contiguous
     DO,  # (b, h, i, d) any strides
     QS,  # (b, h, i, d) contiguous out: q̂ · qk_scale
-    KH,  # (b, hk, j, d) contiguous out: k̂
+    KH,  # (b, hk, j, d) contiguous out: k̂ (when NORM_K)
+    RK,  # (b, hk, j) fp32 out: 1/‖k‖ (otherwise)
     DELTA,  # (b, h, i) fp32 out: rowsum(dO ⊙ O)
     stride_qb,
     stride_qh,
@@ -464,19 +465,24 @@ def _bwd_prep_kernel(
             (x * qk_scale).to(QS.dtype.element_ty),
             mask=m,
         )
-    if NORM_K and (h < HK) and (pid * BLOCK < N):
+    if (h < HK) and (pid * BLOCK < N):
         m = (rows[:, None] < N) & (cols[None, :] < HEAD_DIM)
         x = tl.load(
             K + b * stride_kb + h * stride_kh + rows[:, None] * stride_kn + cols[None, :] * stride_kd, mask=m, other=0.0
         )
         x = x.to(tl.float32)
-        if L2NORM:
-            x, _ = _l2norm_rows(x, cols, GROUPS, HEAD_DIM // GROUPS, 1e-12)
-        tl.store(
-            KH + (b * HK + h) * N * HEAD_DIM + rows[:, None] * HEAD_DIM + cols[None, :],
-            x.to(KH.dtype.element_ty),
-            mask=m,
-        )
+        if NORM_K:
+            if L2NORM:
+                x, _ = _l2norm_rows(x, cols, GROUPS, HEAD_DIM // GROUPS, 1e-12)
+            tl.store(
+                KH + (b * HK + h) * N * HEAD_DIM + rows[:, None] * HEAD_DIM + cols[None, :],
+                x.to(KH.dtype.element_ty),
+                mask=m,
+            )
+        else:
+            # inverse key norms for the dq pass, the forward's formula (it normalised k inside its loop)
+            rk = 1.0 / tl.maximum(tl.sqrt(tl.sum(x * x, 1)), 1e-12)
+            tl.store(RK + (b * HK + h) * N + rows, rk, mask=rows < N)
 
 
 @triton.jit
@@ -763,6 +769,7 @@ def _bwd_dq_inner(
     K_base,
     stride_kn,
     stride_kd,
+    RK_base,
     V_base,
     stride_vn,
     stride_vd,
@@ -799,9 +806,9 @@ def _bwd_dq_inner(
         v = tl.load(V_base + offs_n[:, None] * stride_vn + cols[None, :] * stride_vd, mask=kv_mask, other=0.0)
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         if K_INLINE:
-            # raw k, scaled by its inverse norm after the product: the same logits as the forward computed
-            k32 = k.to(tl.float32)
-            rk = 1.0 / tl.maximum(tl.sqrt(tl.sum(k32 * k32, 1)), 1e-12)
+            # raw k, scaled by its inverse norm after the product: the logits the forward computed. The norms
+            # come precomputed: reducing this tile in registers as well as feeding it to the dots raced on H200
+            rk = tl.load(RK_base + offs_n, mask=offs_n < N, other=0.0)
             qk = qk * rk[None, :]
         qpos = offs_m[:, None]
         kpos = offs_n[None, :]
@@ -836,7 +843,8 @@ def _bwd_dq_inner(
 @triton.jit
 def _bwd_dq_kernel(
     Q,  # (b, h, i, d) raw queries
-    K,  # (b, hk, j, d) contiguous k̂
+    K,  # (b, hk, j, d) k̂ contiguous, or raw k (K_INLINE)
+    RK,  # (b, hk, j) fp32 1/‖k‖ (K_INLINE)
     V,  # (b, hk, j, d) any strides
     DO,
     LSE,
@@ -913,6 +921,7 @@ def _bwd_dq_kernel(
     lse = tl.load(LSE + bh * M + offs_m, mask=offs_m < M, other=float("inf"))
     delta = tl.load(DELTA + bh * M + offs_m, mask=offs_m < M, other=0.0)
     K_base = K + b * stride_kb + hk * stride_kh
+    RK_base = RK + (b * HK + hk) * N
     V_base = V + b * stride_vb + hk * stride_vh
     bias_base = BIAS + b * stride_bb + h * stride_bh
     mask_base = MASK + b * stride_mb
@@ -939,6 +948,7 @@ def _bwd_dq_kernel(
         K_base,
         stride_kn,
         stride_kd,
+        RK_base,
         V_base,
         stride_vn,
         stride_vd,
@@ -974,6 +984,7 @@ def _bwd_dq_kernel(
         K_base,
         stride_kn,
         stride_kd,
+        RK_base,
         V_base,
         stride_vn,
         stride_vd,

@@ -41,6 +41,10 @@ def _numerics(dtype, bias, slopes, scale: float, groups: int):
     return use_max, use_max
 
 
+def _k_inline(n: int, d_pad: int, groups: int, l2norm: bool) -> bool:
+    return l2norm and groups == 1 and n <= K_INLINE_MAX_N and d_pad <= K_INLINE_MAX_D
+
+
 def _precision(dtype: torch.dtype) -> str:
     # full-precision fp32 products for fp32 inputs (the contract excludes tf32); irrelevant for 16-bit inputs
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -53,8 +57,10 @@ def _d_pad(d: int) -> int:
 # Launch configurations: (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, by padded head dim and dtype.
 # `CONFIG_OVERRIDES[(kernel, d_pad, dtype, causal)]` takes precedence (the tuning script fills it).
 CONFIG_OVERRIDES: dict = {}
-# the forward normalises k inside its loop (no separate pass, one launch less) up to this many keys
+# the forward normalises k inside its loop (no separate pass, one launch less) up to this many keys, for head
+# dims up to 64; larger heads pay more in the loop than the launch costs
 K_INLINE_MAX_N = 2048
+K_INLINE_MAX_D = 64
 
 
 def launch_config(kernel: str, d_pad: int, dtype: torch.dtype, causal: bool):
@@ -64,25 +70,31 @@ def launch_config(kernel: str, d_pad: int, dtype: torch.dtype, causal: bool):
     if key in CONFIG_OVERRIDES:
         return CONFIG_OVERRIDES[key]
     fp32 = dtype == torch.float32
+    # 16-bit values: the best of a sweep over (BLOCK_M, BLOCK_N, warps, stages) at b=4, n=8192, bf16, on an H200
+    # (docs/benchmarks/NOTES.md); fp32 takes smaller tiles for its full-precision products
     if kernel == "fwd":
         if fp32:
             return (64, 32, 4, 2) if d_pad <= 128 else (32, 32, 4, 1)
         if d_pad <= 64:
-            return 128, 64, 4, 3
+            return 128, 64, 4, 4
         if d_pad <= 128:
-            return 128, 64, 8, 3
+            return 64, 64, 4, 3
         return 64, 32, 4, 2
     if kernel == "dkdv":
         if fp32:
             return (16, 64, 4, 1) if d_pad <= 128 else (16, 32, 4, 1)
+        if d_pad <= 64:
+            return 32, 128, 4, 3
         if d_pad <= 128:
-            return 32, 128, 8 if d_pad == 128 else 4, 3
+            return 64, 128, 8, 3
         return 16, 64, 8, 1
     if kernel == "dq":
         if fp32:
             return (64, 16, 4, 1) if d_pad <= 128 else (32, 16, 4, 1)
+        if d_pad <= 64:
+            return 64, 64, 4, 3
         if d_pad <= 128:
-            return 128, 32, 8 if d_pad == 128 else 4, 3
+            return 128, 64, 8, 3
         return 64, 16, 8, 1
     raise KeyError(kernel)
 
@@ -131,7 +143,7 @@ def attention_forward(q, k, v, mask, bias, slopes, causal: bool, scale: float, l
     qk_scale = scale if natural else scale * LOG2E
     offset2 = scale * groups * LOG2E - HEADROOM
     # long sequences: k is normalised once by a pre-pass, not once per query tile; short ones: in the loop
-    k_inline = l2norm and groups == 1 and n <= K_INLINE_MAX_N
+    k_inline = _k_inline(n, d_pad, groups, l2norm)
     k_hat = k if k_inline else l2norm_launch(k, groups=groups, multiplier=1.0, l2norm=l2norm)
     o = torch.empty((b, h, m, d), dtype=q.dtype, device=q.device)
     lse = torch.empty((b, h, m), dtype=torch.float32, device=q.device)
@@ -193,8 +205,9 @@ def attention_backward(
     delta = torch.empty((b, h, m), dtype=torch.float32, device=q.device)
     q_s = torch.empty((b, h, m, d), dtype=q.dtype, device=q.device)
     # the forward's choice, so both passes compute bitwise the same logits
-    k_inline = l2norm and groups == 1 and n <= K_INLINE_MAX_N
+    k_inline = _k_inline(n, d_pad, groups, l2norm)
     k_hat = q_s if k_inline else torch.empty((b, hk, n, d), dtype=k.dtype, device=q.device)
+    rk = torch.empty((b, hk, n), dtype=torch.float32, device=q.device) if k_inline else delta
     block = 16 if _interpreting() else 64
     K._bwd_prep_kernel[(triton.cdiv(max(m, n), block), b * h)](
         q,
@@ -203,6 +216,7 @@ def attention_backward(
         do,
         q_s,
         k_hat,
+        rk,
         delta,
         *q.stride(),
         *k.stride(),
@@ -275,6 +289,7 @@ def attention_backward(
     K._bwd_dq_kernel[(triton.cdiv(m, bm2), b * h)](
         q,
         k_dq,
+        rk,
         v,
         do,
         lse,
@@ -362,7 +377,8 @@ def _(do, q, k, v, o, lse, mask, bias, slopes, causal, scale, l2norm, groups, bi
     b, h, m, d = q.shape
     n = k.shape[2]
     db_shape = (b, h, m, n) if bias_grad else (0,)
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), q.new_empty(db_shape, dtype=torch.float32)
+    # contiguous, as the kernels write them (empty_like would copy a strided input's layout)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), q.new_empty(db_shape, dtype=torch.float32)
 
 
 def _save(ctx, inputs, o, lse):
