@@ -1,0 +1,454 @@
+"""Text-to-image: the shapes dataset (determinism, captions that agree with the pixels), the Hugging Face path (on an
+in-memory dataset), the model (shapes, caption mask), the metrics (FID against an independent formula, sanity on
+real / noise / mismatched images) and a tiny run through the trainer that writes sample grids and finite metrics."""
+
+import json
+import math
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from cosformer.t2i import metrics
+from cosformer.t2i.grid import save_grid
+from cosformer.t2i.hf import load_hf_splits
+from cosformer.t2i.model import TextToImage
+from cosformer.t2i.shapes import COLOURS, SHAPES, ShapesDataset, decode_caption, object_sizes, shapes_palette
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These shapes gain nothing from intra-op threads, whose spin-waits cost seconds per test on a busy runner."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# shapes dataset
+
+
+def test_shapes_same_seed_same_bytes_and_splits_differ():
+    a = ShapesDataset("train", 50, image_size=16, palette=6, seed=3)
+    b = ShapesDataset("train", 50, image_size=16, palette=6, seed=3)
+    assert torch.equal(a.indices, b.indices) and a.captions == b.captions
+    assert all(torch.equal(a[i][k], b[i][k]) for i in (0, 17, 49) for k in a[0])
+    # an item depends on (seed, split, index) only: a longer dataset starts with the same items
+    longer = ShapesDataset("train", 80, image_size=16, palette=6, seed=3)
+    assert torch.equal(longer.indices[:50], a.indices)
+    for other in (ShapesDataset("val", 50, 16, 6, seed=3), ShapesDataset("train", 50, 16, 6, seed=4)):
+        same_items = sum(torch.equal(a.indices[i], other.indices[i]) for i in range(50))
+        assert same_items < 5
+
+
+def test_shapes_items_layout():
+    ds = ShapesDataset("val", 20, image_size=8, palette=4, text_max_len=64, seed=0)
+    item = ds[5]
+    assert set(item) == {"text", "text_mask", "image_tokens"}
+    assert item["image_tokens"].shape == (65,) and item["image_tokens"][0] == 4  # BOS = number of colours
+    assert int(item["image_tokens"][1:].max()) < 4
+    assert item["text"].shape == item["text_mask"].shape == (64,)
+    assert decode_caption(item["text"], item["text_mask"]) == ds.captions[5]
+    assert not item["text_mask"][len(ds.captions[5]) :].any()
+    assert ds.images().shape == (20, 3, 8, 8) and ds.images().dtype == torch.uint8
+    with pytest.raises(ValueError, match="text_max_len"):
+        ShapesDataset("val", 4, image_size=8, palette=4, text_max_len=20)
+    with pytest.raises(ValueError, match="split"):
+        ShapesDataset("dev", 4)
+    with pytest.raises(ValueError, match="palette"):
+        ShapesDataset("val", 4, palette=2)
+
+
+_OBJECT = r"a (small|large) (\w+) (" + "|".join(SHAPES) + ")"
+_CAPTION = re.compile(rf"^{_OBJECT}(?: (above|below|left of|right of) {_OBJECT})?$")
+
+
+def _classify(mask: np.ndarray) -> str:
+    """Shape of a (side, side) object mask, by properties that tell the four apart (not by redrawing them)."""
+    side = mask.shape[0]
+    if mask.all():
+        return "square"
+    if mask[-1].all() and mask[0].sum() <= 2 and (mask == mask[:, ::-1]).all():
+        return "triangle"
+    assert not mask[0, 0] and mask[side // 2].all() and mask[:, side // 2].all()
+    q = int(side * 0.25)
+    return "circle" if mask[q, q] else "cross"
+
+
+def _objects_in(indices: np.ndarray, rows: slice, cols: slice):
+    """(colour index, size name, shape name, bounding box) of the single object in a region of the image."""
+    region = np.zeros_like(indices)
+    region[rows, cols] = indices[rows, cols]
+    ys, xs = np.nonzero(region)
+    assert len(ys), "no object where the caption puts one"
+    colours = np.unique(region[ys, xs])
+    assert len(colours) == 1, f"one object expected, found colours {colours}"
+    y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+    assert y1 - y0 == x1 - x0, "objects are drawn in square boxes"
+    small, large = object_sizes(indices.shape[0])
+    size = {small: "small", large: "large"}[y1 - y0]
+    return int(colours[0]), size, _classify(region[y0:y1, x0:x1] > 0), (y0, y1, x0, x1)
+
+
+def test_captions_agree_with_pixels():
+    size = 32
+    ds = ShapesDataset("test", 120, image_size=size, palette=8, seed=11)
+    names = [n for n, _ in COLOURS[:7]]
+    seen = set()
+    half = size // 2
+    for idx, caption in enumerate(ds.captions):
+        m = _CAPTION.match(caption)
+        assert m, caption
+        indices = ds.indices[idx].numpy()
+        first = (m[1], m[2], m[3])
+        relation = m[4]
+        seen.add(relation)
+        if relation is None:
+            regions = [(slice(None), slice(None))]
+        else:
+            top, bottom = (slice(0, half), slice(None)), (slice(half, None), slice(None))
+            left, right = (slice(None), slice(0, half)), (slice(None), slice(half, None))
+            regions = {"above": [top, bottom], "below": [bottom, top], "left of": [left, right]}.get(
+                relation, [right, left]
+            )
+        described = [first] if relation is None else [first, (m[5], m[6], m[7])]
+        found = [_objects_in(indices, *region) for region in regions]
+        for (size_name, colour, shape), (colour_idx, size_found, shape_found, _) in zip(described, found):
+            assert names[colour_idx - 1] == colour, caption
+            assert (size_found, shape_found) == (size_name, shape), caption
+        # the image holds exactly the described objects: nothing outside the regions checked above
+        assert (indices > 0).sum() == sum((indices[r] > 0).sum() for r in regions), (
+            f"stray pixels in item {idx}: {caption}"
+        )
+        labels = ds.labels()[idx].tolist()
+
+        def named(label_row):  # (size, colour, shape) words of one object's labels (shape, colour, size)
+            shape, colour, size_label = label_row
+            return (("small", "large")[size_label], names[colour], SHAPES[shape])
+
+        if relation is None:
+            assert labels[0] == 0 and named(labels[1:4]) == first and labels[4:] == [-1, -1, -1], caption
+        else:
+            (y0a, y1a, x0a, x1a), (y0b, y1b, x0b, x1b) = found[0][3], found[1][3]
+            holds = {"above": y1a <= y0b, "below": y1b <= y0a, "left of": x1a <= x0b, "right of": x1b <= x0a}
+            assert holds[relation], caption
+            # they overlap along the other axis, so the image shows one relation only
+            vertical = relation in ("above", "below")
+            assert (min(x1a, x1b) > max(x0a, x0b)) if vertical else (min(y1a, y1b) > max(y0a, y0b)), caption
+            # canonical labels: layout, then the top / left object first
+            top_left_first = described if relation in ("above", "left of") else described[::-1]
+            assert labels[0] == (1 if vertical else 2), caption
+            assert [named(labels[1:4]), named(labels[4:7])] == top_left_first, caption
+    assert seen == {None, "above", "below", "left of", "right of"}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Hugging Face path, on an in-memory dataset
+
+
+def _hf_dataset(n=30, size=8, seed=0):
+    """Images made of 2x2 blocks of three exact colours (lossless after a 2x box downscale), captioned by colour."""
+    datasets = pytest.importorskip("datasets")
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    colours = np.array([[0, 0, 0], [250, 30, 30], [30, 30, 250]], dtype=np.uint8)
+    images, captions = [], []
+    for i in range(n):
+        main = 1 + i % 2
+        blocks = np.where(rng.random((size, size)) < 0.5, main, 0)
+        blocks[0, 0] = 0  # every image shows the background colour too
+        pixels = colours[blocks].repeat(2, axis=0).repeat(2, axis=1)
+        images.append(Image.fromarray(pixels))
+        captions.append(f"a {'red' if main == 1 else 'blue'} pattern, number {i}")
+    return datasets.Dataset.from_dict({"picture": images, "caption": captions}), colours
+
+
+def test_hf_splits_quantise_cache_and_labels(tmp_path, monkeypatch):
+    ds, colours = _hf_dataset()
+    kwargs = dict(image_column="picture", caption_column="caption", image_size=8, palette=3, text_max_len=32)
+    kwargs |= dict(num_train=100, num_val=4, num_test=5, seed=1, cache_dir=tmp_path)
+    splits = load_hf_splits(ds, **kwargs)
+    assert {k: len(v) for k, v in splits.items()} == {"train": 21, "val": 4, "test": 5}
+    assert sorted(map(tuple, splits["train"].palette.tolist())) == sorted(map(tuple, colours.tolist()))
+    # quantisation is lossless on images drawn from three colours: each image equals its source downscaled 2x
+    by_caption = {c: np.asarray(img)[::2, ::2] for img, c in zip(ds["picture"], ds["caption"])}
+    for split in splits.values():
+        for k, caption in enumerate(split.captions):
+            assert np.array_equal(split.images(slice(k, k + 1))[0].permute(1, 2, 0).numpy(), by_caption[caption])
+    assert set(splits["train"].captions).isdisjoint(splits["test"].captions + splits["val"].captions)
+    train = splits["train"]
+    assert train.balanced_fidelity and "word_red" in train.classes and "word_blue" in train.classes
+    red = list(train.classes).index("word_red")
+    assert train.labels()[:, red].tolist() == [int("red" in c) for c in train.captions]
+    assert len(list(tmp_path.glob("t2i_hf_*.safetensors"))) == 1
+
+    with pytest.raises(ValueError, match="num_test"):
+        load_hf_splits(ds, **(kwargs | {"num_val": 20, "num_test": 20}))
+    with pytest.raises(ValueError, match="column"):
+        load_hf_splits(ds, **(kwargs | {"image_column": "image"}))
+
+    # a second load reads the cache, never the dataset
+    import cosformer.t2i.hf as hf
+
+    monkeypatch.setattr(hf, "_build", lambda *a, **k: pytest.fail("cache not used"))
+    again = load_hf_splits(ds, **kwargs)
+    assert torch.equal(again["val"].indices, splits["val"].indices) and again["val"].captions == splits["val"].captions
+
+
+def _image_folder(tmp_path, monkeypatch, n=24):
+    """An image folder with metadata.csv that `datasets.load_dataset(<dir>)` reads offline, caching under tmp_path."""
+    datasets = pytest.importorskip("datasets")
+    ds, _ = _hf_dataset(n=n, seed=2)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    lines = ["file_name,text"]
+    for k, (image, caption) in enumerate(zip(ds["picture"], ds["caption"])):
+        image.save(folder / f"{k}.png")
+        lines.append(f'{k}.png,"{caption}"')
+    (folder / "metadata.csv").write_text("\n".join(lines) + "\n")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache")
+    return ds, folder
+
+
+def test_hf_task_from_a_local_dataset_directory(tmp_path, torch_attention_path, monkeypatch):
+    """data.name=hf through `datasets.load_dataset(<dir>)`: splits, model, forward and generation."""
+    from cosformer.config import load_config
+    from cosformer.tasks import task_class
+
+    ds, folder = _image_folder(tmp_path, monkeypatch)
+    overrides = [*_tiny_overrides(tmp_path), "data.name=hf", f"t2i.hf_dataset={folder}", "t2i.palette=3"]
+    cfg = load_config(overrides=[*overrides, "t2i.num_val=4", "t2i.num_test=4"])
+    task = task_class("hf")(cfg)
+    splits = task.datasets()
+    assert [len(splits[k]) for k in ("train", "test")] == [16, 4]
+    assert set(task.splits["val"].captions) <= set(ds["caption"])
+    model = task.build_model()
+    batch = torch.utils.data.default_collate([splits["train"][i] for i in range(3)])
+    assert torch.isfinite(model(**batch))
+    assert model.generate(batch["text"], batch["text_mask"]).shape == (3, 3, 8, 8)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# model
+
+
+def _tiny_model(attn="cosine", image_size=8, palette=5, pre_norm=False):
+    return TextToImage(
+        shapes_palette(palette),
+        image_size=image_size,
+        text_max_len=64,
+        dim=32,
+        depth=1,
+        heads=2,
+        dim_head=16,
+        enc_depth=1,
+        attn=attn,
+        pre_norm=pre_norm,
+    )
+
+
+@pytest.mark.parametrize("attn", ["cosine", "regular"])
+@pytest.mark.parametrize("pre_norm", [False, True])
+def test_model_loss_shapes_and_caption_mask(seed, torch_attention_path, attn, pre_norm):
+    ds = ShapesDataset("train", 6, image_size=8, palette=5, seed=seed)
+    model = _tiny_model(attn, pre_norm=pre_norm).eval()
+    batch = torch.utils.data.default_collate([ds[i] for i in range(6)])
+    loss = model(**batch)
+    assert loss.dim() == 0 and torch.isfinite(loss)
+    # garbage in the padded caption positions changes nothing: the encoder and the cross-attention mask them out
+    noisy = dict(batch, text=torch.where(batch["text_mask"], batch["text"], torch.randint_like(batch["text"], 256)))
+    assert not torch.equal(noisy["text"], batch["text"])
+    torch.testing.assert_close(model(**noisy), loss, rtol=1e-5, atol=1e-6)
+    # a real caption byte does matter
+    changed = dict(batch, text=batch["text"].clone())
+    changed["text"][:, 2] = (changed["text"][:, 2] + 1) % 256
+    assert not torch.allclose(model(**changed), loss)
+    # the loss is the mean next-pixel cross-entropy: check it against the decoder's logits
+    context = model.encode(batch["text"], batch["text_mask"])
+    logits = model.decoder.net(batch["image_tokens"][:, :-1], context=context, context_mask=batch["text_mask"])
+    expected = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch["image_tokens"][:, 1:])
+    torch.testing.assert_close(loss, expected)
+    model.train()
+    model(**batch).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_model_generate_and_errors(seed, torch_attention_path):
+    model = _tiny_model(image_size=8, palette=5)
+    ds = ShapesDataset("val", 3, image_size=8, palette=5, seed=seed)
+    images = model.generate(ds.text, ds.text_mask, temperature=1.0)
+    assert images.shape == (3, 3, 8, 8) and images.dtype == torch.uint8
+    colours = {tuple(c) for c in model.palette.tolist()}
+    assert {tuple(p) for p in images.permute(0, 2, 3, 1).reshape(-1, 3).tolist()} <= colours
+    tokens = model.generate(ds.text, ds.text_mask, temperature=0.0, return_tokens=True)
+    assert tokens.shape == (3, 64) and model.training  # generate restores the mode
+    # greedy decoding with the KV cache picks the argmax of a full forward pass at every position
+    seq = torch.cat([torch.full((3, 1), model.bos), tokens], dim=1)
+    context = model.encode(ds.text, ds.text_mask)
+    model.eval()
+    logits = model.decoder.net(seq[:, :-1], context=context, context_mask=ds.text_mask)
+    assert torch.equal(logits.argmax(-1), tokens)
+    with pytest.raises(ValueError, match="image_tokens"):
+        model(ds.text, ds.text_mask, torch.zeros(3, 10, dtype=torch.long))
+    with pytest.raises(ValueError, match="text_mask"):
+        model(ds.text, ds.text_mask.long(), torch.zeros(3, 65, dtype=torch.long))
+    with pytest.raises(ValueError, match="palette"):
+        TextToImage(torch.zeros(4, 3), image_size=8, text_max_len=8, dim=32, depth=1, heads=2)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# metrics
+
+
+def _with_moments(mean: torch.Tensor, cov: torch.Tensor, n: int) -> torch.Tensor:
+    """n samples whose sample mean and covariance are exactly `mean` and `cov`."""
+    z = torch.randn(n, len(mean), dtype=torch.float64)
+    z = z - z.mean(0)
+    evals, evecs = torch.linalg.eigh(torch.cov(z.T))
+    white = z @ evecs @ torch.diag(evals.rsqrt()) @ evecs.T
+    evals, evecs = torch.linalg.eigh(cov)
+    return white @ (evecs * evals.sqrt()) @ evecs.T + mean
+
+
+def test_frechet_distance_matches_independent_formula(seed):
+    d = 7
+    a, b = torch.randn(d, d, dtype=torch.float64), torch.randn(d, d, dtype=torch.float64)
+    s1, s2 = a @ a.T + 0.1 * torch.eye(d), b @ b.T + 0.1 * torch.eye(d)  # not commuting
+    mu1, mu2 = torch.randn(d, dtype=torch.float64), torch.randn(d, dtype=torch.float64)
+    f1, f2 = _with_moments(mu1, s1, 301), _with_moments(mu2, s2, 157)
+    # Tr((S1 S2)^1/2) through the eigenvalues of the (non-symmetric) product, which are real and >= 0
+    tr_sqrt = torch.linalg.eigvals(s1 @ s2).real.clamp(min=0).sqrt().sum()
+    expected = ((mu1 - mu2) ** 2).sum() + s1.trace() + s2.trace() - 2 * tr_sqrt
+    assert math.isclose(metrics.frechet_distance(f1, f2), expected.item(), rel_tol=1e-8)
+    assert abs(metrics.frechet_distance(f1, f1)) < 1e-8
+    # same covariance, shifted mean: FID is the squared shift
+    assert math.isclose(metrics.frechet_distance(f1, f1 + 3.0), 9.0 * d, rel_tol=1e-9)
+    assert metrics.frechet_distance(f1.float(), f2.float()) == pytest.approx(expected.item(), rel=1e-4)
+    with pytest.raises(ValueError, match="feature dims"):
+        metrics.frechet_distance(f1, f2[:, :3])
+    with pytest.raises(ValueError, match="features_2"):
+        metrics.frechet_distance(f1, f2[:1])
+
+
+def test_feature_net_fid_and_fidelity_sanity(tmp_path, seed):
+    size, palette = 16, 5
+    train = ShapesDataset("train", 3000, image_size=size, palette=palette, seed=0)
+    val = ShapesDataset("val", 400, image_size=size, palette=palette, seed=0)
+    test = ShapesDataset("test", 400, image_size=size, palette=palette, seed=0)
+    key = json.dumps({"data": "shapes", "seed": 0, "image_size": size})
+    args = (tmp_path, key, train.images(), train.labels(), train.attribute_classes())
+    net = metrics.load_or_train_feature_net(*args, steps=200, batch_size=64)
+    ref = metrics.extract_features(net, val.images())
+    real = metrics.frechet_distance(metrics.extract_features(net, test.images()), ref)
+    noise = torch.randint(0, 256, test.images().shape, dtype=torch.uint8)
+    palette_noise = train.palette[torch.randint(0, palette, test.indices.shape)].permute(0, 3, 1, 2)
+    blank = torch.zeros_like(test.images()) + train.palette[0][None, :, None, None]
+    for fake in (noise, palette_noise, blank):
+        fake_fid = metrics.frechet_distance(metrics.extract_features(net, fake.contiguous()), ref)
+        assert fake_fid > 10 * real, (fake_fid, real)
+    # small objects are 3 pixels at 16x16, where a circle and a square coincide: the ceiling is below 1
+    assert metrics.caption_fidelity(net, test.images(), test.labels()) > 0.8
+    shuffled = torch.randperm(len(test), generator=torch.Generator().manual_seed(seed))
+    assert metrics.caption_fidelity(net, test.images()[shuffled], test.labels()) < 0.6
+    # the cache returns the same net, and a different key trains a new one
+    cached = metrics.load_or_train_feature_net(*args[:2], None, None, train.attribute_classes())
+    torch.testing.assert_close(metrics.extract_features(cached, val.images()), ref)
+    assert len(list(tmp_path.glob("t2i_featnet_*.safetensors"))) == 1
+    with pytest.raises(ValueError, match="labels"):
+        metrics.caption_fidelity(net, test.images(), test.labels()[:, :3])
+
+
+def test_balanced_fidelity_does_not_reward_the_majority_class():
+    class Constant(metrics.FeatureNet):  # predicts class 0 everywhere
+        def forward(self, images):
+            return [torch.tensor([[1.0, 0.0]]).expand(len(images), 2)]
+
+    net = Constant({"word_dog": 2})
+    labels = torch.tensor([[0]] * 9 + [[1]])
+    images = torch.zeros(10, 3, 8, 8, dtype=torch.uint8)
+    assert metrics.caption_fidelity(net, images, labels) == pytest.approx(0.9)
+    assert metrics.caption_fidelity(net, images, labels, balanced=True) == pytest.approx(0.5)
+
+
+def test_inception_fid_is_skipped_without_torchmetrics(caplog):
+    try:
+        import torchmetrics  # noqa: F401
+
+        pytest.skip("torchmetrics is installed here")
+    except ImportError:
+        pass
+    images = torch.zeros(4, 3, 8, 8, dtype=torch.uint8)
+    with caplog.at_level("INFO"):
+        assert metrics.inception_fid(images, images) is None
+        assert metrics.inception_fid(images, images) is None
+    assert sum("Inception FID skipped" in r.message for r in caplog.records) <= 1
+
+
+def test_save_grid(tmp_path):
+    from PIL import Image
+
+    ds = ShapesDataset("val", 5, image_size=8, palette=4)
+    path = save_grid(ds.images(), ds.captions, tmp_path / "grid.png", ncols=3)
+    assert path.exists() and Image.open(path).format == "PNG"
+    with pytest.raises(ValueError, match="caption"):
+        save_grid(ds.images(), ds.captions[:2], tmp_path / "bad.png")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# through the trainer
+
+
+def _tiny_overrides(tmp_path):
+    return [
+        "data.name=shapes",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "t2i.image_size=8",
+        "t2i.palette=5",
+        "t2i.num_train=96",
+        "t2i.num_val=16",
+        "t2i.num_test=12",
+        "t2i.fid_samples=8",
+        "t2i.enc_depth=1",
+        "model.dim=32",
+        "model.depth=1",
+        "model.heads=2",
+        "model.dim_head=16",
+        "train.batch_size=8",
+        "train.max_steps=4",
+        "train.warmup_steps=1",
+        "train.eval_every=2",
+        "train.eval_batches=1",
+        "train.log_every=1",
+        f"train.out_dir={tmp_path / 'run'}",
+    ]
+
+
+@pytest.mark.parametrize("data", ["shapes", "hf"])
+def test_tiny_training_run_writes_grids_and_metrics(tmp_path, torch_attention_path, monkeypatch, data):
+    from cosformer.config import load_config
+    from cosformer.trainer import run
+
+    overrides = _tiny_overrides(tmp_path)
+    if data == "hf":
+        _, folder = _image_folder(tmp_path, monkeypatch, n=40)
+        overrides += ["data.name=hf", f"t2i.hf_dataset={folder}", "t2i.palette=3", "t2i.num_val=8", "t2i.num_test=8"]
+    final = run(load_config(overrides=overrides))
+    out = tmp_path / "run"
+    assert sorted(p.name for p in out.glob("samples_step_*.png")) == [
+        "samples_step_000002.png",
+        "samples_step_000004.png",
+    ]
+    for key in ("val_fid", "val_fidelity", "val_bits_per_pixel", "test_fid", "test_fidelity", "test_bits_per_pixel"):
+        assert math.isfinite(final[key]), key
+    assert 0.0 <= final["val_fidelity"] <= 1.0 and final["val_fid"] >= 0
+    assert final["test_bits_per_pixel"] == pytest.approx(final["test_loss"] / math.log(2))
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if "val_fid" in r and not r.get("final")]
+    assert [r["step"] for r in evals] == [2, 4]
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert losses[-1] < losses[0]
+    assert len(list((tmp_path / "cache").glob("t2i_featnet_*.safetensors"))) == 1
