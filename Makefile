@@ -19,7 +19,7 @@ $(BIN)/.installed: pyproject.toml Makefile
 setup: $(BIN)/.installed
 
 train: setup
-	$(BIN)/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
+	$(BIN)/accelerate launch --num_processes 1 --num_machines 1 --dynamo_backend no \
 		scripts/train.py --config configs/default.yaml $(ARGS)
 
 test: setup

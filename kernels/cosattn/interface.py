@@ -129,6 +129,41 @@ def cosine_sim_attention(
     alibi_slopes: torch.Tensor | None = None,
     attn_bias_batch_dim: bool = False,
 ) -> torch.Tensor:
+    """Cosine-similarity attention: softmax(scale · q̂ k̂ᵀ + attn_bias) v, with q̂, k̂ l2-normalised along d.
+
+    Arguments:
+        q: (b, h, i, d), or (B, i, d) with batch and heads merged.
+        k, v: (b, hk, j, d) with h % hk == 0 (GQA: query head n reads kv head n // (h // hk)); (b, j, d) for one
+            kv head shared by all query heads (MQA); (B, j, d) when q is 3-D.
+        mask: (b, j) bool key-padding mask, True = may attend. Combines with `causal`.
+        attn_bias: float, added to the logits, broadcastable to (b, h, i, j): (i, j), (h, i, j), (b, 1, i, j),
+            (b, h, i, j); a 3-D bias is (b, i, j) when `attn_bias_batch_dim=True` or q is 3-D. −inf entries mask.
+            Its gradient is returned when it requires grad, reduced to its own shape.
+        causal: query r may see key c iff c <= r + (j − i), i.e. aligned bottom-right, so a KV cache works:
+
+                i=2, j=5   keys 0 1 2 3 4
+                query 0         x x x x .
+                query 1         x x x x x
+
+        scale: fixed multiplier of the cosine similarity, in (0, 100]; default 10.
+        l2norm_qk: normalise q and k here (default). Pass False only if they are already unit-norm per group
+            (e.g. rotary embeddings applied after the normalisation): the kernel relies on |q̂·k̂| <= groups.
+        groups: normalise in this many equal chunks of d (logits then lie in ±scale·groups).
+        alibi_slopes: (h,) float: adds −slope·|pos_q − pos_k| (pos_q = r + j − i) in the kernel, O(n) memory.
+
+    Returns: like q (shape and dtype). Rows with no visible key are zeros, with zero gradients.
+
+    Dtypes fp32 (full-precision products, not tf32), fp16, bf16, forward and backward; head dims 16–256; any
+    lengths. Gradients flow to the raw q, k, v (through the normalisation) and to attn_bias. The backward is
+    deterministic: no atomics, bitwise-identical gradients for identical inputs.
+
+    Numerics: with bounded logits the kernel uses a fixed exponent offset instead of a running maximum; with a
+    bias, ALiBi, or scale·groups past what the dtype can hold it switches to a running maximum, so it stays
+    exact. Memory is O(n): one fp32 statistic per query row is saved; nothing of size i·j is allocated.
+
+    Backends: CUDA tensors run the Triton kernels; CPU tensors run them under the Triton interpreter when
+    TRITON_INTERPRET=1, otherwise a chunked PyTorch implementation of the same function (with autograd).
+    """
     q4, k4, v4, mask, bias4, slopes, merged = _canonicalize(
         q, k, v, mask, attn_bias, alibi_slopes, scale, groups, attn_bias_batch_dim
     )
