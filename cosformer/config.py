@@ -43,6 +43,22 @@ class ModelConfig:
     abs_pos_emb: bool | Literal["auto"] = "auto"  # auto = learned positions unless rotary/alibi
     tie_embedding: bool = False
 
+    def layer_kwargs(self) -> dict:
+        """The options every attention stack built from this config shares (zoo keyword names)."""
+        return dict(
+            attn=self.attn,
+            scale=self.scale,
+            groups=self.groups,
+            kv_heads=self.kv_heads or None,
+            dim_head=self.dim_head,
+            pre_norm=self.pre_norm,
+            ff_mult=self.ff_mult,
+            ff_glu=self.ff_glu,
+            dropout=self.dropout,
+            rotary=self.rotary,
+            alibi=self.alibi,
+        )
+
 
 @dataclass
 class DataConfig:

@@ -48,3 +48,12 @@ def torch_attention_path(monkeypatch):
     if not HAS_CUDA:
         monkeypatch.setenv("TRITON_INTERPRET", "0")
     yield
+
+
+@pytest.fixture
+def one_thread():
+    """Small shapes gain nothing from intra-op threads, whose spin-waits cost seconds per test on a busy runner."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

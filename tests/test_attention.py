@@ -359,3 +359,14 @@ def test_bad_inputs_raise(make, exc, words):
     q, k, v = args.pop("q"), args.pop("k"), args.pop("v")
     with pytest.raises(exc, match=words.replace("(", r"\(").replace(")", r"\)").replace("%", "%")):
         cosine_sim_attention(q, k, v, **args)
+
+
+@pytest.mark.parametrize("interpret", ["1", "0"])
+def test_nan_propagates(seed, device, monkeypatch, interpret):
+    # a NaN input must surface in the output (and so in the loss), never be masked out as an "empty" row
+    if device == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", interpret)
+    q, k, v = _inputs(1, 2, 1, 9, 11, 16, torch.float32, device)
+    q[0, 1, 4, 3] = float("nan")
+    o = cosine_sim_attention(q, k, v, causal=True)
+    assert torch.isnan(o[0, 1, 4]).all() and torch.isfinite(o[0, 0]).all()

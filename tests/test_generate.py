@@ -8,14 +8,7 @@ from cosattn import l2norm_tensors
 from cosformer import AutoregressiveWrapper, Decoder, Encoder, TransformerWrapper, XTransformer
 from cosformer.sampling import sample_next, top_k, top_p
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These shapes gain nothing from intra-op threads, whose spin-waits cost seconds per test on a busy runner."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 VARIANTS = {

@@ -13,14 +13,7 @@ import triton  # noqa: F401  (Triton fixes its interpreter mode at first import:
 import cosformer
 from cosformer import CrossAttender, Decoder, Encoder, Transformer, TransformerWrapper, XTransformer
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These shapes gain nothing from intra-op threads, whose spin-waits cost seconds per test on a busy runner."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -16,14 +16,7 @@ from cosformer.t2i.hf import load_hf_splits
 from cosformer.t2i.model import TextToImage
 from cosformer.t2i.shapes import COLOURS, SHAPES, ShapesDataset, decode_caption, object_sizes, shapes_palette
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These shapes gain nothing from intra-op threads, whose spin-waits cost seconds per test on a busy runner."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------------------------------------------------

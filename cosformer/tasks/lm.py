@@ -45,17 +45,7 @@ def build_language_model(cfg: Config) -> LanguageModel:
         m.dim,
         m.depth,
         m.heads,
-        attn=m.attn,
-        scale=m.scale,
-        groups=m.groups,
-        kv_heads=m.kv_heads or None,
-        dim_head=m.dim_head,
-        pre_norm=m.pre_norm,
-        ff_mult=m.ff_mult,
-        ff_glu=m.ff_glu,
-        dropout=m.dropout,
-        rotary=m.rotary,
-        alibi=m.alibi,
+        **m.layer_kwargs(),
     )
     net = TransformerWrapper(
         NUM_TOKENS,
