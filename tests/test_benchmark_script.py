@@ -1,7 +1,6 @@
-"""scripts/benchmark.py on CPU: its pure pieces (FLOPs, grid, rows, table, summary, JSON, arguments, do_bench
-compatibility) and a --device cpu smoke run of the whole pipeline on tiny points."""
+"""cosformer.benchmark (scripts/benchmark.py) on CPU: its pure pieces (FLOPs, grid, rows, table, summary, JSON,
+arguments, do_bench compatibility) and a --device cpu smoke run of the whole pipeline on tiny points."""
 
-import importlib.util
 import json
 import os
 import signal
@@ -17,12 +16,9 @@ SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py"
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("cosformer_benchmark_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    import cosformer.benchmark
+
+    return cosformer.benchmark
 
 
 def _point(bench, **kw):
