@@ -7,9 +7,10 @@ the constant folded into q̂ so the inner loop is one exp2 per logit), exp2(t �
 offset, no running row maximum and no rescaling of the accumulator. HEADROOM = 15 keeps the largest term
 representable in fp16 (P is cast to the input dtype for the P·V product) and, for scale·groups ≤ 10.02, the
 smallest possible row maximum above fp16's smallest normal: scale 10 fits exactly. The host checks the bound for
-the dtype and otherwise (or with an additive bias, whose range is unknown) selects USE_MAX, a FlashAttention-2
-style running maximum. Either way the forward saves one fp32 number per query row, lse2 = offset + log2(rowsum)
-(+inf for a row with no visible key), and the backward recomputes P = exp2(t − lse2) tile by tile.
+the dtype and otherwise (or with an additive bias or ALiBi, whose range is unknown) selects USE_MAX, a
+FlashAttention-2 style running maximum, with logits in natural units (NATURAL). Either way the forward saves one
+fp32 number per query row, the log-sum-exp in the logits' units (offset + log2(rowsum), or max + ln(rowsum); +inf
+for a row with no visible key), and the backward recomputes P from it tile by tile.
 
 Backward (per group): dq = (dq̂ − q̂⟨q̂, dq̂⟩)/‖q‖, the same for k, applied in each pass's epilogue with the
 norms from its prologue. No float atomics: dk/dv programs own a key block and loop over the query heads of their
