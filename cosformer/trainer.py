@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, set_seed
+from accelerate.utils import DistributedType, parse_flag_from_env, set_seed
 from torch.utils.data import DataLoader
 
 from . import checkpoint as ckpt
@@ -55,8 +55,12 @@ def get_lr(step: int, *, lr: float, warmup_steps: int, max_steps: int, min_lr_ra
 
 
 def resolve_mixed_precision(value: str) -> str:
+    """auto: bf16 when the run will be on a bf16-capable GPU, none on CPU (also when ACCELERATE_USE_CPU forces a
+    CPU run on a machine that has a GPU)."""
     if value != "auto":
         return value
+    if parse_flag_from_env("ACCELERATE_USE_CPU"):
+        return "no"
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
 
 

@@ -387,8 +387,14 @@ def test_bf16_autocast(attn, seed, torch_attention_path):
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
-def test_accelerate_step(seed, torch_attention_path):
+def test_accelerate_step(seed, torch_attention_path, monkeypatch):
     accelerate = pytest.importorskip("accelerate")
+    from accelerate.state import AcceleratorState, GradientState
+
+    # Accelerate's state is process-wide: another test may have set it up on a GPU already
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
     accelerator = accelerate.Accelerator(cpu=True)
     model = cosformer.AutoregressiveWrapper(
         TransformerWrapper(num_tokens=30, max_seq_len=16, attn_layers=Decoder(dim=32, depth=1, heads=2, dim_head=16))
@@ -403,6 +409,8 @@ def test_accelerate_step(seed, torch_attention_path):
         opt.step()
         opt.zero_grad()
         losses.append(loss.item())
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
     assert losses[-1] < losses[0]
 
 

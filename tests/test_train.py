@@ -36,10 +36,14 @@ def corpus(tmp_path_factory):
 
 
 @pytest.fixture
-def clean_accelerate(torch_attention_path):
-    """One Accelerator per test: reset Accelerate's process-wide singletons; one thread keeps tiny runs fast."""
+def clean_accelerate(torch_attention_path, monkeypatch):
+    """One Accelerator per test, on the CPU even where a GPU exists (these tests compare runs bit for bit): reset
+    Accelerate's process-wide singletons before and after; one thread keeps tiny runs fast."""
     from accelerate.state import AcceleratorState, GradientState
 
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
