@@ -23,9 +23,6 @@ References: Dao, "FlashAttention-2" (2023); the Triton fused-attention tutorial 
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
-
 
 @triton.jit
 def _l2norm_rows(x, cols, GROUPS: tl.constexpr, GROUP_DIM: tl.constexpr, EPS: tl.constexpr):
