@@ -370,3 +370,29 @@ def test_nan_propagates(seed, device, monkeypatch, interpret):
     q[0, 1, 4, 3] = float("nan")
     o = cosine_sim_attention(q, k, v, causal=True)
     assert torch.isnan(o[0, 1, 4]).all() and torch.isfinite(o[0, 0]).all()
+
+
+# ---------------------------------------------------------------------------------------------------- load paths
+
+
+@pytest.mark.parametrize("tma", [True, False])
+@pytest.mark.parametrize("k_inline", [True, False])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_load_paths(seed, device, monkeypatch, tma, k_inline, dtype):
+    """Every combination of tile loads (tensor descriptors or pointers) and k normalisation (in the loop or by a
+    pre-pass), forward and backward, on ragged lengths, GQA, causal, a non-contiguous v, a padded head dim, and a
+    key mask with a bias gradient."""
+    from cosattn import ops
+
+    monkeypatch.setattr(ops, "USE_TMA", tma)
+    monkeypatch.setattr(ops, "TMA_BWD_MIN_D", 16)
+    monkeypatch.setattr(ops, "K_INLINE_MAX_N", 1 << 30 if k_inline else 0)
+    q, k, v = _inputs(2, 4, 2, 37, 45, 32, dtype, device)
+    check_against_torch(q, k, v, causal=True)
+    q, k, v = _inputs(1, 2, 1, 50, 19, 40, dtype, device)
+    v = torch.randn(1, 1, 19, 80, device=device, dtype=dtype)[..., :40]
+    check_against_torch(q, k, v, causal=False)
+    q, k, v = _inputs(2, 2, 2, 21, 26, 16, dtype, device)
+    mask = torch.rand(2, 26, device=device) > 0.3
+    bias = torch.randn(2, 21, 26, device=device, dtype=dtype)
+    check_against_torch(q, k, v, bias=bias, mask=mask, causal=True)

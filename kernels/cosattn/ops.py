@@ -14,6 +14,11 @@ import triton
 
 from . import kernels as K
 
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older Triton: pointer loads only
+    TensorDescriptor = None
+
 LOG2E = 1.4426950408889634
 # exp2 headroom of the fixed offset: the largest term is 2^15, below fp16's max (65504)
 HEADROOM = 15.0
@@ -63,7 +68,42 @@ K_INLINE_MAX_N = 2048
 K_INLINE_MAX_D = 64
 
 
+# Tensor descriptors (Hopper's bulk tensor copies) for the K/V tiles of the inner loops: used where the GPU has
+# them (compute capability 9+) and the tensors meet their alignment rules, and under the interpreter (so CI runs
+# this path); otherwise pointer loads. Set to False to force pointer loads (tests compare the two paths).
+USE_TMA = True
+# smallest padded head dim whose backward uses descriptor loads
+TMA_BWD_MIN_D = 128
+
+
+def _tma_ok(*tensors: torch.Tensor) -> bool:
+    if not USE_TMA or TensorDescriptor is None:
+        return False
+    t0 = tensors[0]
+    if not _interpreting() and (not t0.is_cuda or torch.cuda.get_device_capability(t0.device)[0] < 9):
+        return False
+    for t in tensors:
+        size = t.element_size()
+        if t.stride(-1) != 1 or t.data_ptr() % 16 or any((st * size) % 16 for st in t.stride()[:-1]):
+            return False
+    return True
+
+
+def _desc(t: torch.Tensor, block_rows: int, d_pad: int):
+    """(b, heads, n, d) tensor -> descriptor of (1, 1, block_rows, d_pad) tiles (zero fill past n and d)."""
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, block_rows, d_pad])
+
+
+def _rowsum_tile(block_m: int, block_n: int, warps: int, d_pad: int) -> bool:
+    # the forward's row sums accumulate in a [BLOCK_M, BLOCK_N] tile (one cross-thread reduction at the end
+    # instead of one per key block) when that costs at most 32 registers per thread; measured on an H200: 3-10%
+    # faster at head dim 128, up to 25% slower at 64 (docs/benchmarks/NOTES.md)
+    return d_pad >= 128 and block_m * block_n <= 32 * 32 * warps
+
+
 def launch_config(kernel: str, d_pad: int, dtype: torch.dtype, causal: bool):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of `kernel`: "fwd" / "fwd_tma" (pointer or descriptor loads),
+    "dkdv", "dq"."""
     if _interpreting():
         return 16, 16, 1, 1
     key = (kernel, d_pad, dtype, causal)
@@ -72,7 +112,13 @@ def launch_config(kernel: str, d_pad: int, dtype: torch.dtype, causal: bool):
     fp32 = dtype == torch.float32
     # 16-bit values: the best of a sweep over (BLOCK_M, BLOCK_N, warps, stages) at b=4, n=8192, bf16, on an H200
     # (docs/benchmarks/NOTES.md); fp32 takes smaller tiles for its full-precision products
-    if kernel == "fwd":
+    if kernel == "fwd_tma" and not fp32:
+        if d_pad <= 64:
+            return (64, 64, 4, 3) if causal else (128, 64, 8, 3)
+        if d_pad <= 128:
+            return 128, 64, 8, 3
+        return 64, 32, 4, 2
+    if kernel in ("fwd", "fwd_tma"):
         if fp32:
             return (64, 32, 4, 2) if d_pad <= 128 else (32, 32, 4, 1)
         if d_pad <= 64:
@@ -148,12 +194,18 @@ def attention_forward(q, k, v, mask, bias, slopes, causal: bool, scale: float, l
     o = torch.empty((b, h, m, d), dtype=q.dtype, device=q.device)
     lse = torch.empty((b, h, m), dtype=torch.float32, device=q.device)
     mask_i8, mask_strides, bias_t, bias_strides, slopes_t = _aux(q, mask, bias, slopes)
-    block_m, block_n, warps, stages = launch_config("fwd", d_pad, q.dtype, causal)
+    # the in-loop k normalisation reduces the loaded tile in registers: it keeps pointer loads
+    use_tma = not k_inline and _tma_ok(k_hat, v)
+    block_m, block_n, warps, stages = launch_config("fwd_tma" if use_tma else "fwd", d_pad, q.dtype, causal)
+    k_desc = _desc(k_hat, block_n, d_pad) if use_tma else k_hat
+    v_desc = _desc(v, block_n, d_pad) if use_tma else v
     grid = (triton.cdiv(m, block_m), b * h)
     K._fwd_kernel[grid](
         q,
         k_hat,
         v,
+        k_desc,
+        v_desc,
         o,
         lse,
         mask_i8,
@@ -181,6 +233,9 @@ def attention_forward(q, k, v, mask, bias, slopes, causal: bool, scale: float, l
         NATURAL=natural,
         USE_MAX=use_max,
         K_INLINE=k_inline,
+        USE_TMA=use_tma,
+        ROWSUM_TILE=not use_max and _rowsum_tile(block_m, block_n, warps, d_pad),
+        EVEN_N=n % block_n == 0,
         PRECISION=_precision(q.dtype),
         BLOCK_M=block_m,
         BLOCK_N=block_n,
@@ -241,7 +296,11 @@ def attention_backward(
     # the bias gradient is dS itself, written per (b, h) and reduced to the bias's shape afterwards; zeroed
     # because causally invisible tiles are skipped, never written
     db = torch.zeros((b, h, m, n), dtype=torch.float32, device=q.device) if bias_grad else q
+    k_dq = k if k_inline else k_hat
+    # descriptor loads pay off in the backward only for the larger head dims (measured: d=128 gains, d=64 loses)
+    use_tma = d_pad >= TMA_BWD_MIN_D and _tma_ok(q_s, do, k_dq, v)
     flags = dict(
+        USE_TMA=use_tma,
         HEAD_DIM=d,
         D_PAD=d_pad,
         GROUPS=groups,
@@ -264,6 +323,8 @@ def attention_backward(
         dk,
         dv,
         db,
+        _desc(q_s, bm1, d_pad) if use_tma else q_s,
+        _desc(do, bm1, d_pad) if use_tma else do,
         mask_i8,
         bias_t,
         slopes_t,
@@ -285,12 +346,13 @@ def attention_backward(
         num_stages=stages1,
         **flags,
     )
-    k_dq = k if k_inline else k_hat
     K._bwd_dq_kernel[(triton.cdiv(m, bm2), b * h)](
         q,
         k_dq,
         rk,
         v,
+        _desc(k_dq, bn2, d_pad) if use_tma else k_dq,
+        _desc(v, bn2, d_pad) if use_tma else v,
         do,
         lse,
         delta,
@@ -310,6 +372,7 @@ def attention_backward(
         n,
         qk_scale,
         scale,
+        EVEN_N=n % bn2 == 0,
         BLOCK_M=bm2,
         BLOCK_N=bn2,
         num_warps=warps2,
