@@ -22,6 +22,7 @@ import pathlib
 import re
 import shutil
 
+import torch
 from accelerate.utils import DistributedType, save
 
 from .config import Config, ConfigError, load_yaml, save_yaml, to_dict
@@ -30,6 +31,16 @@ CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 COMPLETE = "COMPLETE"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def wait_for_everyone(state) -> None:
+    """`state.wait_for_everyone()` (an Accelerator or PartialState), except for processes on the CPU: accelerate
+    passes `device_ids=[local rank]` to the barrier, which PyTorch turns into cuda:<rank> whenever the machine has
+    a GPU, so CPU processes (ACCELERATE_USE_CPU) beyond the GPU count would fail in gloo."""
+    if state.distributed_type == DistributedType.MULTI_CPU:
+        torch.distributed.barrier()
+    else:
+        state.wait_for_everyone()
 
 
 def checkpoint_dir(out_dir: str | os.PathLike, step: int) -> pathlib.Path:
@@ -105,13 +116,13 @@ def save_checkpoint(
     if accelerator.is_main_process:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)  # debris of an earlier crashed save
-    accelerator.wait_for_everyone()
+    wait_for_everyone(accelerator)
     accelerator.save_state(str(tmp), safe_serialization=True)
     if model is not None and accelerator.distributed_type == DistributedType.FSDP:
         full = accelerator.get_state_dict(model)  # a collective: every process takes part
         if accelerator.is_main_process:
             save(full, tmp / "model.safetensors", safe_serialization=True)
-    accelerator.wait_for_everyone()
+    wait_for_everyone(accelerator)
     if accelerator.is_main_process:
         save_yaml(cfg, tmp / "config.yaml")
         _write_text_atomic(tmp / COMPLETE, json.dumps({"step": step}))
@@ -128,7 +139,7 @@ def save_checkpoint(
         for stale in list_checkpoints(out_dir)[:-keep]:
             if stale != final:
                 shutil.rmtree(stale, ignore_errors=True)
-    accelerator.wait_for_everyone()
+    wait_for_everyone(accelerator)
     return final
 
 

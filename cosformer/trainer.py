@@ -377,7 +377,7 @@ class Trainer:
 
     def close(self) -> None:
         self.tracker.finish()
-        self.accelerator.wait_for_everyone()
+        ckpt.wait_for_everyone(self.accelerator)
         if self.accelerator.distributed_type != DistributedType.NO and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 

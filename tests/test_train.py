@@ -380,6 +380,21 @@ def test_wandb_offline_without_credentials(corpus, tmp_path):
 # ---------------------------------------------------------------------------------------------- processes
 
 
+def test_cpu_process_barrier_names_no_device(monkeypatch):
+    """CPU processes on a GPU machine: the barrier must not name a device (accelerate's would be cuda:<rank>,
+    missing on a machine with fewer GPUs than processes); other kinds keep accelerate's own barrier."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    calls = []
+    monkeypatch.setattr(torch.distributed, "barrier", lambda *a, **kw: calls.append(("torch", a, kw)))
+    own = lambda: calls.append(("accelerate",))  # noqa: E731
+    ckpt.wait_for_everyone(SimpleNamespace(distributed_type=DistributedType.MULTI_CPU, wait_for_everyone=own))
+    ckpt.wait_for_everyone(SimpleNamespace(distributed_type=DistributedType.MULTI_GPU, wait_for_everyone=own))
+    assert calls == [("torch", (), {}), ("accelerate",)]
+
+
 def test_two_process_cpu_run(corpus, tmp_path):
     """torchrun with 2 CPU processes (gloo): trains, evaluates, checkpoints, resumes; the trainer itself checks
     that the ranks drew different batches (it raises otherwise)."""

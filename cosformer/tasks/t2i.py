@@ -25,6 +25,7 @@ from accelerate import PartialState
 from accelerate.utils import DistributedType
 from torch.utils.data import DataLoader, Subset
 
+from ..checkpoint import wait_for_everyone
 from ..config import Config
 from ..t2i.grid import save_grid
 from ..t2i.hf import load_hf_splits
@@ -73,8 +74,12 @@ class TextToImageTask:
                 }
             else:
                 # one process decodes and quantises into the cache, the others then read it
-                with PartialState().main_process_first():
-                    self._splits = self.load_hf()
+                state = PartialState()
+                if not state.is_main_process:
+                    wait_for_everyone(state)
+                self._splits = self.load_hf()
+                if state.is_main_process:
+                    wait_for_everyone(state)
         return self._splits
 
     def load_hf(self, source=None) -> dict[str, ImageCaptionDataset]:
