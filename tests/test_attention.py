@@ -385,7 +385,8 @@ def test_load_paths(seed, device, monkeypatch, tma, k_inline, dtype):
     from cosattn import ops
 
     monkeypatch.setattr(ops, "USE_TMA", tma)
-    monkeypatch.setattr(ops, "TMA_BWD_MIN_D", 16)
+    monkeypatch.setattr(ops, "TMA_MIN_D", 16)
+    monkeypatch.setattr(ops, "TMA_MIN_N", 1)
     monkeypatch.setattr(ops, "K_INLINE_MAX_N", 1 << 30 if k_inline else 0)
     q, k, v = _inputs(2, 4, 2, 37, 45, 32, dtype, device)
     check_against_torch(q, k, v, causal=True)

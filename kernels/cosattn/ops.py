@@ -72,8 +72,11 @@ K_INLINE_MAX_D = 64
 # them (compute capability 9+) and the tensors meet their alignment rules, and under the interpreter (so CI runs
 # this path); otherwise pointer loads. Set to False to force pointer loads (tests compare the two paths).
 USE_TMA = True
-# smallest padded head dim whose backward uses descriptor loads
-TMA_BWD_MIN_D = 128
+# where descriptor loads measured faster on an H200: from this many keys (below, a launch's few microseconds of
+# GPU work do not repay the descriptors' host-side setup), and, in the backward and the running-max forward,
+# from this padded head dim (at 64 those kernels ran slower with them)
+TMA_MIN_N = 2048
+TMA_MIN_D = 128
 
 
 def _tma_ok(*tensors: torch.Tensor) -> bool:
@@ -195,7 +198,7 @@ def attention_forward(q, k, v, mask, bias, slopes, causal: bool, scale: float, l
     lse = torch.empty((b, h, m), dtype=torch.float32, device=q.device)
     mask_i8, mask_strides, bias_t, bias_strides, slopes_t = _aux(q, mask, bias, slopes)
     # the in-loop k normalisation reduces the loaded tile in registers: it keeps pointer loads
-    use_tma = not k_inline and _tma_ok(k_hat, v)
+    use_tma = not k_inline and n >= TMA_MIN_N and (not use_max or d_pad >= TMA_MIN_D) and _tma_ok(k_hat, v)
     block_m, block_n, warps, stages = launch_config("fwd_tma" if use_tma else "fwd", d_pad, q.dtype, causal)
     k_desc = _desc(k_hat, block_n, d_pad) if use_tma else k_hat
     v_desc = _desc(v, block_n, d_pad) if use_tma else v
@@ -297,8 +300,7 @@ def attention_backward(
     # because causally invisible tiles are skipped, never written
     db = torch.zeros((b, h, m, n), dtype=torch.float32, device=q.device) if bias_grad else q
     k_dq = k if k_inline else k_hat
-    # descriptor loads pay off in the backward only for the larger head dims (measured: d=128 gains, d=64 loses)
-    use_tma = d_pad >= TMA_BWD_MIN_D and _tma_ok(q_s, do, k_dq, v)
+    use_tma = n >= TMA_MIN_N and d_pad >= TMA_MIN_D and _tma_ok(q_s, do, k_dq, v)
     flags = dict(
         USE_TMA=use_tma,
         HEAD_DIM=d,
