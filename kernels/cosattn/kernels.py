@@ -16,6 +16,10 @@ Backward (per group): dq = (dq̂ − q̂⟨q̂, dq̂⟩)/‖q‖, the same for k
 norms from its prologue. No float atomics: dk/dv programs own a key block and loop over the query heads of their
 kv head (GQA), dq programs own a query block, so gradients are bitwise deterministic.
 
+Tile loads: with USE_TMA the loops read their streamed tiles through 4-D tensor descriptors (Hopper's bulk tensor
+copies; the copy engine zero-fills past the sequence length and the head dim), otherwise through masked pointer
+loads; the math is the same either way.
+
 References: Dao, "FlashAttention-2" (2023); the Triton fused-attention tutorial (06); Henry et al.,
 "Query-Key Normalization for Transformers" (2020).
 """
