@@ -380,8 +380,8 @@ def test_nan_propagates(seed, device, monkeypatch, interpret):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_load_paths(seed, device, monkeypatch, tma, k_inline, dtype):
     """Every combination of tile loads (tensor descriptors or pointers) and k normalisation (in the loop or by a
-    pre-pass), forward and backward, on ragged lengths, GQA, causal, a non-contiguous v, a padded head dim, and a
-    key mask with a bias gradient."""
+    pre-pass), forward and backward, on ragged lengths, whole tiles, GQA, causal, a non-contiguous v, a padded head
+    dim, and a key mask with a bias gradient."""
     from cosattn import ops
 
     monkeypatch.setattr(ops, "USE_TMA", tma)
@@ -392,6 +392,8 @@ def test_load_paths(seed, device, monkeypatch, tma, k_inline, dtype):
     check_against_torch(q, k, v, causal=True)
     q, k, v = _inputs(1, 2, 1, 50, 19, 40, dtype, device)
     v = torch.randn(1, 1, 19, 80, device=device, dtype=dtype)[..., :40]
+    check_against_torch(q, k, v, causal=False)
+    q, k, v = _inputs(1, 2, 1, 64, 64, 32, dtype, device)  # whole tiles everywhere: the unmasked loads and stores
     check_against_torch(q, k, v, causal=False)
     q, k, v = _inputs(2, 2, 2, 21, 26, 16, dtype, device)
     mask = torch.rand(2, 26, device=device) > 0.3
