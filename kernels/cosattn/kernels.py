@@ -292,7 +292,6 @@ def _fwd_kernel(
     K_INLINE: tl.constexpr,
     USE_TMA: tl.constexpr,
     ROWSUM_TILE: tl.constexpr,
-    EVEN_M: tl.constexpr,
     EVEN_N: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -308,13 +307,12 @@ def _fwd_kernel(
     hk32 = (tl.program_id(1) % H) // (H // HK)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, D_PAD)
-    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + cols[None, :] * stride_qd
-    if EVEN_M:
-        # no masks when every row and column of the tile exists: a [BLOCK_M, D_PAD] predicate kept alive for the
-        # epilogue's store measured ~4% of the loop's time at head dim 128
-        q = tl.load(q_ptrs)
-    else:
-        q = tl.load(q_ptrs, mask=(offs_m[:, None] < M) & (cols[None, :] < HEAD_DIM), other=0.0)
+    q_mask = (offs_m[:, None] < M) & (cols[None, :] < HEAD_DIM)
+    q = tl.load(
+        Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + cols[None, :] * stride_qd,
+        mask=q_mask,
+        other=0.0,
+    )
     q32 = q.to(tl.float32)
     if L2NORM:
         q32, _ = _l2norm_rows(q32, cols, GROUPS, HEAD_DIM // GROUPS, 1e-12)
@@ -445,13 +443,8 @@ def _fwd_kernel(
     else:
         lse = offset2 + log_l
     lse = tl.where(empty, float("inf"), lse)
-    o_ptrs = O + bh * M * HEAD_DIM + offs_m[:, None] * HEAD_DIM + cols[None, :]
-    if EVEN_M:
-        tl.store(o_ptrs, o.to(O.dtype.element_ty))
-        tl.store(LSE + bh * M + offs_m, lse)
-    else:
-        tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=(offs_m[:, None] < M) & (cols[None, :] < HEAD_DIM))
-        tl.store(LSE + bh * M + offs_m, lse, mask=offs_m < M)
+    tl.store(O + bh * M * HEAD_DIM + offs_m[:, None] * HEAD_DIM + cols[None, :], o.to(O.dtype.element_ty), mask=q_mask)
+    tl.store(LSE + bh * M + offs_m, lse, mask=offs_m < M)
 
 
 @triton.jit

@@ -238,7 +238,6 @@ def attention_forward(q, k, v, mask, bias, slopes, causal: bool, scale: float, l
         K_INLINE=k_inline,
         USE_TMA=use_tma,
         ROWSUM_TILE=not use_max and _rowsum_tile(block_m, block_n, warps, d_pad),
-        EVEN_M=m % block_m == 0 and d == d_pad,
         EVEN_N=n % block_n == 0,
         PRECISION=_precision(q.dtype),
         BLOCK_M=block_m,
