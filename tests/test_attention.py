@@ -299,6 +299,18 @@ def test_chunked_cpu_path_matches(seed, monkeypatch):
         torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5)
 
 
+def test_inference_skips_autograd(seed, device):
+    """Without a gradient to track the op launches directly: same output bits, nothing recorded for autograd."""
+    q, k, v = _inputs(1, 2, 1, 19, 23, 32, torch.float32, device)
+    o_plain = cosine_sim_attention(q, k, v, causal=True)
+    q.requires_grad_()
+    o_grad = cosine_sim_attention(q, k, v, causal=True)
+    with torch.no_grad():
+        o_nograd = cosine_sim_attention(q, k, v, causal=True)
+    assert o_plain.grad_fn is None and o_nograd.grad_fn is None and o_grad.grad_fn is not None
+    assert torch.equal(o_plain, o_grad.detach()) and torch.equal(o_nograd, o_grad.detach())
+
+
 def test_torch_compile_fullgraph(seed, device):
     q, k, v = _inputs(1, 2, 1, 17, 17, 16, torch.float32, device)
     q.requires_grad_()
