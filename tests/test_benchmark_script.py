@@ -339,3 +339,29 @@ def test_sigterm_still_prints_the_table(tmp_path):
     assert "STOPPED: interrupted" in rest and "summary:" in rest
     data = json.loads(out.read_text())
     assert data["complete"] is False and 1 <= len(data["rows"]) < 24
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# profiling script
+
+
+def test_profile_attention_cpu_smoke(tmp_path):
+    """scripts/profile_attention.py --device cpu: both views for ours and the peer, written where --out says."""
+    out = tmp_path / "profile.txt"
+    script = SCRIPT.parent / "profile_attention.py"
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    proc = subprocess.run(
+        [sys.executable, str(script), "--device", "cpu", "--out", str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    text = out.read_text()
+    assert "ours fwd+bwd: kernels" in text and "peer fwd+bwd: kernels" in text
+    rows = [line for line in text.splitlines() if " host " in line]
+    assert [r.split()[0] + " " + r.split()[1] for r in rows] == ["ours fwd", "peer fwd", "ours fwd+bwd", "peer fwd+bwd"]
+    for r in rows:
+        host = float(r.split("host")[1].split("|")[0])
+        assert host > 0
