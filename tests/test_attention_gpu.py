@@ -106,3 +106,57 @@ def test_compile_fullgraph_inductor(seed):
     out = torch.compile(f, fullgraph=True)(q, k, v)
     out.backward()
     assert torch.isfinite(q.grad).all()
+
+
+def _offset_copy(t, elems):
+    """t's values in a fresh buffer starting `elems` elements past a 16-byte boundary."""
+    buf = torch.empty(t.numel() + 16, device=t.device, dtype=t.dtype)
+    return buf[elems : elems + t.numel()].view(t.shape).copy_(t)
+
+
+@pytest.mark.parametrize(
+    "case", ["short", "tma d128", "gqa mask", "bias grad", "strided", "misaligned", "fp32", "no grad"]
+)
+def test_direct_launch_matches_jit(seed, monkeypatch, case):
+    from cosattn import kernels as K
+    from cosattn import launch, ops
+
+    dtype = torch.float32 if case == "fp32" else torch.bfloat16
+    b, h, hk, n, d = {"tma d128": (1, 2, 2, 2048, 128), "gqa mask": (2, 4, 2, 1000, 64)}.get(case, (2, 2, 2, 300, 64))
+    q = torch.randn(b, h, n, d, device="cuda", dtype=dtype)
+    k = torch.randn(b, hk, n, d, device="cuda", dtype=dtype)
+    v = torch.randn(b, hk, n, d, device="cuda", dtype=dtype)
+    kw = dict(causal=True)
+    if case == "gqa mask":
+        kw["mask"] = torch.rand(b, n, device="cuda") > 0.25
+    if case == "strided":
+        q = torch.randn(b, n, h, d, device="cuda", dtype=dtype).transpose(1, 2)
+    tensors = [q, k, v]
+    if case == "bias grad":
+        tensors.append(torch.randn(h, n, n, device="cuda"))
+    do = torch.randn(b, h, n, d, device="cuda", dtype=dtype)
+
+    def fn(*t):
+        return cosine_sim_attention(*t[:3], attn_bias=t[3] if len(t) > 3 else None, **kw)
+
+    def run():
+        if case == "no grad":
+            with torch.no_grad():
+                return [fn(*tensors)]
+        return _fwd_bwd(fn, tensors, do)
+
+    monkeypatch.setattr(launch, "FAST_LAUNCH", False)
+    via_jit = run()
+    monkeypatch.setattr(launch, "FAST_LAUNCH", True)
+    ops._launchers.clear()
+    first, again = run(), run()  # the first fills the cache through the JIT, the second launches directly
+    assert ops._launchers[K._fwd_kernel].cache, "no compiled kernel was cached"
+    if case == "misaligned":
+        # same shapes, pointers off the 16-byte boundary: a new specialisation, never the cached one
+        tensors = [_offset_copy(t, 1) for t in tensors]
+        via_jit_mis = (monkeypatch.setattr(launch, "FAST_LAUNCH", False), run())[1]
+        monkeypatch.setattr(launch, "FAST_LAUNCH", True)
+        for a, c in zip(via_jit_mis, run()):
+            assert torch.equal(a, c)
+    for a, x, y in zip(via_jit, first, again):
+        assert torch.equal(a, x) and torch.equal(a, y)

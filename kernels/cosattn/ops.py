@@ -10,9 +10,9 @@ from __future__ import annotations
 import os
 
 import torch
-import triton
 
 from . import kernels as K
+from .launch import Launcher, cdiv, next_power_of_2
 
 try:
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -56,7 +56,7 @@ def _precision(dtype: torch.dtype) -> str:
 
 
 def _d_pad(d: int) -> int:
-    return max(16, triton.next_power_of_2(d))
+    return max(16, next_power_of_2(d))
 
 
 # Launch configurations: (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, by padded head dim and dtype.
@@ -148,24 +148,27 @@ def launch_config(kernel: str, d_pad: int, dtype: torch.dtype, causal: bool):
     raise KeyError(kernel)
 
 
+_launchers: dict = {}
+
+
+def _launch(fn, grid, args: tuple, constexprs: dict, *, num_warps: int, num_stages: int | None = None) -> None:
+    """`fn[grid](*args, **constexprs, ...)` through a `Launcher` (direct calls of the compiled kernel)."""
+    launcher = _launchers.get(fn)
+    if launcher is None:
+        launcher = _launchers[fn] = Launcher(fn)
+    launcher(grid, args, constexprs, num_warps=num_warps, num_stages=num_stages)
+
+
 def l2norm_launch(x: torch.Tensor, *, groups: int, multiplier: float, l2norm: bool) -> torch.Tensor:
     """x (b, hx, n, d) any strides -> contiguous x̂ · multiplier in x's dtype."""
     b, hx, n, d = x.shape
     y = torch.empty((b, hx, n, d), dtype=x.dtype, device=x.device)
     block = 16 if _interpreting() else 64
-    grid = (triton.cdiv(n, block), b * hx)
-    K._l2norm_kernel[grid](
-        x,
-        y,
-        *x.stride(),
-        hx,
-        n,
-        multiplier,
-        HEAD_DIM=d,
-        D_PAD=_d_pad(d),
-        GROUPS=groups,
-        L2NORM=l2norm,
-        BLOCK=block,
+    _launch(
+        K._l2norm_kernel,
+        (cdiv(n, block), b * hx),
+        (x, y, *x.stride(), hx, n, multiplier),
+        dict(HEAD_DIM=d, D_PAD=_d_pad(d), GROUPS=groups, L2NORM=l2norm, BLOCK=block),
         num_warps=1 if _interpreting() else 4,
     )
     return y
@@ -202,46 +205,51 @@ def attention_forward(q, k, v, mask, bias, slopes, causal: bool, scale: float, l
     block_m, block_n, warps, stages = launch_config("fwd_tma" if use_tma else "fwd", d_pad, q.dtype, causal)
     k_desc = _desc(k_hat, block_n, d_pad) if use_tma else k_hat
     v_desc = _desc(v, block_n, d_pad) if use_tma else v
-    grid = (triton.cdiv(m, block_m), b * h)
-    K._fwd_kernel[grid](
-        q,
-        k_hat,
-        v,
-        k_desc,
-        v_desc,
-        o,
-        lse,
-        mask_i8,
-        bias_t,
-        slopes_t,
-        *q.stride(),
-        *k_hat.stride(),
-        *v.stride(),
-        *mask_strides,
-        *bias_strides,
-        h,
-        hk,
-        m,
-        n,
-        qk_scale,
-        offset2,
-        HEAD_DIM=d,
-        D_PAD=d_pad,
-        GROUPS=groups,
-        L2NORM=l2norm,
-        CAUSAL=causal,
-        HAS_MASK=mask is not None,
-        HAS_BIAS=bias is not None,
-        HAS_ALIBI=slopes is not None,
-        NATURAL=natural,
-        USE_MAX=use_max,
-        K_INLINE=k_inline,
-        USE_TMA=use_tma,
-        ROWSUM_TILE=not use_max and _rowsum_tile(block_m, block_n, warps, d_pad),
-        EVEN_N=n % block_n == 0,
-        PRECISION=_precision(q.dtype),
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
+    _launch(
+        K._fwd_kernel,
+        (cdiv(m, block_m), b * h),
+        (
+            q,
+            k_hat,
+            v,
+            k_desc,
+            v_desc,
+            o,
+            lse,
+            mask_i8,
+            bias_t,
+            slopes_t,
+            *q.stride(),
+            *k_hat.stride(),
+            *v.stride(),
+            *mask_strides,
+            *bias_strides,
+            h,
+            hk,
+            m,
+            n,
+            qk_scale,
+            offset2,
+        ),
+        dict(
+            HEAD_DIM=d,
+            D_PAD=d_pad,
+            GROUPS=groups,
+            L2NORM=l2norm,
+            CAUSAL=causal,
+            HAS_MASK=mask is not None,
+            HAS_BIAS=bias is not None,
+            HAS_ALIBI=slopes is not None,
+            NATURAL=natural,
+            USE_MAX=use_max,
+            K_INLINE=k_inline,
+            USE_TMA=use_tma,
+            ROWSUM_TILE=not use_max and _rowsum_tile(block_m, block_n, warps, d_pad),
+            EVEN_N=n % block_n == 0,
+            PRECISION=_precision(q.dtype),
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+        ),
         num_warps=warps,
         num_stages=stages,
     )
@@ -267,29 +275,11 @@ def attention_backward(
     k_hat = q_s if k_inline else torch.empty((b, hk, n, d), dtype=k.dtype, device=q.device)
     rk = torch.empty((b, hk, n), dtype=torch.float32, device=q.device) if k_inline else delta
     block = 16 if _interpreting() else 64
-    K._bwd_prep_kernel[(triton.cdiv(max(m, n), block), b * h)](
-        q,
-        k,
-        o,
-        do,
-        q_s,
-        k_hat,
-        rk,
-        delta,
-        *q.stride(),
-        *k.stride(),
-        *do.stride(),
-        h,
-        hk,
-        m,
-        n,
-        qk_scale,
-        HEAD_DIM=d,
-        D_PAD=d_pad,
-        GROUPS=groups,
-        L2NORM=l2norm,
-        BLOCK=block,
-        NORM_K=not k_inline,
+    _launch(
+        K._bwd_prep_kernel,
+        (cdiv(max(m, n), block), b * h),
+        (q, k, o, do, q_s, k_hat, rk, delta, *q.stride(), *k.stride(), *do.stride(), h, hk, m, n, qk_scale),
+        dict(HEAD_DIM=d, D_PAD=d_pad, GROUPS=groups, L2NORM=l2norm, BLOCK=block, NORM_K=not k_inline),
         num_warps=1 if _interpreting() else 4,
     )
     mask_i8, mask_strides, bias_t, bias_strides, slopes_t = _aux(q, mask, bias, slopes)
@@ -315,71 +305,73 @@ def attention_backward(
         PRECISION=prec,
         K_INLINE=k_inline,
     )
-    K._bwd_dkdv_kernel[(triton.cdiv(n, bn1), b * hk)](
-        q_s,
-        k,
-        v,
-        do,
-        lse,
-        delta,
-        dk,
-        dv,
-        db,
-        _desc(q_s, bm1, d_pad) if use_tma else q_s,
-        _desc(do, bm1, d_pad) if use_tma else do,
-        mask_i8,
-        bias_t,
-        slopes_t,
-        *k.stride(),
-        *v.stride(),
-        *do.stride(),
-        *mask_strides,
-        *bias_strides,
-        h,
-        hk,
-        m,
-        n,
-        qk_scale,
-        scale / qk_scale,
-        BIAS_GRAD=bias_grad,
-        BLOCK_M=bm1,
-        BLOCK_N=bn1,
+    _launch(
+        K._bwd_dkdv_kernel,
+        (cdiv(n, bn1), b * hk),
+        (
+            q_s,
+            k,
+            v,
+            do,
+            lse,
+            delta,
+            dk,
+            dv,
+            db,
+            _desc(q_s, bm1, d_pad) if use_tma else q_s,
+            _desc(do, bm1, d_pad) if use_tma else do,
+            mask_i8,
+            bias_t,
+            slopes_t,
+            *k.stride(),
+            *v.stride(),
+            *do.stride(),
+            *mask_strides,
+            *bias_strides,
+            h,
+            hk,
+            m,
+            n,
+            qk_scale,
+            scale / qk_scale,
+        ),
+        dict(BIAS_GRAD=bias_grad, BLOCK_M=bm1, BLOCK_N=bn1, **flags),
         num_warps=warps1,
         num_stages=stages1,
-        **flags,
     )
-    K._bwd_dq_kernel[(triton.cdiv(m, bm2), b * h)](
-        q,
-        k_dq,
-        rk,
-        v,
-        _desc(k_dq, bn2, d_pad) if use_tma else k_dq,
-        _desc(v, bn2, d_pad) if use_tma else v,
-        do,
-        lse,
-        delta,
-        dq,
-        mask_i8,
-        bias_t,
-        slopes_t,
-        *q.stride(),
-        *k_dq.stride(),
-        *v.stride(),
-        *do.stride(),
-        *mask_strides,
-        *bias_strides,
-        h,
-        hk,
-        m,
-        n,
-        qk_scale,
-        scale,
-        EVEN_N=n % bn2 == 0,
-        BLOCK_M=bm2,
-        BLOCK_N=bn2,
+    _launch(
+        K._bwd_dq_kernel,
+        (cdiv(m, bm2), b * h),
+        (
+            q,
+            k_dq,
+            rk,
+            v,
+            _desc(k_dq, bn2, d_pad) if use_tma else k_dq,
+            _desc(v, bn2, d_pad) if use_tma else v,
+            do,
+            lse,
+            delta,
+            dq,
+            mask_i8,
+            bias_t,
+            slopes_t,
+            *q.stride(),
+            *k_dq.stride(),
+            *v.stride(),
+            *do.stride(),
+            *mask_strides,
+            *bias_strides,
+            h,
+            hk,
+            m,
+            n,
+            qk_scale,
+            scale,
+        ),
+        dict(EVEN_N=n % bn2 == 0, BLOCK_M=bm2, BLOCK_N=bn2, **flags),
         num_warps=warps2,
         num_stages=stages2,
-        **flags,
     )
     if not bias_grad:
         db = None
