@@ -126,9 +126,9 @@ def test_num_stages_left_to_triton_when_not_given(gpu_like):
 def test_jit_path_when_disabled(gpu_like, monkeypatch, why):
     if why == "flag off":
         monkeypatch.setattr(launch, "FAST_LAUNCH", False)
-    else:
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
     fn = _Jit()
+    if why == "interpreter":
+        del fn.params  # what the interpreter's functions look like
     lk = launch.Launcher(fn)
     for _ in range(3):
         lk((1, 1), (torch.zeros(4), torch.zeros(4), 5, 0.5), {"A": 1, "B": 2}, num_warps=4, num_stages=2)
@@ -164,3 +164,32 @@ def test_cdiv_and_next_power_of_2():
         for b in (1, 2, 3, 16, 64):
             assert launch.cdiv(a, b) == -(-a // b) == (a + b - 1) // b
     assert [launch.next_power_of_2(n) for n in (1, 2, 3, 16, 17, 100, 128, 129)] == [1, 2, 4, 16, 32, 128, 128, 256]
+
+
+def test_length_change_within_a_specialisation_class_launches_directly(gpu_like):
+    # decoding: the key length grows every step; Triton recompiles only when the value 1, the residue mod 16 or
+    # the width changes, so only those changes may go through the JIT
+    fn = _Jit()
+    lk = launch.Launcher(fn)
+    x = torch.zeros(4)
+    expect = []
+    for n, path in [(5, "jit"), (21, "direct"), (37, "direct"), (16, "jit"), (32, "direct"), (1, "jit"), (17, "jit")]:
+        lk((1, 1), (x, x, n, 0.5), {"A": 1, "B": 2}, num_warps=4, num_stages=2)
+        expect.append(path)
+        assert _kinds(fn) == expect, n
+        assert fn.calls[-1][2][2] == n  # the launch got this call's own value
+    lk((1, 1), (x, x, 2**31 + 5, 0.5), {"A": 1, "B": 2}, num_warps=4, num_stages=2)  # 64-bit
+    assert _kinds(fn)[-1] == "jit"
+
+
+def test_descriptor_shape_change_within_class(gpu_like):
+    if launch.TensorDescriptor is None:
+        pytest.skip("this Triton has no tensor descriptors")
+    fn = _Jit()
+    lk = launch.Launcher(fn)
+    y = torch.zeros(4)
+    t = torch.zeros(40, 16)
+    for rows, path in [(4, "jit"), (4, "direct"), (20, "direct"), (8, "jit")]:
+        desc = launch.TensorDescriptor(t[:rows], [rows, 16], [16, 1], [2, 16])
+        lk((1, 1), (desc, y, 5, 0.5), {"A": 1, "B": 2}, num_warps=4, num_stages=2)
+        assert _kinds(fn)[-1] == path, rows
