@@ -411,3 +411,16 @@ def test_load_paths(seed, device, monkeypatch, tma, k_inline, dtype):
     mask = torch.rand(2, 26, device=device) > 0.3
     bias = torch.randn(2, 21, 26, device=device, dtype=dtype)
     check_against_torch(q, k, v, bias=bias, mask=mask, causal=True)
+
+
+def test_k_inline_policy():
+    """In-loop k normalisation only where it pays: short keys, small heads, and calls small enough to be
+    host-bound; the backward asks the same question with the same arguments, so both passes agree."""
+    from cosattn import ops
+
+    assert ops._k_inline(4 * 8 * 1024, 1024, 64, 1, True)  # 4×8×1024×64: host-bound, one launch less
+    assert not ops._k_inline(16 * 8 * 1024, 1024, 64, 1, True)  # 4× the work: the pre-pass is faster
+    assert not ops._k_inline(4 * 8 * 2048, 2048, 64, 1, True)
+    assert not ops._k_inline(4 * 16 * 1024, 1024, 128, 1, True)  # head dim above K_INLINE_MAX_D
+    assert not ops._k_inline(64, 4096, 64, 1, True)  # keys above K_INLINE_MAX_N
+    assert not ops._k_inline(64, 64, 64, 2, True) and not ops._k_inline(64, 64, 64, 1, False)

@@ -46,8 +46,16 @@ def _numerics(dtype, bias, slopes, scale: float, groups: int):
     return use_max, use_max
 
 
-def _k_inline(n: int, d_pad: int, groups: int, l2norm: bool) -> bool:
-    return l2norm and groups == 1 and n <= K_INLINE_MAX_N and d_pad <= K_INLINE_MAX_D
+def _k_inline(rows: int, n: int, d_pad: int, groups: int, l2norm: bool) -> bool:
+    """Normalise k inside the forward's loop (one launch less, more GPU work) rather than by a pre-pass: only for
+    calls small enough that the host, not the GPU, sets their time. `rows` = b · h · i query rows."""
+    return (
+        l2norm
+        and groups == 1
+        and n <= K_INLINE_MAX_N
+        and d_pad <= K_INLINE_MAX_D
+        and rows * n * d_pad <= K_INLINE_MAX_WORK
+    )
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -63,9 +71,13 @@ def _d_pad(d: int) -> int:
 # `CONFIG_OVERRIDES[(kernel, d_pad, dtype, causal)]` takes precedence (the tuning script fills it).
 CONFIG_OVERRIDES: dict = {}
 # the forward normalises k inside its loop (no separate pass, one launch less) up to this many keys, for head
-# dims up to 64; larger heads pay more in the loop than the launch costs
+# dims up to 64 (larger heads pay more in the loop than the launch costs), and only while b·h·i·j·d stays under
+# K_INLINE_MAX_WORK: on an H200 the in-loop normalisation made a 4×8×1024×64 forward 44 µs of GPU work instead of
+# 30, which the saved launch repays only while the call is host-bound (its do_bench time ~48 vs ~65 µs); at
+# 16×8×1024×64 or 4×8×2048×64 the pre-pass is 1.4–2× faster (docs/benchmarks/NOTES.md)
 K_INLINE_MAX_N = 2048
 K_INLINE_MAX_D = 64
+K_INLINE_MAX_WORK = 1 << 32
 
 
 # Tensor descriptors (Hopper's bulk tensor copies) for the K/V tiles of the inner loops: used where the GPU has
@@ -195,7 +207,7 @@ def attention_forward(q, k, v, mask, bias, slopes, causal: bool, scale: float, l
     qk_scale = scale if natural else scale * LOG2E
     offset2 = scale * groups * LOG2E - HEADROOM
     # long sequences: k is normalised once by a pre-pass, not once per query tile; short ones: in the loop
-    k_inline = _k_inline(n, d_pad, groups, l2norm)
+    k_inline = _k_inline(b * h * m, n, d_pad, groups, l2norm)
     k_hat = k if k_inline else l2norm_launch(k, groups=groups, multiplier=1.0, l2norm=l2norm)
     o = torch.empty((b, h, m, d), dtype=q.dtype, device=q.device)
     lse = torch.empty((b, h, m), dtype=torch.float32, device=q.device)
@@ -271,7 +283,7 @@ def attention_backward(
     delta = torch.empty((b, h, m), dtype=torch.float32, device=q.device)
     q_s = torch.empty((b, h, m, d), dtype=q.dtype, device=q.device)
     # the forward's choice, so both passes compute bitwise the same logits
-    k_inline = _k_inline(n, d_pad, groups, l2norm)
+    k_inline = _k_inline(b * h * m, n, d_pad, groups, l2norm)
     k_hat = q_s if k_inline else torch.empty((b, hk, n, d), dtype=k.dtype, device=q.device)
     rk = torch.empty((b, hk, n), dtype=torch.float32, device=q.device) if k_inline else delta
     block = 16 if _interpreting() else 64
