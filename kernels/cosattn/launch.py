@@ -9,8 +9,9 @@ the value 1, its residue mod 16, its width), each descriptor's dtype, address, s
 every constexpr, the launch options and the current device. A new specialisation goes through the JIT (which
 compiles it) once.
 
-Under the interpreter, with launch hooks installed (profilers), with `FAST_LAUNCH = False`, or with a Triton whose
-compiled kernels cannot be launched this way, every launch goes through the JIT: only host time differs.
+The direct call goes through the compiled kernel's own launcher, so Triton's launch hooks (profilers) still see
+every launch. Under the interpreter, with `FAST_LAUNCH = False`, or with a Triton whose compiled kernels cannot be
+launched this way, every launch goes through the JIT: only host time differs.
 """
 
 from __future__ import annotations
