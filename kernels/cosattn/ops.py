@@ -118,7 +118,7 @@ def _rowsum_tile(block_m: int, block_n: int, warps: int, d_pad: int) -> bool:
 
 def launch_config(kernel: str, d_pad: int, dtype: torch.dtype, causal: bool):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) of `kernel`: "fwd" / "fwd_tma" (pointer or descriptor loads),
-    "dkdv", "dq"."""
+    "dkdv", "dq" / "dq_tma"."""
     if _interpreting():
         return 16, 16, 1, 1
     key = (kernel, d_pad, dtype, causal)
@@ -149,7 +149,11 @@ def launch_config(kernel: str, d_pad: int, dtype: torch.dtype, causal: bool):
         if d_pad <= 128:
             return 64, 128, 8, 3
         return 16, 64, 8, 1
-    if kernel == "dq":
+    if kernel == "dq_tma" and not fp32 and d_pad == 128 and not causal:
+        # re-swept with descriptor loads at b=4, h=16, N=4096-16384: 2% faster forward+backward than (128, 64, 8, 3)
+        # without causal masking, 4-5% slower with it (docs/benchmarks/NOTES.md, row 17)
+        return 64, 64, 4, 3
+    if kernel in ("dq", "dq_tma"):
         if fp32:
             return (64, 16, 4, 1) if d_pad <= 128 else (32, 16, 4, 1)
         if d_pad <= 64:
@@ -278,7 +282,6 @@ def attention_backward(
     _, natural = _numerics(q.dtype, bias, slopes, scale, groups)
     qk_scale = scale if natural else scale * LOG2E
     bm1, bn1, warps1, stages1 = launch_config("dkdv", d_pad, q.dtype, causal)
-    bm2, bn2, warps2, stages2 = launch_config("dq", d_pad, q.dtype, causal)
 
     delta = torch.empty((b, h, m), dtype=torch.float32, device=q.device)
     q_s = torch.empty((b, h, m, d), dtype=q.dtype, device=q.device)
@@ -303,6 +306,7 @@ def attention_backward(
     db = torch.zeros((b, h, m, n), dtype=torch.float32, device=q.device) if bias_grad else q
     k_dq = k if k_inline else k_hat
     use_tma = n >= TMA_MIN_N and d_pad >= TMA_MIN_D and _tma_ok(q_s, do, k_dq, v)
+    bm2, bn2, warps2, stages2 = launch_config("dq_tma" if use_tma else "dq", d_pad, q.dtype, causal)
     flags = dict(
         USE_TMA=use_tma,
         HEAD_DIM=d,
