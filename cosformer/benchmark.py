@@ -15,8 +15,12 @@ a wrong kernel is worthless.
 
 SDPA's is_causal is aligned top-left and ours bottom-right; they agree because the grid uses q_len == k_len.
 
-Timing is `triton.testing.do_bench` medians (with an L2 flush between runs). `--device cpu` is a smoke run of the
-whole pipeline with time.perf_counter medians: labelled as such and never written under docs/.
+Timing is `triton.testing.do_bench` medians (with an L2 flush between runs). Points where anything runs under
+REPEAT_BELOW_MS are host-sensitive (a call's host time is as large as its GPU time, and the machine's CPU speed
+drifts over seconds), so ours and every peer backend are timed in a second round after the first, in the same
+order, and each keeps the lower of its two medians: a slow spell that covered only one side no longer decides the
+ratio. `--device cpu` is a smoke run of the whole pipeline with time.perf_counter medians: labelled as such and
+never written under docs/.
 
 The command line is scripts/benchmark.py (this module's `main`):
 
@@ -519,17 +523,44 @@ def _error_note(errors: dict) -> str:
     return (f" | {UNSUPPORTED}: {','.join(refused)}" if refused else "") + (f" | errors: {failed}" if failed else "")
 
 
+# points with a time under this (ms) get a second timing round (see the module docstring)
+REPEAT_BELOW_MS = 2.0
+
+
 class Runner:
     """Times one point's implementations; any failure of one impl is recorded and the others go on."""
 
-    def __init__(self, device: torch.device, *, warmup_ms: float, rep_ms: float, smoke_reps: int = 3):
+    def __init__(
+        self,
+        device: torch.device,
+        *,
+        warmup_ms: float,
+        rep_ms: float,
+        smoke_reps: int = 3,
+        repeat_below_ms: float = 0.0,
+    ):
         self.device = device
         self.warmup_ms, self.rep_ms, self.smoke_reps = warmup_ms, rep_ms, smoke_reps
+        self.repeat_below_ms = repeat_below_ms
 
     def time(self, fn) -> float:
         if self.device.type == "cuda":
             return bench_median(fn, warmup_ms=self.warmup_ms, rep_ms=self.rep_ms)
         return cpu_median(fn, reps=self.smoke_reps)
+
+    def _second_round(self, m: dict, ours_run, peer_runs: dict) -> None:
+        """Host-sensitive points: time every implementation again, in the same order, keep each one's lower."""
+        times = [t for t in (m["ours_ms"], *m["peer_all"].values()) if t is not None]
+        if not times or min(times) >= self.repeat_below_ms:
+            return
+        if m["ours_ms"] is not None:
+            again = self.attempt(m["errors"], "ours", self.time, ours_run)
+            m["ours_ms"] = min(m["ours_ms"], again) if again is not None else m["ours_ms"]
+        for backend, run in peer_runs.items():
+            with sdpa_backend(backend):
+                again = self.attempt(m["errors"], backend, self.time, run)
+            if again is not None:
+                m["peer_all"][backend] = min(m["peer_all"][backend], again)
 
     def attempt(self, errors: dict, name: str, fn, *args):
         try:
@@ -546,6 +577,7 @@ class Runner:
         ours_run = make_run(ours_forward(x, p), x, p)
         ours_out = self.attempt(errors, "ours", ours_run)
         m = {"errors": errors, "ours_ms": None, "peer_all": {}, "peer_mib_all": {}}
+        peer_runs = {}
         if ours_out is not None:
             m["ours_ms"] = self.attempt(errors, "ours", self.time, ours_run)
             m["ours_mib"] = self.attempt(errors, "ours_mib", peak_mib, ours_run, self.device)
@@ -564,7 +596,10 @@ class Runner:
                 del out
                 m["peer_all"][backend] = self.attempt(errors, backend, self.time, run)
                 m["peer_mib_all"][backend] = self.attempt(errors, f"{backend}_mib", peak_mib, run, self.device)
+                if m["peer_all"][backend] is not None:
+                    peer_runs[backend] = run
         del ours_out
+        self._second_round(m, ours_run, peer_runs)
 
         if p.n <= ref_max_n:
             ref_run = make_run(reference_forward(x, p), x, p)
@@ -679,7 +714,9 @@ def main(argv=None) -> list[dict]:
         scale=SCALE,
         warmup_ms=args.warmup_ms,
         rep_ms=args.rep_ms,
-        timer="perf_counter median (smoke)" if meta["smoke"] else "triton.testing.do_bench median",
+        timer="perf_counter median (smoke)"
+        if meta["smoke"]
+        else f"triton.testing.do_bench median; under {REPEAT_BELOW_MS:g} ms the lower of two rounds",
         argv=list(sys.argv[1:] if argv is None else argv),
     )
     json_path, png_path = output_paths(args, meta)
@@ -695,7 +732,12 @@ def main(argv=None) -> list[dict]:
         flush=True,
     )
 
-    runner = Runner(device, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms)
+    runner = Runner(
+        device,
+        warmup_ms=args.warmup_ms,
+        rep_ms=args.rep_ms,
+        repeat_below_ms=REPEAT_BELOW_MS if device.type == "cuda" else 0.0,
+    )
     rows: list[dict] = []
     stopped = None
     t0 = time.perf_counter()

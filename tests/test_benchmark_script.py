@@ -320,6 +320,21 @@ def test_failures_are_recorded_and_the_run_goes_on(bench, torch_attention_path, 
     assert row["ours_ms"] > 0 and row["ok"] is None
 
 
+@pytest.mark.parametrize("repeat_below_ms", [10.0, 0.1])
+def test_short_points_keep_the_lower_of_two_rounds(bench, torch_attention_path, seed, monkeypatch, repeat_below_ms):
+    # timings in call order: round 1 ours, auto, math; round 2 (only when something ran under the threshold) the same
+    times = iter([1.0, 0.5, 3.0, 0.4, 0.9, 2.0])
+    runner = bench.Runner(torch.device("cpu"), warmup_ms=1, rep_ms=1, smoke_reps=1, repeat_below_ms=repeat_below_ms)
+    monkeypatch.setattr(runner, "time", lambda fn: (fn(), next(times))[1])
+    row = runner.bench_point(bench.Point("fp32", 1, 2, 2, 16, 20, False, "fwd"), ["auto", "math"], ref_max_n=0)
+    if repeat_below_ms > 1:
+        assert row["ours_ms"] == 0.4 and row["peer_all"] == {"auto": 0.5, "math": 2.0}
+        assert row["peer_backend"] == "auto" and row["ratio"] == pytest.approx(0.5 / 0.4)
+    else:
+        assert row["ours_ms"] == 1.0 and row["peer_all"] == {"auto": 0.5, "math": 3.0}
+        assert next(times) == 0.4  # no second round was timed
+
+
 def test_sigterm_still_prints_the_table(tmp_path):
     out = tmp_path / "t.json"
     argv = "--device cpu --dtype fp32 --n 64 65 66 67 68 69 --shape 1x2x16 --no-extras --no-plot".split()
