@@ -43,7 +43,6 @@ class _Jit:
 
 @pytest.fixture
 def gpu_like(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(launch, "FAST_LAUNCH", True)
 

@@ -210,7 +210,7 @@ def attention_forward(q, k, v, mask, bias, slopes, causal: bool, scale: float, l
     use_max, natural = _numerics(q.dtype, bias, slopes, scale, groups)
     qk_scale = scale if natural else scale * LOG2E
     offset2 = scale * groups * LOG2E - HEADROOM
-    # long sequences: k is normalised once by a pre-pass, not once per query tile; short ones: in the loop
+    # k normalised once by a pre-pass, or (small, host-bound calls) inside the loop: see _k_inline
     k_inline = _k_inline(b * h * m, n, d_pad, groups, l2norm)
     k_hat = k if k_inline else l2norm_launch(k, groups=groups, multiplier=1.0, l2norm=l2norm)
     o = torch.empty((b, h, m, d), dtype=q.dtype, device=q.device)
