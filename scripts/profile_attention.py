@@ -1,10 +1,10 @@
-"""Per-kernel device times and host vs device time per call, ours vs the peer (see cosformer.profiling).
+"""Per-kernel device times and host vs device time per call, ours vs the peer.
 
-python scripts/profile_attention.py --out docs/benchmarks/profiles/<gpu>-kernels.txt
-python scripts/profile_attention.py --device cpu     # smoke run
-"""
+The tool is `cosformer.tools.profiling`; `--help` lists its options."""
 
-from cosformer.profiling import main
+import sys
+
+from cosformer.tools.profiling import main
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -11,9 +11,10 @@ import sys
 
 import torch
 
-from cosformer.checkpoint import load_checkpoint_config, load_model_weights, resolve_resume
-from cosformer.data import decode, encode
-from cosformer.tasks.lm import build_language_model
+from cosformer.train.checkpoint import load_checkpoint_config, load_model_weights, resolve_resume
+from cosformer.train.data import decode, encode
+from cosformer.train.tasks import task_class
+from cosformer.train.tasks.lm import LMTask
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,11 +30,11 @@ def main(argv: list[str] | None = None) -> int:
 
     path = resolve_resume(args.checkpoint, args.checkpoint)
     cfg = load_checkpoint_config(path)
-    if cfg.data.name not in ("enwik8", "text", "pystdlib"):
+    if not issubclass(task_class(cfg.data.name), LMTask):
         parser.error(f"{path} was trained on data.name={cfg.data.name}, not a byte-level text corpus")
     if not args.prompt:
         parser.error("--prompt must not be empty")
-    model = build_language_model(cfg)
+    model = LMTask(cfg).build_model()
     load_model_weights(model, path)
     model.to(args.device).eval()
 

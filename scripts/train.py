@@ -13,8 +13,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cosformer.config import ConfigError, load_config
-from cosformer.trainer import NonFiniteLossError, Trainer
+from cosformer.train.config import ConfigError, load_config
+from cosformer.train.trainer import NonFiniteLossError, Trainer
 
 
 def parse_args(argv: list[str] | None = None):

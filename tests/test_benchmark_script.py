@@ -1,4 +1,4 @@
-"""cosformer.benchmark (scripts/benchmark.py) on CPU: its pure pieces (FLOPs, grid, rows, table, summary, JSON,
+"""cosformer.tools.benchmark (scripts/benchmark.py) on CPU: its pure pieces (FLOPs, grid, rows, table, summary, JSON,
 arguments, do_bench compatibility) and a --device cpu smoke run of the whole pipeline on tiny points."""
 
 import json
@@ -16,9 +16,9 @@ SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py"
 
 @pytest.fixture(scope="module")
 def bench():
-    import cosformer.benchmark
+    import cosformer.tools.benchmark
 
-    return cosformer.benchmark
+    return cosformer.tools.benchmark
 
 
 def _point(bench, **kw):
@@ -229,7 +229,8 @@ def test_write_json_schema(bench, tmp_path):
 def test_cpu_smoke_run(bench, torch_attention_path, seed, tmp_path, capsys):
     out = tmp_path / "smoke.json"
     argv = "--device cpu --dtype fp16 --n 64 --shape 1x2x16 --no-extras --warmup-ms 1 --rep-ms 1".split()
-    rows = bench.main([*argv, "--out-json", str(out)])
+    argv += ["--out-json", str(out)]
+    rows = bench.run(bench.parse_args(argv), argv)
     assert len(rows) == 4  # causal × mode
     for row in rows:
         assert row["ours_ms"] > 0 and row["peer_ms"] > 0 and row["ratio"] > 0
@@ -259,9 +260,8 @@ def test_smoke_run_is_never_written_to_docs(bench, torch_attention_path, tmp_pat
 
 def test_time_budget_stops_the_run(bench, torch_attention_path, tmp_path, capsys):
     out = tmp_path / "b.json"
-    rows = bench.main(
-        ["--device", "cpu", "--n", "64", "--shape", "1x2x16", "--time-budget", "0", "--out-json", str(out)]
-    )
+    argv = ["--device", "cpu", "--n", "64", "--shape", "1x2x16", "--time-budget", "0", "--out-json", str(out)]
+    rows = bench.run(bench.parse_args(argv), argv)
     assert rows == []
     data = json.loads(out.read_text())
     assert data["complete"] is False and "time budget" in data["stopped"]

@@ -7,7 +7,7 @@ import typing
 import pytest
 import yaml
 
-from cosformer.config import (
+from cosformer.train.config import (
     Config,
     ConfigError,
     dump_yaml,

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from cosformer import data
-from cosformer.data import (
+from cosformer.train import data
+from cosformer.train.data import (
     ChecksumError,
     DataUnavailableError,
     RandomCropDataset,

@@ -12,7 +12,15 @@ import pytest
 import yaml
 from matplotlib.image import imread, imsave
 
-from cosformer.report import find_runs, label_runs, load_metrics, load_run, markdown_table, result_rows, write_report
+from cosformer.tools.report import (
+    find_runs,
+    label_runs,
+    load_metrics,
+    load_run,
+    markdown_table,
+    result_rows,
+    write_report,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

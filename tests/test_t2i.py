@@ -209,8 +209,8 @@ def _image_folder(tmp_path, monkeypatch, n=24):
 
 def test_hf_task_from_a_local_dataset_directory(tmp_path, torch_attention_path, monkeypatch):
     """data.name=hf through `datasets.load_dataset(<dir>)`: splits, model, forward and generation."""
-    from cosformer.config import load_config
-    from cosformer.tasks import task_class
+    from cosformer.train.config import load_config
+    from cosformer.train.tasks import task_class
 
     ds, folder = _image_folder(tmp_path, monkeypatch)
     overrides = [*_tiny_overrides(tmp_path), "data.name=hf", f"t2i.hf_dataset={folder}", "t2i.palette=3"]
@@ -422,8 +422,8 @@ def _tiny_overrides(tmp_path):
 
 @pytest.mark.parametrize("data", ["shapes", "hf"])
 def test_tiny_training_run_writes_grids_and_metrics(tmp_path, torch_attention_path, monkeypatch, data):
-    from cosformer.config import load_config
-    from cosformer.trainer import run
+    from cosformer.train.config import load_config
+    from cosformer.train.trainer import run
 
     overrides = _tiny_overrides(tmp_path)
     if data == "hf":

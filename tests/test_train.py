@@ -14,11 +14,11 @@ import sys
 import pytest
 import torch
 
-from cosformer import checkpoint as ckpt
-from cosformer.config import ConfigError, load_config
-from cosformer.tasks import build_task, task_class
-from cosformer.tracking import MetricsLog, choose_wandb_mode
-from cosformer.trainer import NonFiniteLossError, Trainer, get_lr
+from cosformer.train import checkpoint as ckpt
+from cosformer.train.config import ConfigError, load_config
+from cosformer.train.tasks import build_task, task_class
+from cosformer.train.tracking import MetricsLog, choose_wandb_mode
+from cosformer.train.trainer import NonFiniteLossError, Trainer, get_lr
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 COMPARED = ("loss", "lr", "grad_norm", "val_loss", "val_bpc")
@@ -325,14 +325,14 @@ def test_checkpoint_discovery_ignores_incomplete_directories(tmp_path):
 
 
 def test_task_registry(monkeypatch):
-    from cosformer import tasks
-    from cosformer.tasks.lm import LMTask
+    from cosformer.train import tasks
+    from cosformer.train.tasks.lm import LMTask
 
     assert all(task_class(name) is LMTask for name in ("enwik8", "text", "pystdlib"))
     with pytest.raises(ValueError, match="data.name='mnist' has no task"):
         task_class("mnist")
-    monkeypatch.setitem(tasks._REGISTRY, "shapes", ("cosformer.tasks.not_written_yet", None))
-    with pytest.raises(ImportError, match="needs the task module cosformer.tasks.not_written_yet"):
+    monkeypatch.setitem(tasks._REGISTRY, "shapes", ("cosformer.train.tasks.not_written_yet", None))
+    with pytest.raises(ImportError, match="needs the task module cosformer.train.tasks.not_written_yet"):
         task_class("shapes")
 
 

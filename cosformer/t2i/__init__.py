@@ -1,6 +1,6 @@
 """Text-to-image experiments: data (procedural shapes, Hugging Face image-caption sets), the model (caption
 encoder + autoregressive palette-token decoder), image-quality metrics (in-project FID, caption fidelity) and
-sample grids. The training task that ties them to the trainer is `cosformer.tasks.t2i`."""
+sample grids. The training task that ties them to the trainer is `cosformer.train.tasks.t2i`."""
 
 from .grid import save_grid
 from .hf import load_hf_splits

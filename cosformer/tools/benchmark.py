@@ -55,7 +55,7 @@ import torch.nn.functional as F
 
 from cosattn import attention_reference, cosine_sim_attention
 
-DOCS = Path.cwd() / "docs"  # results belong to the checkout the script is run from
+DOCS = Path("docs")  # relative: results belong to the checkout the command is run from (resolved when used)
 
 SCALE = 10.0
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -704,8 +704,14 @@ def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-def main(argv=None) -> list[dict]:
-    args = parse_args(argv)
+def main(argv=None) -> int:
+    """The command line (scripts/benchmark.py): parse, run, print; exit status 0."""
+    run(parse_args(argv), argv)
+    return 0
+
+
+def run(args: argparse.Namespace, argv=None) -> list[dict]:
+    """The benchmark of `parse_args`' options: rows as written to the JSON."""
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA GPU visible (use --device cpu for a smoke run)")
     device = torch.device(args.device)

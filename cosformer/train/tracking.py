@@ -49,6 +49,26 @@ def configure_wandb() -> str:
     return mode
 
 
+def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Records of a metrics.jsonl, the one reader of the format: a torn last line (a run killed mid-write) is
+    dropped; any other line that is not a JSON object is an error naming the file and line."""
+    records = []
+    lines = pathlib.Path(path).read_text().splitlines()
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):
+                break
+            raise ValueError(f"{path}:{number}: not a JSON line: {line[:80]!r}") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}:{number}: not a JSON object: {line[:80]!r}")
+        records.append(record)
+    return records
+
+
 class MetricsLog:
     """Append-only JSONL file of metric records; numbers only (media go to the tracker and to files)."""
 
@@ -64,13 +84,7 @@ class MetricsLog:
     def records(self) -> list[dict[str, Any]]:
         if not self.path.exists():
             return []
-        out = []
-        for line in self.path.read_text().splitlines():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a line torn by a killed process
-        return out
+        return read_metrics(self.path)
 
     def truncate(self, step: int) -> None:
         """Keep only records of steps <= `step` that are not end-of-run lines (rewritten atomically)."""

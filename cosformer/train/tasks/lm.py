@@ -16,10 +16,11 @@ import torch.nn.functional as F
 from accelerate.utils import DistributedType
 from torch.utils.data import DataLoader
 
+from cosformer.transformer import Decoder
+from cosformer.wrappers import AutoregressiveWrapper, TransformerWrapper
+
 from ..config import Config
 from ..data import RandomCropDataset, WindowDataset, decode, load_corpus
-from ..transformer import Decoder
-from ..wrappers import AutoregressiveWrapper, TransformerWrapper
 
 NUM_TOKENS = 256
 LN2 = math.log(2.0)

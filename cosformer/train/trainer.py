@@ -1,4 +1,4 @@
-"""The training loop: one Accelerate loop, generic over tasks (see `cosformer.tasks`).
+"""The training loop: one Accelerate loop, generic over tasks (see `cosformer.train.tasks`).
 
     cfg -> Trainer(cfg): task, model, AdamW, data loaders, one accelerator.prepare(...), tracker, resume
         -> train(): steps of `grad_accum` micro-batches under accelerator.accumulate, clip, step;

@@ -114,7 +114,7 @@ def report(device: torch.device, *, long_points, short_points, top: int = 8) -> 
     return lines
 
 
-def main(argv=None) -> list[str]:
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", type=Path, default=None, help="also write the report to this text file")
@@ -133,4 +133,4 @@ def main(argv=None) -> list[str]:
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text("\n".join(lines) + "\n")
-    return lines
+    return 0

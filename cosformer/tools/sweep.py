@@ -23,6 +23,7 @@ result (a final or a diverged line), and returns one `RunResult` per run.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import itertools
 import json
@@ -44,7 +45,8 @@ from pathlib import Path
 
 import yaml
 
-from cosformer.report import load_metrics
+from cosformer.tools.report import load_metrics
+from cosformer.train.config import Config, ConfigError, parse_override
 
 DEFAULT_COMMAND = ["${env}", "${interpreter}", "${program}", "${args}"]
 ARG_MACROS = (
@@ -239,13 +241,14 @@ def _name_runs(points: list[dict], keys: list[str]) -> list[Run]:
 
 
 def parse_overrides(items: list[str]) -> dict[str, typing.Any]:
-    """`key=value` strings (as the trainer takes them) to a dict; values parsed as YAML scalars."""
+    """`key=value` strings to a dict, parsed exactly as the trainer parses its overrides (`parse_override`)."""
     out = {}
     for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key or key.startswith("-"):
-            raise ValueError(f"override {item!r}: expected key=value (e.g. train.max_steps=50)")
-        out[key] = yaml.safe_load(value) if value else ""
+        try:
+            key, value = parse_override(item)
+        except ConfigError as e:
+            raise ValueError(str(e)) from None
+        out[key] = value
     return out
 
 
@@ -497,3 +500,51 @@ def config_keys(config_cls: type) -> set[str]:
 def unknown_parameters(sweep: Sweep, known: set[str]) -> list[str]:
     """Parameter names of the sweep that the trainer's schema does not have."""
     return [k for k in sweep.parameters if k not in known]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# command line (scripts/sweep.py)
+
+_USAGE = """Run a wandb sweep file locally: every grid point (or a seeded random sample), sequentially or one per GPU.
+
+    python scripts/sweep.py configs/sweeps/lm_attn_norm.yaml --dry-run
+    python scripts/sweep.py configs/sweeps/lm_attn_norm.yaml --gpus 0,1,2,3 train.max_steps=50
+
+The same file runs online with `wandb sweep configs/sweeps/lm_attn_norm.yaml` + `wandb agent <id>`.
+Runs land in <out-root>/<sweep name>/<run name>; finished runs are skipped, so rerunning resumes the sweep.
+Then: python scripts/report.py runs/sweeps/lm_attn_norm --out docs/results/lm_attn_norm
+"""
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=_USAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("file", help="sweep file in wandb's format (configs/sweeps/*.yaml)")
+    parser.add_argument("overrides", nargs="*", help="key=value applied to every run, e.g. train.max_steps=50")
+    parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    parser.add_argument("--gpus", default="", help="comma-separated GPU ids: one run per GPU at a time")
+    parser.add_argument("--out-root", default="runs/sweeps", help="runs go to <out-root>/<sweep name>/<run name>")
+    parser.add_argument("--max-runs", type=int, default=None, help="first N grid points, or N random samples")
+    parser.add_argument("--seed", type=int, default=0, help="seed of a random sweep's sample")
+    args = parser.parse_intermixed_args(argv)
+
+    gpus = [g.strip() for g in args.gpus.split(",") if g.strip()] or None
+    try:
+        sweep = load_sweep(args.file)
+        extra = parse_overrides(args.overrides)
+        known = config_keys(Config)
+        unknown = unknown_parameters(sweep, known) + [k for k in extra if k not in known]
+        if unknown:
+            raise ValueError(f"unknown config key(s) {unknown} in {args.file} or the overrides")
+        results = run_sweep(
+            sweep, args.out_root, extra, gpus=gpus, max_runs=args.max_runs, seed=args.seed, dry_run=args.dry_run
+        )
+    except (OSError, ValueError) as e:  # a bad file or override: say so before any run starts
+        parser.error(str(e))
+    if args.dry_run:
+        return 0
+    print(f"\nsweep {sweep.name} ({args.out_root}/{sweep.name})")
+    print(summary_table(results, sweep.metric))
+    failed = [r.run.name for r in results if r.status == "failed"]
+    if failed:
+        print(f"{len(failed)} run(s) failed: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0

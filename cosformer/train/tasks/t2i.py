@@ -25,19 +25,20 @@ from accelerate import PartialState
 from accelerate.utils import DistributedType
 from torch.utils.data import DataLoader, Subset
 
-from ..checkpoint import wait_for_everyone
-from ..config import Config
-from ..t2i.grid import save_grid
-from ..t2i.hf import load_hf_splits
-from ..t2i.metrics import (
+from cosformer.t2i.grid import save_grid
+from cosformer.t2i.hf import load_hf_splits
+from cosformer.t2i.metrics import (
     caption_fidelity,
     extract_features,
     frechet_distance,
     inception_fid,
     load_or_train_feature_net,
 )
-from ..t2i.model import TextToImage
-from ..t2i.shapes import ImageCaptionDataset, ShapesDataset
+from cosformer.t2i.model import TextToImage
+from cosformer.t2i.shapes import ImageCaptionDataset, ShapesDataset
+
+from ..checkpoint import wait_for_everyone
+from ..config import Config
 
 LN2 = math.log(2.0)
 GRID_IMAGES = 16

@@ -11,6 +11,7 @@ same code reports an attention × norm grid, a scale sweep or two hand-picked ru
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -19,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+
+from cosformer.train.tracking import read_metrics as load_metrics
 
 # Keys that differ between runs by construction and say nothing about the variant.
 IGNORED_KEY_PREFIXES = ("train.out_dir", "train.resume", "log.")
@@ -80,24 +83,6 @@ def _is_number(value) -> bool:
 
 
 # ----------------------------------------------------------------------------- reading
-
-
-def load_metrics(path: str | os.PathLike) -> list[dict]:
-    """Records of a metrics.jsonl; a torn last line (a run killed mid-write) is dropped, not fatal."""
-    records = []
-    lines = Path(path).read_text().splitlines()
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            if number == len(lines):
-                break
-            raise ValueError(f"{path}:{number}: not a JSON line: {line[:80]!r}") from None
-        if isinstance(record, dict):
-            records.append(record)
-    return records
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:
@@ -348,3 +333,33 @@ def write_report(paths: list[str | os.PathLike], out: str | os.PathLike, title: 
     json_path = out / "results.json"
     json_path.write_text(json.dumps(records, indent=2) + "\n")
     return {"runs": runs, "curves": curves, "table": table, "markdown": markdown, "json": json_path, "samples": samples}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# command line (scripts/report.py)
+
+_USAGE = """Turn runs' local logs into a results page: curves per variant, a markdown table, a sample grid (images).
+
+    python scripts/report.py runs/sweeps/lm_attn_norm --out docs/results/lm_attn_norm
+    python scripts/report.py runs/a runs/b --out docs/results/a_vs_b --title "cosine vs regular"
+
+Each OUT_DIR is a run directory (metrics.jsonl + config.yaml) or any folder above some, such as a sweep root.
+"""
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=_USAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out_dirs", nargs="+", metavar="OUT_DIR", help="run directories or sweep roots")
+    parser.add_argument("--out", default=None, help="report folder (default docs/results/<name of the first OUT_DIR>)")
+    parser.add_argument("--title", default=None, help="title of the page and figures (default: the folder's name)")
+    args = parser.parse_args(argv)
+
+    out = Path(args.out) if args.out else Path("docs/results") / Path(args.out_dirs[0]).resolve().name
+    try:
+        report = write_report(args.out_dirs, out, title=args.title)
+    except (FileNotFoundError, ValueError) as e:
+        parser.error(str(e))
+    print(report["table"])
+    written = [report[k] for k in ("markdown", "curves", "json", "samples") if report[k] is not None]
+    print(f"\n{len(report['runs'])} run(s); wrote " + ", ".join(str(p) for p in written))
+    return 0

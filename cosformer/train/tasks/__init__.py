@@ -2,7 +2,7 @@
 the trainer owns the loop (Accelerate, optimiser, schedule, checkpoints, tracking).
 
 Registry, keyed by `data.name`: "enwik8", "text", "pystdlib" -> `LMTask` (byte-level language modelling);
-"shapes", "hf" -> the text-to-image task in `cosformer.tasks.t2i`, imported only when asked for.
+"shapes", "hf" -> the text-to-image task in `cosformer.train.tasks.t2i`, imported only when asked for.
 """
 
 from __future__ import annotations
@@ -52,11 +52,11 @@ _METHODS = ("build_model", "datasets", "tokens_per_item", "loss_metrics", "evalu
 
 # data.name -> (module, class); class None = the one class that module defines with every Task method
 _REGISTRY: dict[str, tuple[str, str | None]] = {
-    "enwik8": ("cosformer.tasks.lm", "LMTask"),
-    "text": ("cosformer.tasks.lm", "LMTask"),
-    "pystdlib": ("cosformer.tasks.lm", "LMTask"),
-    "shapes": ("cosformer.tasks.t2i", None),
-    "hf": ("cosformer.tasks.t2i", None),
+    "enwik8": ("cosformer.train.tasks.lm", "LMTask"),
+    "text": ("cosformer.train.tasks.lm", "LMTask"),
+    "pystdlib": ("cosformer.train.tasks.lm", "LMTask"),
+    "shapes": ("cosformer.train.tasks.t2i", None),
+    "hf": ("cosformer.train.tasks.t2i", None),
 }
 
 
