@@ -17,6 +17,19 @@ DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if torch.cuda.is_ava
 FLOOR = {torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}
 
 
+@pytest.fixture(params=["triton", "torch"])
+def backend_device(request, monkeypatch):
+    """The device of one backend, for contract tests that must hold on both: "triton" runs the kernels (natively
+    on a GPU, else under the interpreter), "torch" the chunked PyTorch path on CPU. The op reads the variable per
+    call."""
+    if request.param == "torch":
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        return "cpu"
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def _inputs(b, h, hk, i, j, d, dtype, device, *, kv3d=False, q3d=False):
     q = torch.randn(b, h, i, d, device=device, dtype=dtype)
     shape_kv = (b, j, d) if kv3d else (b, hk, j, d)
@@ -371,6 +384,82 @@ def test_bad_inputs_raise(make, exc, words):
     q, k, v = args.pop("q"), args.pop("k"), args.pop("v")
     with pytest.raises(exc, match=words.replace("(", r"\(").replace(")", r"\)").replace("%", "%")):
         cosine_sim_attention(q, k, v, **args)
+
+
+@pytest.mark.parametrize(
+    "name,value",
+    [
+        ("groups", True),
+        ("groups", 2.0),
+        ("groups", "2"),
+        ("groups", None),
+        ("scale", True),
+        ("scale", "10"),
+        ("scale", float("nan")),
+        ("causal", 1),
+        ("causal", None),
+        ("l2norm_qk", 0),
+        ("l2norm_qk", "yes"),
+        ("attn_bias_batch_dim", 1),
+    ],
+)
+def test_bad_scalar_arguments_raise(backend_device, name, value):
+    # the same refusal on every backend, before any launch, naming the argument (True is not groups=1)
+    q, k, v = _inputs(1, 2, 1, 8, 8, 16, torch.float32, backend_device)
+    with pytest.raises(ValueError, match=name):
+        cosine_sim_attention(q, k, v, **{name: value})
+
+
+def test_integer_like_scalars_accepted(seed, backend_device):
+    np = pytest.importorskip("numpy")
+    q, k, v = _inputs(1, 2, 1, 9, 11, 32, torch.float32, backend_device)
+    o = cosine_sim_attention(q, k, v, groups=np.int64(2), scale=np.float32(5.0))
+    torch.testing.assert_close(o, cosine_sim_attention(q, k, v, groups=2, scale=5.0), rtol=0, atol=0)
+    torch.testing.assert_close(o, cosine_sim_attention(q, k, v, groups=2, scale=5), rtol=0, atol=0)
+
+
+def test_check_attention_config():
+    """The op's scalar rules, for a model to check at construction time without tensors; the op itself applies
+    the same function, so both give the same message."""
+    from cosattn import MAX_HEAD_DIM, MAX_SCALE, MIN_HEAD_DIM, check_attention_config
+
+    assert (MIN_HEAD_DIM, MAX_HEAD_DIM, MAX_SCALE) == (16, 256, 100.0)
+    assert check_attention_config(64, 8, 2, 10.0, 4) is None
+    assert check_attention_config(MIN_HEAD_DIM, 1, 1, MAX_SCALE, 1) is None
+    assert check_attention_config(dim_head=MAX_HEAD_DIM, heads=3, kv_heads=3, scale=1e-3, groups=256) is None
+    bad = [
+        (dict(dim_head=MIN_HEAD_DIM - 1), "dim_head"),
+        (dict(dim_head=MAX_HEAD_DIM + 1), "dim_head"),
+        (dict(dim_head=64.0), "dim_head"),
+        (dict(dim_head=True), "dim_head"),
+        (dict(heads=0), "heads"),
+        (dict(heads=8.0), "heads"),
+        (dict(kv_heads=3), "kv_heads"),
+        (dict(kv_heads=0), "kv_heads"),
+        (dict(kv_heads=False), "kv_heads"),
+        (dict(scale=0.0), "scale"),
+        (dict(scale=-1.0), "scale"),
+        (dict(scale=MAX_SCALE * 1.01), "scale"),
+        (dict(scale=float("inf")), "scale"),
+        (dict(scale=True), "scale"),
+        (dict(groups=3), "groups"),
+        (dict(groups=0), "groups"),
+        (dict(groups=True), "groups"),
+        (dict(groups=2.0), "groups"),
+    ]
+    for change, name in bad:
+        args = dict(dim_head=64, heads=8, kv_heads=2, scale=10.0, groups=4) | change
+        with pytest.raises(ValueError, match=rf"\b{name}\b") as info:
+            check_attention_config(**args)
+        assert repr(change[name]) in str(info.value), (change, str(info.value))
+
+    # one rule, one message: the op reports what the config check reports
+    q, k, v = _inputs(1, 2, 1, 8, 8, 16, torch.float32, "cpu")
+    with pytest.raises(ValueError) as from_config:
+        check_attention_config(16, 2, 1, 10.0, 3)
+    with pytest.raises(ValueError) as from_op:
+        cosine_sim_attention(q, k, v, groups=3)
+    assert str(from_config.value) in str(from_op.value)
 
 
 @pytest.mark.parametrize("interpret", ["1", "0"])
