@@ -247,6 +247,17 @@ def test_alibi(seed, device, causal):
     check_against_torch(q, k, v, alibi_slopes=slopes, causal=causal, mask=torch.rand(2, 27, device=device) > 0.2)
 
 
+def test_alibi_slopes_requiring_grad_rejected(seed, backend_device):
+    # no backend returns a gradient for the slopes: a slope that asks for one is refused, not silently dropped
+    q, k, v = _inputs(1, 2, 1, 17, 17, 16, torch.float32, backend_device)
+    slopes = torch.tensor([0.5, 0.25], device=backend_device, requires_grad=True)
+    with pytest.raises(ValueError, match="alibi_slopes"):
+        cosine_sim_attention(q.requires_grad_(), k, v, alibi_slopes=slopes)
+    with pytest.raises(ValueError, match="alibi_slopes"), torch.no_grad():
+        cosine_sim_attention(q, k, v, alibi_slopes=slopes)
+    check_against_torch(q.detach(), k, v, alibi_slopes=slopes.detach(), causal=True)
+
+
 # ---------------------------------------------------------------------------------------------------- numerics
 
 

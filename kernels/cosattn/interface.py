@@ -151,6 +151,12 @@ def _canonicalize(q, k, v, mask, attn_bias, alibi_slopes, causal, scale, l2norm_
             raise ValueError(f"alibi_slopes must be (h,) = ({h},); got {_shape(alibi_slopes)}")
         if alibi_slopes.device != q.device:
             raise ValueError(f"alibi_slopes must be on {q.device}; got {alibi_slopes.device}")
+        if alibi_slopes.requires_grad:
+            # the kernels have no slope gradient: refused everywhere rather than dropped on one backend
+            raise ValueError(
+                "alibi_slopes must not require grad (the op returns no gradient for them); register them as a "
+                "buffer or pass alibi_slopes.detach()"
+            )
     return q4, k4, v4, mask, bias4, alibi_slopes, scale, groups, merged
 
 
@@ -195,6 +201,7 @@ def cosine_sim_attention(
             (e.g. rotary embeddings applied after the normalisation): the kernel relies on |q̂·k̂| <= groups.
         groups: normalise in this many equal chunks of d (logits then lie in ±scale·groups); an integer, not a bool.
         alibi_slopes: (h,) float: adds −slope·|pos_q − pos_k| (pos_q = r + j − i) in the kernel, O(n) memory.
+            Fixed slopes: a tensor that requires grad is refused (no gradient is computed for them).
 
     Returns: like q (shape and dtype). Rows with no visible key are zeros, with zero gradients.
 
