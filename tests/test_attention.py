@@ -240,6 +240,57 @@ def test_attn_bias_merged_batch(seed, device):
     check_against_torch(q, k, v, bias=bias)
 
 
+@pytest.mark.parametrize(
+    "bias_dims,batch_dim",
+    [
+        ("j", False),
+        ("1j", False),
+        ("i1", False),
+        ("b11j", False),
+        ("h11", False),
+        ("1111", False),
+        ("111j", False),
+        ("b1i1", False),
+        ("1h1j", False),
+        ("b11", True),
+    ],
+)
+@pytest.mark.parametrize("i,j", [(17, 23), (1, 33)])
+def test_attn_bias_broadcast_shapes(seed, backend_device, bias_dims, batch_dim, i, j):
+    # every shape that broadcasts to (b, h, i, j): forward, and the gradient reduced to the bias's own shape
+    b, h = 2, 3
+    size = {"b": b, "h": h, "i": i, "j": j, "1": 1}
+    bias = torch.randn([size[c] for c in bias_dims], device=backend_device)
+    q, k, v = _inputs(b, h, 1, i, j, 32, torch.float32, backend_device)
+    _, grads = check_against_torch(q, k, v, bias=bias, causal=True, attn_bias_batch_dim=batch_dim)
+    assert grads[3].shape == bias.shape
+
+
+@pytest.mark.parametrize("bias_shape", [(13,), (1, 13), (4, 1, 13), (4, 11, 1)])
+def test_attn_bias_broadcast_merged_batch(seed, backend_device, bias_shape):
+    # a 3-D q (B, i, d): a 3-D bias is (B, i, j)
+    q, k, v = _inputs(2, 2, 2, 11, 13, 16, torch.float32, backend_device, q3d=True)
+    check_against_torch(q, k, v, bias=torch.randn(bias_shape, device=backend_device))
+
+
+def test_attn_bias_broadcast_inf_masks(seed, backend_device):
+    # −inf in a key-only bias masks those keys for every query; −inf in a query-only bias empties whole rows
+    b, h, i, j = 2, 2, 17, 23
+    q, k, v = _inputs(b, h, 1, i, j, 32, torch.float32, backend_device)
+    key_bias = torch.randn(j, device=backend_device)
+    key_bias[5:9] = float("-inf")
+    check_against_torch(q, k, v, bias=key_bias)
+    visible = torch.isfinite(key_bias).expand(b, j)
+    o_masked = cosine_sim_attention(q, k, v, attn_bias=key_bias.masked_fill(~visible[0], 0.0), mask=visible)
+    torch.testing.assert_close(cosine_sim_attention(q, k, v, attn_bias=key_bias), o_masked, rtol=1e-6, atol=1e-6)
+
+    row_bias = torch.randn(i, 1, device=backend_device)
+    row_bias[3:6] = float("-inf")
+    o, grads = check_against_torch(q, k, v, bias=row_bias, causal=True)
+    assert o[:, :, 3:6].abs().max() == 0 and grads[0][:, :, 3:6].abs().max() == 0
+    assert grads[3][3:6].abs().max() == 0
+
+
 @pytest.mark.parametrize("causal", [False, True])
 def test_alibi(seed, device, causal):
     q, k, v = _inputs(2, 4, 2, 15, 27, 32, torch.float32, device)

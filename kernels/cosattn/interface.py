@@ -67,8 +67,9 @@ def check_attention_config(dim_head, heads, kv_heads, scale, groups) -> None:
 def _canonicalize(q, k, v, mask, attn_bias, alibi_slopes, causal, scale, l2norm_qk, groups, attn_bias_batch_dim):
     """Validate and return canonical (q4, k4, v4, mask, bias4, slopes, scale, groups, merged) before any launch.
 
-    q4 (b, h, i, d); k4, v4 (b, hk, j, d); mask (b, j) bool or None; bias4 (bb, bh, i, j) with
-    bb ∈ {1, b}, bh ∈ {1, h} (a view; may have zero strides); scale a float, groups an int; merged says q was 3-D.
+    q4 (b, h, i, d); k4, v4 (b, hk, j, d); mask (b, j) bool or None; bias4 (bb, bh, bi, bj), each dim 1 or the full
+    size, a view of attn_bias (its size-1 dims are read with zero strides, and autograd maps its gradient back to
+    attn_bias's own shape); scale a float, groups an int; merged says q was 3-D.
     """
     for name, flag in (("causal", causal), ("l2norm_qk", l2norm_qk), ("attn_bias_batch_dim", attn_bias_batch_dim)):
         if not isinstance(flag, bool):
@@ -128,21 +129,23 @@ def _canonicalize(q, k, v, mask, attn_bias, alibi_slopes, causal, scale, l2norm_
             raise TypeError(f"attn_bias must be a float tensor; got {getattr(attn_bias, 'dtype', type(attn_bias))}")
         if attn_bias.device != q.device:
             raise ValueError(f"attn_bias must be on {q.device}; got {attn_bias.device}")
-        nd = attn_bias.dim()
-        if nd == 2:
-            bias4 = attn_bias[None, None]
-        elif nd == 3:
-            bias4 = attn_bias[:, None] if (attn_bias_batch_dim or merged) else attn_bias[None]
-        elif nd == 4 and not merged:
-            bias4 = attn_bias
-        else:
+        nd, max_nd = attn_bias.dim(), 3 if merged else 4
+        if not 1 <= nd <= max_nd:
             raise ValueError(
-                f"attn_bias must be (i, j), (h, i, j), (b, i, j) or (b, h, i, j); got {_shape(attn_bias)} "
+                f"attn_bias must have 1 to {max_nd} dims (broadcastable to the logits); got {_shape(attn_bias)} "
                 f"for q {_shape(q)}"
             )
-        bb, bh, bi, bj = bias4.shape
-        if bb not in (1, b) or bh not in (1, h) or bi != i or bj != j:
-            raise ValueError(f"attn_bias {_shape(attn_bias)} does not broadcast to (b, h, i, j) = ({b}, {h}, {i}, {j})")
+        # PyTorch broadcasting (dims aligned on the right), except that a 3-D bias is (b, i, j), not (h, i, j),
+        # with attn_bias_batch_dim=True or a 3-D q (b then stands for the merged batch·heads)
+        by_batch = nd == 3 and (attn_bias_batch_dim or merged)
+        bias4 = attn_bias[:, None] if by_batch else attn_bias[(None,) * (4 - nd)]
+        if any(n not in (1, full) for n, full in zip(bias4.shape, (b, h, i, j))):
+            read_as = ""
+            if nd == 3:
+                read_as = " read as (b, i, j)," if by_batch else " read as (h, i, j) (attn_bias_batch_dim=False),"
+            raise ValueError(
+                f"attn_bias {_shape(attn_bias)}{read_as} does not broadcast to (b, h, i, j) = ({b}, {h}, {i}, {j})"
+            )
 
     if alibi_slopes is not None:
         if not isinstance(alibi_slopes, torch.Tensor) or not alibi_slopes.is_floating_point():
@@ -187,9 +190,11 @@ def cosine_sim_attention(
         k, v: (b, hk, j, d) with h % hk == 0 (GQA: query head n reads kv head n // (h // hk)); (b, j, d) for one
             kv head shared by all query heads (MQA); (B, j, d) when q is 3-D.
         mask: (b, j) bool key-padding mask, True = may attend. Combines with `causal`.
-        attn_bias: float, added to the logits, broadcastable to (b, h, i, j): (i, j), (h, i, j), (b, 1, i, j),
-            (b, h, i, j); a 3-D bias is (b, i, j) when `attn_bias_batch_dim=True` or q is 3-D. −inf entries mask.
-            Its gradient is returned when it requires grad, reduced to its own shape.
+        attn_bias: float, 1 to 4 dims, added to the logits under PyTorch broadcasting to (b, h, i, j): e.g. (i, j),
+            (h, i, j), (b, 1, i, j), (b, h, i, j), or key-only (j,), (b, 1, 1, j), query-only (i, 1), per-head
+            (h, 1, 1); except that a 3-D bias is (b, i, j) when `attn_bias_batch_dim=True` or q is 3-D (then at
+            most 3 dims, broadcastable to (B, i, j)). −inf entries mask. Its gradient is returned when it requires
+            grad, summed over the broadcast dims to its own shape.
         causal: query r may see key c iff c <= r + (j − i), i.e. aligned bottom-right, so a KV cache works:
 
                 i=2, j=5   keys 0 1 2 3 4
