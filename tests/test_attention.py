@@ -17,6 +17,19 @@ DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if torch.cuda.is_ava
 FLOOR = {torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}
 
 
+@pytest.fixture(params=["triton", "torch"])
+def backend_device(request, monkeypatch):
+    """The device of one backend, for contract tests that must hold on both: "triton" runs the kernels (natively
+    on a GPU, else under the interpreter), "torch" the chunked PyTorch path on CPU. The op reads the variable per
+    call."""
+    if request.param == "torch":
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        return "cpu"
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def _inputs(b, h, hk, i, j, d, dtype, device, *, kv3d=False, q3d=False):
     q = torch.randn(b, h, i, d, device=device, dtype=dtype)
     shape_kv = (b, j, d) if kv3d else (b, hk, j, d)
@@ -227,11 +240,73 @@ def test_attn_bias_merged_batch(seed, device):
     check_against_torch(q, k, v, bias=bias)
 
 
+@pytest.mark.parametrize(
+    "bias_dims,batch_dim",
+    [
+        ("j", False),
+        ("1j", False),
+        ("i1", False),
+        ("b11j", False),
+        ("h11", False),
+        ("1111", False),
+        ("111j", False),
+        ("b1i1", False),
+        ("1h1j", False),
+        ("b11", True),
+    ],
+)
+@pytest.mark.parametrize("i,j", [(17, 23), (1, 33)])
+def test_attn_bias_broadcast_shapes(seed, backend_device, bias_dims, batch_dim, i, j):
+    # every shape that broadcasts to (b, h, i, j): forward, and the gradient reduced to the bias's own shape
+    b, h = 2, 3
+    size = {"b": b, "h": h, "i": i, "j": j, "1": 1}
+    bias = torch.randn([size[c] for c in bias_dims], device=backend_device)
+    q, k, v = _inputs(b, h, 1, i, j, 32, torch.float32, backend_device)
+    _, grads = check_against_torch(q, k, v, bias=bias, causal=True, attn_bias_batch_dim=batch_dim)
+    assert grads[3].shape == bias.shape
+
+
+@pytest.mark.parametrize("bias_shape", [(13,), (1, 13), (4, 1, 13), (4, 11, 1)])
+def test_attn_bias_broadcast_merged_batch(seed, backend_device, bias_shape):
+    # a 3-D q (B, i, d): a 3-D bias is (B, i, j)
+    q, k, v = _inputs(2, 2, 2, 11, 13, 16, torch.float32, backend_device, q3d=True)
+    check_against_torch(q, k, v, bias=torch.randn(bias_shape, device=backend_device))
+
+
+def test_attn_bias_broadcast_inf_masks(seed, backend_device):
+    # −inf in a key-only bias masks those keys for every query; −inf in a query-only bias empties whole rows
+    b, h, i, j = 2, 2, 17, 23
+    q, k, v = _inputs(b, h, 1, i, j, 32, torch.float32, backend_device)
+    key_bias = torch.randn(j, device=backend_device)
+    key_bias[5:9] = float("-inf")
+    check_against_torch(q, k, v, bias=key_bias)
+    visible = torch.isfinite(key_bias).expand(b, j)
+    o_masked = cosine_sim_attention(q, k, v, attn_bias=key_bias.masked_fill(~visible[0], 0.0), mask=visible)
+    torch.testing.assert_close(cosine_sim_attention(q, k, v, attn_bias=key_bias), o_masked, rtol=1e-6, atol=1e-6)
+
+    row_bias = torch.randn(i, 1, device=backend_device)
+    row_bias[3:6] = float("-inf")
+    o, grads = check_against_torch(q, k, v, bias=row_bias, causal=True)
+    assert o[:, :, 3:6].abs().max() == 0 and grads[0][:, :, 3:6].abs().max() == 0
+    assert grads[3][3:6].abs().max() == 0
+
+
 @pytest.mark.parametrize("causal", [False, True])
 def test_alibi(seed, device, causal):
     q, k, v = _inputs(2, 4, 2, 15, 27, 32, torch.float32, device)
     slopes = torch.tensor([0.5, 0.25, 0.125, 0.0625], device=device)
     check_against_torch(q, k, v, alibi_slopes=slopes, causal=causal, mask=torch.rand(2, 27, device=device) > 0.2)
+
+
+def test_alibi_slopes_requiring_grad_rejected(seed, backend_device):
+    # no backend returns a gradient for the slopes: a slope that asks for one is refused, not silently dropped
+    q, k, v = _inputs(1, 2, 1, 17, 17, 16, torch.float32, backend_device)
+    slopes = torch.tensor([0.5, 0.25], device=backend_device, requires_grad=True)
+    with pytest.raises(ValueError, match="alibi_slopes"):
+        cosine_sim_attention(q.requires_grad_(), k, v, alibi_slopes=slopes)
+    with pytest.raises(ValueError, match="alibi_slopes"), torch.no_grad():
+        cosine_sim_attention(q, k, v, alibi_slopes=slopes)
+    check_against_torch(q.detach(), k, v, alibi_slopes=slopes.detach(), causal=True)
 
 
 # ---------------------------------------------------------------------------------------------------- numerics
@@ -371,6 +446,82 @@ def test_bad_inputs_raise(make, exc, words):
     q, k, v = args.pop("q"), args.pop("k"), args.pop("v")
     with pytest.raises(exc, match=words.replace("(", r"\(").replace(")", r"\)").replace("%", "%")):
         cosine_sim_attention(q, k, v, **args)
+
+
+@pytest.mark.parametrize(
+    "name,value",
+    [
+        ("groups", True),
+        ("groups", 2.0),
+        ("groups", "2"),
+        ("groups", None),
+        ("scale", True),
+        ("scale", "10"),
+        ("scale", float("nan")),
+        ("causal", 1),
+        ("causal", None),
+        ("l2norm_qk", 0),
+        ("l2norm_qk", "yes"),
+        ("attn_bias_batch_dim", 1),
+    ],
+)
+def test_bad_scalar_arguments_raise(backend_device, name, value):
+    # the same refusal on every backend, before any launch, naming the argument (True is not groups=1)
+    q, k, v = _inputs(1, 2, 1, 8, 8, 16, torch.float32, backend_device)
+    with pytest.raises(ValueError, match=name):
+        cosine_sim_attention(q, k, v, **{name: value})
+
+
+def test_integer_like_scalars_accepted(seed, backend_device):
+    np = pytest.importorskip("numpy")
+    q, k, v = _inputs(1, 2, 1, 9, 11, 32, torch.float32, backend_device)
+    o = cosine_sim_attention(q, k, v, groups=np.int64(2), scale=np.float32(5.0))
+    torch.testing.assert_close(o, cosine_sim_attention(q, k, v, groups=2, scale=5.0), rtol=0, atol=0)
+    torch.testing.assert_close(o, cosine_sim_attention(q, k, v, groups=2, scale=5), rtol=0, atol=0)
+
+
+def test_check_attention_config():
+    """The op's scalar rules, for a model to check at construction time without tensors; the op itself applies
+    the same function, so both give the same message."""
+    from cosattn import MAX_HEAD_DIM, MAX_SCALE, MIN_HEAD_DIM, check_attention_config
+
+    assert (MIN_HEAD_DIM, MAX_HEAD_DIM, MAX_SCALE) == (16, 256, 100.0)
+    assert check_attention_config(64, 8, 2, 10.0, 4) is None
+    assert check_attention_config(MIN_HEAD_DIM, 1, 1, MAX_SCALE, 1) is None
+    assert check_attention_config(dim_head=MAX_HEAD_DIM, heads=3, kv_heads=3, scale=1e-3, groups=256) is None
+    bad = [
+        (dict(dim_head=MIN_HEAD_DIM - 1), "dim_head"),
+        (dict(dim_head=MAX_HEAD_DIM + 1), "dim_head"),
+        (dict(dim_head=64.0), "dim_head"),
+        (dict(dim_head=True), "dim_head"),
+        (dict(heads=0), "heads"),
+        (dict(heads=8.0), "heads"),
+        (dict(kv_heads=3), "kv_heads"),
+        (dict(kv_heads=0), "kv_heads"),
+        (dict(kv_heads=False), "kv_heads"),
+        (dict(scale=0.0), "scale"),
+        (dict(scale=-1.0), "scale"),
+        (dict(scale=MAX_SCALE * 1.01), "scale"),
+        (dict(scale=float("inf")), "scale"),
+        (dict(scale=True), "scale"),
+        (dict(groups=3), "groups"),
+        (dict(groups=0), "groups"),
+        (dict(groups=True), "groups"),
+        (dict(groups=2.0), "groups"),
+    ]
+    for change, name in bad:
+        args = dict(dim_head=64, heads=8, kv_heads=2, scale=10.0, groups=4) | change
+        with pytest.raises(ValueError, match=rf"\b{name}\b") as info:
+            check_attention_config(**args)
+        assert repr(change[name]) in str(info.value), (change, str(info.value))
+
+    # one rule, one message: the op reports what the config check reports
+    q, k, v = _inputs(1, 2, 1, 8, 8, 16, torch.float32, "cpu")
+    with pytest.raises(ValueError) as from_config:
+        check_attention_config(16, 2, 1, 10.0, 3)
+    with pytest.raises(ValueError) as from_op:
+        cosine_sim_attention(q, k, v, groups=3)
+    assert str(from_config.value) in str(from_op.value)
 
 
 @pytest.mark.parametrize("interpret", ["1", "0"])

@@ -4,6 +4,8 @@ dispatches: Triton kernels on CUDA (or on CPU under TRITON_INTERPRET=1), else a 
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 import os
 
 import torch
@@ -19,12 +21,59 @@ def _shape(t):
     return tuple(t.shape) if t is not None else None
 
 
-def _canonicalize(q, k, v, mask, attn_bias, alibi_slopes, scale, groups, attn_bias_batch_dim):
-    """Validate and return canonical (q4, k4, v4, mask, bias4, slopes, merged) before any launch.
+def _integer(name: str, value) -> int:
+    """`value` as an int: anything `operator.index` takes (Python or NumPy integers) except a bool, which would
+    otherwise pass as 0 or 1."""
+    if not isinstance(value, bool):
+        try:
+            return operator.index(value)
+        except TypeError:
+            pass
+    raise ValueError(f"{name} must be an integer; got {name}={value!r}")
 
-    q4 (b, h, i, d); k4, v4 (b, hk, j, d); mask (b, j) bool or None; bias4 (bb, bh, i, j) with
-    bb ∈ {1, b}, bh ∈ {1, h} (a view; may have zero strides); merged says q was 3-D.
+
+def check_attention_config(dim_head, heads, kv_heads, scale, groups) -> None:
+    """Raise ValueError, naming the argument, unless the op supports this configuration:
+
+    - dim_head: an integer in [MIN_HEAD_DIM, MAX_HEAD_DIM];
+    - heads, kv_heads: positive integers with heads % kv_heads == 0;
+    - scale: a finite real number in (0, MAX_SCALE];
+    - groups: a positive integer dividing dim_head.
+
+    Integers are what `operator.index` accepts (NumPy integers too), never bools. Needs no tensors, so a model can
+    check its options when it is built; `cosine_sim_attention` applies this same function on every call.
     """
+    d = _integer("dim_head", dim_head)
+    if not MIN_HEAD_DIM <= d <= MAX_HEAD_DIM:
+        raise ValueError(
+            f"dim_head (the head dim) must be in [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}]; got dim_head={dim_head!r}"
+        )
+    h, hk = _integer("heads", heads), _integer("kv_heads", kv_heads)
+    if h < 1:
+        raise ValueError(f"heads must be a positive integer; got heads={heads!r}")
+    if hk < 1 or h % hk != 0:
+        raise ValueError(
+            f"kv_heads must be a positive integer dividing heads (h % hk == 0); "
+            f"got heads={heads!r}, kv_heads={kv_heads!r}"
+        )
+    real = isinstance(scale, numbers.Real) and not isinstance(scale, bool)
+    if not (real and math.isfinite(scale) and 0 < scale <= MAX_SCALE):
+        raise ValueError(f"scale must be a finite number in (0, {MAX_SCALE:g}]; got scale={scale!r}")
+    g = _integer("groups", groups)
+    if g < 1 or d % g != 0:
+        raise ValueError(f"groups must be a positive integer dividing dim_head={d}; got groups={groups!r}")
+
+
+def _canonicalize(q, k, v, mask, attn_bias, alibi_slopes, causal, scale, l2norm_qk, groups, attn_bias_batch_dim):
+    """Validate and return canonical (q4, k4, v4, mask, bias4, slopes, scale, groups, merged) before any launch.
+
+    q4 (b, h, i, d); k4, v4 (b, hk, j, d); mask (b, j) bool or None; bias4 (bb, bh, bi, bj), each dim 1 or the full
+    size, a view of attn_bias (its size-1 dims are read with zero strides, and autograd maps its gradient back to
+    attn_bias's own shape); scale a float, groups an int; merged says q was 3-D.
+    """
+    for name, flag in (("causal", causal), ("l2norm_qk", l2norm_qk), ("attn_bias_batch_dim", attn_bias_batch_dim)):
+        if not isinstance(flag, bool):
+            raise ValueError(f"{name} must be a bool; got {name}={flag!r}")
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -58,16 +107,13 @@ def _canonicalize(q, k, v, mask, attn_bias, alibi_slopes, scale, groups, attn_bi
         raise ValueError(f"k and v must have the same heads and length; got k {_shape(k)}, v {_shape(v)}")
     if dk != d or v4.shape[3] != d:
         raise ValueError(f"q, k and v must share the head dim; got q {_shape(q)}, k {_shape(k)}, v {_shape(v)}")
-    if hk == 0 or h % hk != 0:
-        raise ValueError(f"query heads must be a multiple of kv heads (h % hk == 0); got h={h}, hk={hk}")
-    if not MIN_HEAD_DIM <= d <= MAX_HEAD_DIM:
-        raise ValueError(f"head dim must be in [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}]; got d={d} (q {_shape(q)})")
-    if i == 0 or j == 0 or b == 0 or h == 0:
+    if i == 0 or j == 0 or b == 0 or h == 0 or hk == 0:
         raise ValueError(f"empty inputs are not supported; got q {_shape(q)}, k {_shape(k)}")
-    if not isinstance(groups, int) or groups < 1 or d % groups != 0:
-        raise ValueError(f"groups must be a positive integer dividing the head dim {d}; got groups={groups!r}")
-    if not (isinstance(scale, (int, float)) and math.isfinite(scale) and 0 < scale <= MAX_SCALE):
-        raise ValueError(f"scale must be a finite number in (0, {MAX_SCALE:g}]; got scale={scale!r}")
+    try:
+        check_attention_config(d, h, hk, scale, groups)
+    except ValueError as e:
+        raise ValueError(f"{e} (q {_shape(q)}, k {_shape(k)})") from None
+    scale, groups = float(scale), operator.index(groups)
 
     if mask is not None:
         if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
@@ -83,21 +129,23 @@ def _canonicalize(q, k, v, mask, attn_bias, alibi_slopes, scale, groups, attn_bi
             raise TypeError(f"attn_bias must be a float tensor; got {getattr(attn_bias, 'dtype', type(attn_bias))}")
         if attn_bias.device != q.device:
             raise ValueError(f"attn_bias must be on {q.device}; got {attn_bias.device}")
-        nd = attn_bias.dim()
-        if nd == 2:
-            bias4 = attn_bias[None, None]
-        elif nd == 3:
-            bias4 = attn_bias[:, None] if (attn_bias_batch_dim or merged) else attn_bias[None]
-        elif nd == 4 and not merged:
-            bias4 = attn_bias
-        else:
+        nd, max_nd = attn_bias.dim(), 3 if merged else 4
+        if not 1 <= nd <= max_nd:
             raise ValueError(
-                f"attn_bias must be (i, j), (h, i, j), (b, i, j) or (b, h, i, j); got {_shape(attn_bias)} "
+                f"attn_bias must have 1 to {max_nd} dims (broadcastable to the logits); got {_shape(attn_bias)} "
                 f"for q {_shape(q)}"
             )
-        bb, bh, bi, bj = bias4.shape
-        if bb not in (1, b) or bh not in (1, h) or bi != i or bj != j:
-            raise ValueError(f"attn_bias {_shape(attn_bias)} does not broadcast to (b, h, i, j) = ({b}, {h}, {i}, {j})")
+        # PyTorch broadcasting (dims aligned on the right), except that a 3-D bias is (b, i, j), not (h, i, j),
+        # with attn_bias_batch_dim=True or a 3-D q (b then stands for the merged batch·heads)
+        by_batch = nd == 3 and (attn_bias_batch_dim or merged)
+        bias4 = attn_bias[:, None] if by_batch else attn_bias[(None,) * (4 - nd)]
+        if any(n not in (1, full) for n, full in zip(bias4.shape, (b, h, i, j))):
+            read_as = ""
+            if nd == 3:
+                read_as = " read as (b, i, j)," if by_batch else " read as (h, i, j) (attn_bias_batch_dim=False),"
+            raise ValueError(
+                f"attn_bias {_shape(attn_bias)}{read_as} does not broadcast to (b, h, i, j) = ({b}, {h}, {i}, {j})"
+            )
 
     if alibi_slopes is not None:
         if not isinstance(alibi_slopes, torch.Tensor) or not alibi_slopes.is_floating_point():
@@ -106,7 +154,13 @@ def _canonicalize(q, k, v, mask, attn_bias, alibi_slopes, scale, groups, attn_bi
             raise ValueError(f"alibi_slopes must be (h,) = ({h},); got {_shape(alibi_slopes)}")
         if alibi_slopes.device != q.device:
             raise ValueError(f"alibi_slopes must be on {q.device}; got {alibi_slopes.device}")
-    return q4, k4, v4, mask, bias4, alibi_slopes, merged
+        if alibi_slopes.requires_grad:
+            # the kernels have no slope gradient: refused everywhere rather than dropped on one backend
+            raise ValueError(
+                "alibi_slopes must not require grad (the op returns no gradient for them); register them as a "
+                "buffer or pass alibi_slopes.detach()"
+            )
+    return q4, k4, v4, mask, bias4, alibi_slopes, scale, groups, merged
 
 
 def _use_triton(device: torch.device) -> bool:
@@ -136,20 +190,23 @@ def cosine_sim_attention(
         k, v: (b, hk, j, d) with h % hk == 0 (GQA: query head n reads kv head n // (h // hk)); (b, j, d) for one
             kv head shared by all query heads (MQA); (B, j, d) when q is 3-D.
         mask: (b, j) bool key-padding mask, True = may attend. Combines with `causal`.
-        attn_bias: float, added to the logits, broadcastable to (b, h, i, j): (i, j), (h, i, j), (b, 1, i, j),
-            (b, h, i, j); a 3-D bias is (b, i, j) when `attn_bias_batch_dim=True` or q is 3-D. −inf entries mask.
-            Its gradient is returned when it requires grad, reduced to its own shape.
+        attn_bias: float, 1 to 4 dims, added to the logits under PyTorch broadcasting to (b, h, i, j): e.g. (i, j),
+            (h, i, j), (b, 1, i, j), (b, h, i, j), or key-only (j,), (b, 1, 1, j), query-only (i, 1), per-head
+            (h, 1, 1); except that a 3-D bias is (b, i, j) when `attn_bias_batch_dim=True` or q is 3-D (then at
+            most 3 dims, broadcastable to (B, i, j)). −inf entries mask. Its gradient is returned when it requires
+            grad, summed over the broadcast dims to its own shape.
         causal: query r may see key c iff c <= r + (j − i), i.e. aligned bottom-right, so a KV cache works:
 
                 i=2, j=5   keys 0 1 2 3 4
                 query 0         x x x x .
                 query 1         x x x x x
 
-        scale: fixed multiplier of the cosine similarity, in (0, 100]; default 10.
+        scale: fixed multiplier of the cosine similarity, a real number in (0, 100]; default 10.
         l2norm_qk: normalise q and k here (default). Pass False only if they are already unit-norm per group
             (e.g. rotary embeddings applied after the normalisation): the kernel relies on |q̂·k̂| <= groups.
-        groups: normalise in this many equal chunks of d (logits then lie in ±scale·groups).
+        groups: normalise in this many equal chunks of d (logits then lie in ±scale·groups); an integer, not a bool.
         alibi_slopes: (h,) float: adds −slope·|pos_q − pos_k| (pos_q = r + j − i) in the kernel, O(n) memory.
+            Fixed slopes: a tensor that requires grad is refused (no gradient is computed for them).
 
     Returns: like q (shape and dtype). Rows with no visible key are zeros, with zero gradients.
 
@@ -161,11 +218,15 @@ def cosine_sim_attention(
     bias, ALiBi, or scale·groups past what the dtype can hold it switches to a running maximum, so it stays
     exact. Memory is O(n): one fp32 statistic per query row is saved; nothing of size i·j is allocated.
 
+    Errors: tensors of the wrong rank, shape, dtype or device raise ValueError / TypeError naming the argument and
+    the shapes seen; scalar arguments outside the rules of `check_attention_config` (and flags that are not bools)
+    raise ValueError naming the argument. All checks run before any kernel launch, the same on every backend.
+
     Backends: CUDA tensors run the Triton kernels; CPU tensors run them under the Triton interpreter when
     TRITON_INTERPRET=1, otherwise a chunked PyTorch implementation of the same function (with autograd).
     """
-    q4, k4, v4, mask, bias4, slopes, merged = _canonicalize(
-        q, k, v, mask, attn_bias, alibi_slopes, scale, groups, attn_bias_batch_dim
+    q4, k4, v4, mask, bias4, slopes, scale, groups, merged = _canonicalize(
+        q, k, v, mask, attn_bias, alibi_slopes, causal, scale, l2norm_qk, groups, attn_bias_batch_dim
     )
     if _use_triton(q.device):
         from .ops import triton_attention
@@ -177,7 +238,7 @@ def cosine_sim_attention(
             mask=mask,
             attn_bias=bias4,
             causal=causal,
-            scale=float(scale),
+            scale=scale,
             l2norm_qk=l2norm_qk,
             groups=groups,
             alibi_slopes=slopes,
@@ -190,7 +251,7 @@ def cosine_sim_attention(
             mask=mask,
             attn_bias=bias4,
             causal=causal,
-            scale=float(scale),
+            scale=scale,
             l2norm_qk=l2norm_qk,
             groups=groups,
             alibi_slopes=slopes,
