@@ -21,7 +21,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from cosattn.interface import MAX_SCALE
+from cosattn.interface import MAX_HEAD_DIM, MAX_SCALE, MIN_HEAD_DIM
 
 
 class ConfigError(ValueError):
@@ -303,7 +303,7 @@ RANGES: dict[str, Interval] = {
     "model.dim": AT_LEAST_1,
     "model.depth": AT_LEAST_1,
     "model.heads": AT_LEAST_1,
-    "model.dim_head": AT_LEAST_1,
+    "model.dim_head": AT_LEAST_1,  # cosine attention narrows it to the kernel's head dims (below)
     "model.kv_heads": AT_LEAST_0,
     "model.scale": Interval(0, MAX_SCALE, lo_open=True),  # the logit bound the kernel keeps exact
     "model.groups": AT_LEAST_1,
@@ -359,10 +359,31 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(
             "model.scale and model.groups belong to cosine attention; leave them at 10.0 and 1 for regular"
         )
+    if m.attn == "cosine" and not MIN_HEAD_DIM <= m.dim_head <= MAX_HEAD_DIM:
+        raise ConfigError(
+            f"model.dim_head ({m.dim_head}) must be in [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}] for model.attn=cosine "
+            "(the head dims the fused kernel supports)"
+        )
     if m.dim_head % m.groups:
         raise ConfigError(f"model.groups ({m.groups}) must divide model.dim_head ({m.dim_head})")
     if m.rotary and m.alibi:
         raise ConfigError("model.rotary and model.alibi are two position schemes; choose one")
+    if m.rotary and (m.dim_head // m.groups) % 2:
+        # rotary turns pairs of dims; a pair split across two l2norm groups would change both groups' norms
+        raise ConfigError(
+            f"model.rotary needs an even l2norm group size model.dim_head / model.groups; "
+            f"got {m.dim_head} / {m.groups} = {m.dim_head // m.groups}"
+        )
+    d = cfg.data
+    if m.alibi and d.name in ("shapes", "hf"):
+        raise ConfigError(
+            f"model.alibi does not apply to data.name={d.name}: the text-to-image decoder cross-attends, and ALiBi "
+            "is defined for self-attention only (use model.rotary)"
+        )
+    if d.name == "text" and not d.path:
+        raise ConfigError("data.name=text needs data.path=/path/to/file")
+    if d.name == "hf" and not cfg.t2i.hf_dataset:
+        raise ConfigError("data.name=hf needs t2i.hf_dataset (a Hugging Face dataset name)")
     if isinstance(t.resume, str) and not t.resume:
         t.resume = False
     return cfg

@@ -297,6 +297,27 @@ def test_scale_bound_is_the_kernels():
     assert RANGES["model.scale"].hi == MAX_SCALE
 
 
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["model.dim_head=8"], "model.dim_head (8) must be in [16, 256] for model.attn=cosine"),
+        (["model.dim_head=512"], "model.dim_head (512) must be in [16, 256] for model.attn=cosine"),
+        (["model.rotary=true", "model.dim_head=36", "model.groups=4"], "model.rotary needs an even"),
+        (["data.name=shapes", "model.alibi=true"], "model.alibi"),
+        (["data.name=text"], "data.name=text needs data.path"),
+        (["data.name=hf"], "data.name=hf needs t2i.hf_dataset"),
+    ],
+)
+def test_cross_key_checks_that_would_fail_at_build_time(overrides, message):
+    with pytest.raises(ConfigError) as e:
+        load_config([], overrides)
+    assert message in str(e.value)
+
+
+def test_regular_attention_takes_any_head_dim():
+    assert load_config([], ["model.attn=regular", "model.dim_head=8"]).model.dim_head == 8
+
+
 def test_train_script_exits_2_on_a_range_error_naming_the_key(capsys, tmp_path):
     """A value the optimiser or the kernel would reject is a config error (exit 2) before anything is built,
     not a traceback (exit 1) from deep inside the trainer."""
