@@ -371,3 +371,8 @@ def test_cache_dir_expands_user(tmp_path, monkeypatch):
     splits = load_corpus("pystdlib", cache_dir="~/cachedir", max_bytes=5_000)
     assert len(splits["train"]) == 4_500
     assert list(pathlib.Path(tmp_path, "cachedir").glob("pystdlib-*"))
+
+
+def test_pystdlib_small_cap_is_not_mistaken_for_a_missing_stdlib(tmp_path):
+    """A cap under the 1000-byte sanity floor is honoured, not reported as a standard library with no sources."""
+    assert len(data.load_pystdlib(str(tmp_path), max_bytes=500)) == 500
