@@ -63,10 +63,20 @@ def sample_next(
     filter: str | None = "top_k",
     filter_kwargs: dict | None = None,
 ) -> torch.Tensor:
-    """logits (b, num_tokens) -> token ids (b,). temperature 0 is greedy (the filter is then irrelevant)."""
+    """logits (b, num_tokens) -> token ids (b,). temperature 0 is greedy (the filter is then irrelevant).
+
+    Every temperature > 0, however small, samples softmax(logits / temperature), with no floor and no overflow: as
+    it approaches 0 the samples become the argmax (uniform over exactly tied maxima)."""
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
+    logits = logits.float()
+    # Shift each row so its maximum is 0 before dividing (softmax is shift-invariant). The shifted logits are <= 0,
+    # so a tiny temperature can only push them towards -inf, where exp underflows to 0 anyway; unshifted, they
+    # overflowed to +inf and the softmax gave nan. The maxima are kept at 0 explicitly: 0 / t is nan once t rounds
+    # to 0 in fp32 (below ~1e-45), and so is 0 * (1 / t), the form a division by a scalar takes on a GPU, once
+    # 1 / t overflows (below ~3e-39).
+    shifted = logits - logits.amax(dim=-1, keepdim=True)
+    logits = torch.where(shifted == 0, shifted, shifted / temperature)
     if filter is not None:
         logits = FILTERS[filter](logits, **(filter_kwargs or {}))
     return torch.multinomial(logits.softmax(dim=-1), 1).squeeze(-1)

@@ -204,3 +204,132 @@ def test_parse_override_forms():
     assert parse_override("train.lr=1.0e-3") == ("train.lr", 1e-3)
     assert parse_override("--log.group=a=b") == ("log.group", "a=b")
     assert parse_override("data.path=") == ("data.path", "")
+
+
+# ---------------------------------------------------------------------------------------------- value ranges
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.beta1=2", "config key 'train.beta1' must be in [0, 1), got 2.0"),
+        ("train.beta1=-0.1", "config key 'train.beta1' must be in [0, 1), got -0.1"),
+        ("train.beta2=1", "config key 'train.beta2' must be in [0, 1), got 1.0"),
+        ("model.scale=0", "config key 'model.scale' must be in (0, 100], got 0.0"),
+        ("model.scale=1000", "config key 'model.scale' must be in (0, 100], got 1000.0"),
+        ("model.scale=nan", "config key 'model.scale' must be a finite number, got nan"),
+        ("train.lr=inf", "config key 'train.lr' must be a finite number, got inf"),
+        ("train.lr=.inf", "config key 'train.lr' must be a finite number, got inf"),
+        ("train.grad_clip=nan", "config key 'train.grad_clip' must be a finite number, got nan"),
+        ("train.grad_clip=-1", "config key 'train.grad_clip' must be >= 0, got -1.0"),
+        ("train.weight_decay=-inf", "config key 'train.weight_decay' must be a finite number, got -inf"),
+        ("train.min_lr_ratio=nan", "config key 'train.min_lr_ratio' must be a finite number, got nan"),
+        ("model.dropout=nan", "config key 'model.dropout' must be a finite number, got nan"),
+        ("train.lr=0", "config key 'train.lr' must be > 0, got 0.0"),
+        ("train.max_steps=0", "config key 'train.max_steps' must be >= 1, got 0"),
+        ("train.warmup_steps=-1", "config key 'train.warmup_steps' must be >= 0, got -1"),
+        ("train.eval_every=-1", "config key 'train.eval_every' must be >= 0, got -1"),
+        ("train.checkpoint_every=-1", "config key 'train.checkpoint_every' must be >= 0, got -1"),
+        ("train.log_every=0", "config key 'train.log_every' must be >= 1, got 0"),
+        ("train.seed=-1", "config key 'train.seed' must be in [0, 4294967295], got -1"),
+        ("train.seed=4294967296", "config key 'train.seed' must be in [0, 4294967295], got 4294967296"),
+        ("t2i.sample_temperature=-1", "config key 't2i.sample_temperature' must be >= 0, got -1.0"),
+        ("t2i.sample_temperature=inf", "config key 't2i.sample_temperature' must be a finite number, got inf"),
+        ("t2i.palette=1", "config key 't2i.palette' must be in [2, 256], got 1"),
+        ("t2i.palette=257", "config key 't2i.palette' must be in [2, 256], got 257"),
+        ("t2i.fid_samples=1", "config key 't2i.fid_samples' must be >= 2, got 1"),
+        ("t2i.num_val=0", "config key 't2i.num_val' must be >= 1, got 0"),
+        ("t2i.image_size=0", "config key 't2i.image_size' must be >= 1, got 0"),
+        ("t2i.enc_depth=0", "config key 't2i.enc_depth' must be >= 1, got 0"),
+        ("data.seq_len=0", "config key 'data.seq_len' must be >= 1, got 0"),
+        ("model.heads=0", "config key 'model.heads' must be >= 1, got 0"),
+    ],
+)
+def test_out_of_range_values_are_rejected_naming_key_and_value(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config([], [override])
+    assert message in str(e.value)
+
+
+def test_range_edges_are_accepted():
+    from cosattn.interface import MAX_SCALE
+
+    edges = [
+        "train.beta1=0",
+        "train.beta2=0.999",
+        f"model.scale={MAX_SCALE}",
+        "model.scale=0.01",
+        "model.dropout=0",
+        "train.min_lr_ratio=1",
+        "train.grad_clip=0",
+        "train.weight_decay=0",
+        "train.warmup_steps=0",
+        "train.eval_every=0",
+        "train.checkpoint_every=0",
+        "train.sample_every=0",
+        "train.sample_length=0",
+        "train.seed=4294967295",
+        "t2i.sample_temperature=0",
+        "t2i.palette=256",
+        "t2i.fid_samples=2",
+    ]
+    cfg = load_config([], edges)
+    assert (cfg.train.beta1, cfg.model.scale, cfg.t2i.palette) == (0.0, 0.01, 256)
+
+
+def test_every_numeric_field_has_a_range():
+    """A new int or float field must state its valid range in the one table that `validate` reads."""
+    from cosformer.config import RANGES, SECTIONS
+
+    numeric = {
+        f"{section}.{f.name}"
+        for section, cls in SECTIONS.items()
+        for f in dataclasses.fields(cls)
+        if typing.get_type_hints(cls)[f.name] in (int, float)
+    }
+    assert set(RANGES) == numeric
+
+
+def test_scale_bound_is_the_kernels():
+    from cosattn.interface import MAX_SCALE
+    from cosformer.config import RANGES
+
+    assert RANGES["model.scale"].hi == MAX_SCALE
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["model.dim_head=8"], "model.dim_head (8) must be in [16, 256] for model.attn=cosine"),
+        (["model.dim_head=512"], "model.dim_head (512) must be in [16, 256] for model.attn=cosine"),
+        (["model.rotary=true", "model.dim_head=36", "model.groups=4"], "model.rotary needs an even"),
+        (["data.name=shapes", "model.alibi=true"], "model.alibi"),
+        (["data.name=text"], "data.name=text needs data.path"),
+        (["data.name=hf"], "data.name=hf needs t2i.hf_dataset"),
+    ],
+)
+def test_cross_key_checks_that_would_fail_at_build_time(overrides, message):
+    with pytest.raises(ConfigError) as e:
+        load_config([], overrides)
+    assert message in str(e.value)
+
+
+def test_regular_attention_takes_any_head_dim():
+    assert load_config([], ["model.attn=regular", "model.dim_head=8"]).model.dim_head == 8
+
+
+def test_train_script_exits_2_on_a_range_error_naming_the_key(capsys, tmp_path):
+    """A value the optimiser or the kernel would reject is a config error (exit 2) before anything is built,
+    not a traceback (exit 1) from deep inside the trainer."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_script", ROOT / "scripts" / "train.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    # paths and sizes that keep even a mistakenly started run small and out of the user's cache
+    safe = [f"train.out_dir={tmp_path / 'run'}", f"data.cache_dir={tmp_path / 'cache'}", "data.max_bytes=100000"]
+    for override, key in (("train.beta1=2", "train.beta1"), ("model.scale=1000", "model.scale")):
+        assert script.main([override, *safe]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("config error:") and f"'{key}'" in err
+    assert not (tmp_path / "run").exists()

@@ -93,6 +93,117 @@ def test_download_verifies_then_renames(tmp_path):
     assert sorted(p.name for p in bad.parent.iterdir()) == ["x.bin"]
 
 
+class FakeResponse:
+    """What `urllib.request.urlopen` returns, serving `body` (then, if `endless`, zeros forever) and counting what
+    the caller read, so a test can tell how much a download pulled from a hostile or broken server."""
+
+    def __init__(self, body: bytes = b"", *, endless: bool = False, length: int | None = None, fail_at_end=None):
+        self.body, self.endless, self.fail_at_end, self.served = body, endless, fail_at_end, 0
+        self.headers = {"Content-Length": str(length)} if length is not None else {}
+
+    def read(self, n: int = -1) -> bytes:
+        assert n > 0, "a download must read in bounded blocks"
+        if self.served >= len(self.body):
+            if self.fail_at_end is not None:
+                raise self.fail_at_end
+            if not self.endless:
+                return b""
+            # a safety stop far past any sane cap, so that a missing cap fails the test instead of hanging it
+            assert self.served < 64 << 20, "read 64 MiB from an endless stream"
+            self.served += n
+            return bytes(n)
+        block = self.body[self.served : self.served + n]
+        self.served += len(block)
+        return block
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+@pytest.fixture
+def fake_server(monkeypatch):
+    """Route `download` to a FakeResponse: `fake_server(response)` installs it and returns it."""
+
+    def install(response: FakeResponse) -> FakeResponse:
+        monkeypatch.setattr(data.urllib.request, "urlopen", lambda url, timeout=None: response)
+        return response
+
+    return install
+
+
+FAKE_URL = "http://example.invalid/x.bin"
+
+
+def assert_cache_untouched(cache: pathlib.Path, before: dict[str, bytes]) -> None:
+    assert {p.name: p.read_bytes() for p in cache.iterdir()} == before  # no partial file, the old files as they were
+
+
+@pytest.fixture
+def cache_with_a_file(tmp_path):
+    """A cache already holding a file at the name the failed downloads target: it must survive them unchanged."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "x.bin").write_bytes(b"already here")
+    return cache, {"x.bin": b"already here"}
+
+
+@pytest.mark.parametrize("length", [None, 5000], ids=["no-length", "lying-length"])
+def test_download_stops_at_the_expected_size(cache_with_a_file, fake_server, length):
+    """An endless body (announced or not) is cut off just past the expected size, not written out in full."""
+    cache, before = cache_with_a_file
+    body = random_bytes(5000, seed=5)
+    server = fake_server(FakeResponse(body, endless=True, length=length))
+    with pytest.raises(ChecksumError) as e:
+        download(FAKE_URL, cache / "x.bin", size=5000, sha256=hashlib.sha256(body).hexdigest())
+    assert server.served <= 5000 + (1 << 16)
+    message = str(e.value)
+    assert FAKE_URL in message and "5,000" in message and f"{server.served:,}" in message
+    assert_cache_untouched(cache, before)
+
+
+def test_download_rejects_an_announced_length_before_reading(cache_with_a_file, fake_server):
+    cache, before = cache_with_a_file
+    server = fake_server(FakeResponse(bytes(1 << 20), length=1 << 20))
+    with pytest.raises(ChecksumError, match=r"announces 1,048,576 bytes, expected 5,000") as e:
+        download(FAKE_URL, cache / "x.bin", size=5000)
+    assert FAKE_URL in str(e.value) and server.served == 0
+    assert_cache_untouched(cache, before)
+
+
+def test_download_short_body_or_wrong_digest_names_the_url(cache_with_a_file, fake_server):
+    cache, before = cache_with_a_file
+    body = random_bytes(5000, seed=6)
+    digest = hashlib.sha256(body).hexdigest()
+    fake_server(FakeResponse(body[:3000]))
+    with pytest.raises(ChecksumError, match=r"received 3,000 bytes, expected 5,000") as e:
+        download(FAKE_URL, cache / "x.bin", size=5000, sha256=digest)
+    assert FAKE_URL in str(e.value)
+    assert_cache_untouched(cache, before)
+
+    fake_server(FakeResponse(body))
+    with pytest.raises(ChecksumError, match=f"expected SHA-256 {'f' * 64}, found {digest}") as e:
+        download(FAKE_URL, cache / "x.bin", size=5000, sha256="f" * 64)
+    assert FAKE_URL in str(e.value)
+    assert_cache_untouched(cache, before)
+
+
+def test_download_connection_lost_mid_body_is_unavailable_not_a_traceback(cache_with_a_file, fake_server):
+    """A connection dropped mid-body (http.client raises IncompleteRead, which is no OSError) or a read timeout
+    is the same offline condition as a refused connection: DataUnavailableError naming the URL and the hint."""
+    import http.client
+
+    cache, before = cache_with_a_file
+    for failure in (http.client.IncompleteRead(b"", 2000), TimeoutError("timed out")):
+        fake_server(FakeResponse(random_bytes(3000, seed=7), length=5000, fail_at_end=failure))
+        with pytest.raises(DataUnavailableError, match="failed after 3,000 bytes") as e:
+            download(FAKE_URL, cache / "x.bin", size=5000, hint=" Try data.path.")
+        assert FAKE_URL in str(e.value) and str(e.value).endswith("Try data.path.")
+        assert_cache_untouched(cache, before)
+
+
 def test_offline_error_names_url_and_override(tmp_path):
     with pytest.raises(DataUnavailableError) as e:
         load_enwik8(cache_dir=str(tmp_path / "cache"), url=UNREACHABLE)
@@ -260,3 +371,8 @@ def test_cache_dir_expands_user(tmp_path, monkeypatch):
     splits = load_corpus("pystdlib", cache_dir="~/cachedir", max_bytes=5_000)
     assert len(splits["train"]) == 4_500
     assert list(pathlib.Path(tmp_path, "cachedir").glob("pystdlib-*"))
+
+
+def test_pystdlib_small_cap_is_not_mistaken_for_a_missing_stdlib(tmp_path):
+    """A cap under the 1000-byte sanity floor is honoured, not reported as a standard library with no sources."""
+    assert len(data.load_pystdlib(str(tmp_path), max_bytes=500)) == 500

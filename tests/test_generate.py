@@ -154,11 +154,52 @@ def test_sampling(seed):
     assert not torch.equal(sample_next(logits, temperature=5.0, filter=None), greedy)
 
 
+@pytest.mark.parametrize("filter", [None, "top_k", "top_p"])
+@pytest.mark.parametrize("temperature", [5e-324, 1e-46, 1e-39, 1e-30, 1e-8])
+def test_tiny_temperatures_sample_the_argmax(temperature, filter, seed):
+    """logits / temperature overflowed to inf (nan after the softmax) and multinomial raised; the limit of the
+    tempered distribution as the temperature goes to 0 is the argmax, whatever the logits' dtype and magnitude."""
+    logits = torch.randn(64, 30) * torch.logspace(-3, 10, 64)[:, None]  # rows from tiny to huge logits
+    logits[:, 7] = float("-inf")  # a masked token stays masked
+    assert torch.equal(sample_next(logits, temperature=temperature, filter=filter), logits.argmax(-1))
+    # half-precision logits (a model under autocast) take the same path; integers times 2^10 are exact, no ties
+    distinct = torch.stack([torch.randperm(30) for _ in range(8)]).float() * 2**10
+    for dtype in (torch.bfloat16, torch.float16):
+        assert torch.equal(sample_next(distinct.to(dtype), temperature=temperature, filter=filter), distinct.argmax(-1))
+
+
+def test_tiny_temperature_keeps_exact_ties(seed):
+    """Near zero the tempered distribution is uniform over the tied maxima, not the first of them."""
+    logits = torch.tensor([[1.0, 3.0, 3.0, -2.0]]).expand(4000, 4)
+    samples = sample_next(logits, temperature=1e-39, filter=None)
+    counts = torch.bincount(samples, minlength=4)
+    assert counts[0] == counts[3] == 0 and min(counts[1], counts[2]) > 1700
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 3.0])
+def test_ordinary_temperatures_sample_the_tempered_softmax(temperature, seed):
+    logits = torch.tensor([[0.3, -1.2, 1.1, 0.0]]).expand(40_000, 4)
+    counts = torch.bincount(sample_next(logits, temperature=temperature, filter=None), minlength=4)
+    expected = (logits[0] / temperature).softmax(-1)
+    torch.testing.assert_close(counts / counts.sum(), expected, atol=0.01, rtol=0)
+
+
+def test_generate_with_a_tiny_temperature_is_greedy(seed, torch_attention_path):
+    model = make_lm("cosine")
+    prompt = torch.randint(0, 37, (2, 4))
+    greedy = model.generate(prompt, 6, temperature=0.0)
+    for temperature in (1e-39, 1e-30, 1e-8):
+        assert torch.equal(model.generate(prompt, 6, temperature=temperature), greedy)
+
+
 def test_generate_rejects_bad_arguments(torch_attention_path):
     model = make_lm("cosine")
     prompt = torch.randint(0, 37, (1, 3))
     for kwargs, name in [
         (dict(temperature=-1.0), "temperature"),
+        (dict(temperature=-1e-39), "temperature"),
+        (dict(temperature=float("nan")), "temperature"),
+        (dict(temperature=float("inf")), "temperature"),
         (dict(filter="top_z"), "filter"),
         (dict(filter="top_k", filter_kwargs={"k": 0}), "k"),
         (dict(filter="top_p", filter_kwargs={"p": 1.5}), "p"),

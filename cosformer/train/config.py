@@ -3,14 +3,16 @@
 A run is described by one `Config` (sections model / data / train / log / t2i). It is built from the dataclass
 defaults, then each YAML file in order (a later file overrides an earlier one), then `section.key=value`
 overrides as wandb sweeps pass them (`${args_no_hyphens}`). Every key and value is checked against the
-dataclass fields before anything is built: an unknown key or a value of the wrong type raises `ConfigError`
-naming the key, so a typo in a sweep fails at once instead of silently training the default.
+dataclass fields before anything is built: an unknown key, a value of the wrong type or out of its range (the
+`RANGES` table) raises `ConfigError` naming the key, so a typo in a sweep fails at once instead of silently
+training the default, and a value the optimiser or the kernel would reject fails before a model is built.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import pathlib
 import types
 import typing
@@ -19,9 +21,11 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from cosattn.interface import MAX_HEAD_DIM, MAX_SCALE, MIN_HEAD_DIM
+
 
 class ConfigError(ValueError):
-    """A config file or override names an unknown key or carries a value of the wrong type."""
+    """A config file or override names an unknown key, or carries a value of the wrong type or out of range."""
 
 
 @dataclass
@@ -80,7 +84,7 @@ class TrainConfig:
     max_steps: int = 250
     warmup_steps: int = 25
     min_lr_ratio: float = 0.1
-    eval_every: int = 50
+    eval_every: int = 50  # 0 = only at the end
     eval_batches: int = 8
     checkpoint_every: int = 0  # 0 = only at the end
     keep_checkpoints: int = 2
@@ -265,58 +269,121 @@ def load_config(paths: list[str | pathlib.Path] = (), overrides: list[str] = ())
     return cfg
 
 
+@dataclass(frozen=True)
+class Interval:
+    """The valid values of one numeric key; `str` is the condition an error message states."""
+
+    lo: float
+    hi: float = math.inf
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def __contains__(self, value) -> bool:
+        above = value > self.lo if self.lo_open else value >= self.lo
+        below = value < self.hi if self.hi_open else value <= self.hi
+        return above and below
+
+    def __str__(self) -> str:
+        def num(x):
+            return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+        if self.hi == math.inf:
+            return f"{'>' if self.lo_open else '>='} {num(self.lo)}"
+        return f"in {'(' if self.lo_open else '['}{num(self.lo)}, {num(self.hi)}{')' if self.hi_open else ']'}"
+
+
+AT_LEAST_1 = Interval(1)  # sizes and counts
+AT_LEAST_0 = Interval(0)  # amounts that may be zero; for an every-N interval, 0 means what its field's comment says
+POSITIVE = Interval(0, lo_open=True)
+UNIT = Interval(0, 1)
+UNIT_OPEN = Interval(0, 1, hi_open=True)
+
+# Every int and float field, with its valid range (a test keeps this table complete). Floats must also be finite.
+RANGES: dict[str, Interval] = {
+    "model.dim": AT_LEAST_1,
+    "model.depth": AT_LEAST_1,
+    "model.heads": AT_LEAST_1,
+    "model.dim_head": AT_LEAST_1,  # cosine attention narrows it to the kernel's head dims (below)
+    "model.kv_heads": AT_LEAST_0,
+    "model.scale": Interval(0, MAX_SCALE, lo_open=True),  # the logit bound the kernel keeps exact
+    "model.groups": AT_LEAST_1,
+    "model.ff_mult": AT_LEAST_1,
+    "model.dropout": UNIT_OPEN,
+    "data.seq_len": AT_LEAST_1,
+    "data.max_bytes": AT_LEAST_1,
+    "train.batch_size": AT_LEAST_1,
+    "train.grad_accum": AT_LEAST_1,
+    "train.lr": POSITIVE,
+    "train.weight_decay": AT_LEAST_0,
+    "train.beta1": UNIT_OPEN,  # AdamW's own range
+    "train.beta2": UNIT_OPEN,
+    "train.max_steps": AT_LEAST_1,
+    "train.warmup_steps": AT_LEAST_0,
+    "train.min_lr_ratio": UNIT,
+    "train.eval_every": AT_LEAST_0,
+    "train.eval_batches": AT_LEAST_1,
+    "train.checkpoint_every": AT_LEAST_0,
+    "train.keep_checkpoints": AT_LEAST_1,
+    "train.log_every": AT_LEAST_1,  # a modulus: 0 would divide by zero rather than switch logging off
+    "train.sample_every": AT_LEAST_0,
+    "train.sample_length": AT_LEAST_0,  # 0 = no text samples
+    "train.seed": Interval(0, 2**32 - 1),  # numpy's seed range: accelerate's set_seed seeds numpy too
+    "train.grad_clip": AT_LEAST_0,
+    "train.num_workers": AT_LEAST_0,
+    "t2i.image_size": AT_LEAST_1,  # the shapes dataset needs more, and says how much when it is built
+    "t2i.palette": Interval(2, 256),  # colour indices are stored as uint8
+    "t2i.num_train": AT_LEAST_1,
+    "t2i.num_val": AT_LEAST_1,
+    "t2i.num_test": AT_LEAST_1,
+    "t2i.text_max_len": AT_LEAST_1,
+    "t2i.enc_depth": AT_LEAST_1,
+    "t2i.fid_samples": Interval(2),  # FID needs a covariance
+    "t2i.sample_temperature": AT_LEAST_0,  # 0 = greedy
+}
+
+
 def validate(cfg: Config) -> Config:
-    """Checks across keys that single types cannot express."""
+    """Value ranges (the RANGES table), then checks across keys that single types cannot express. Anything that
+    would otherwise fail once the run is being built fails here, as a ConfigError naming the key."""
+    for key, interval in RANGES.items():
+        section, _, name = key.partition(".")
+        value = getattr(getattr(cfg, section), name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"config key '{key}' must be a finite number, got {value!r}")
+        if value not in interval:
+            raise ConfigError(f"config key '{key}' must be {interval}, got {value!r}")
     m, t = cfg.model, cfg.train
-    positive = {
-        "model.dim": m.dim,
-        "model.depth": m.depth,
-        "model.heads": m.heads,
-        "model.dim_head": m.dim_head,
-        "model.groups": m.groups,
-        "model.ff_mult": m.ff_mult,
-        "data.seq_len": cfg.data.seq_len,
-        "data.max_bytes": cfg.data.max_bytes,
-        "train.batch_size": t.batch_size,
-        "train.grad_accum": t.grad_accum,
-        "train.max_steps": t.max_steps,
-        "train.eval_batches": t.eval_batches,
-        "train.log_every": t.log_every,
-        "train.keep_checkpoints": t.keep_checkpoints,
-    }
-    for key, value in positive.items():
-        if value < 1:
-            raise ConfigError(f"config key '{key}' must be >= 1, got {value}")
-    non_negative = {
-        "model.kv_heads": m.kv_heads,
-        "train.warmup_steps": t.warmup_steps,
-        "train.eval_every": t.eval_every,
-        "train.checkpoint_every": t.checkpoint_every,
-        "train.sample_every": t.sample_every,
-        "train.sample_length": t.sample_length,
-        "train.num_workers": t.num_workers,
-        "train.grad_clip": t.grad_clip,
-        "train.weight_decay": t.weight_decay,
-    }
-    for key, value in non_negative.items():
-        if value < 0:
-            raise ConfigError(f"config key '{key}' must be >= 0, got {value}")
     if m.kv_heads and m.heads % m.kv_heads:
         raise ConfigError(f"model.heads ({m.heads}) must be a multiple of model.kv_heads ({m.kv_heads})")
     if m.attn == "regular" and (m.scale != 10.0 or m.groups != 1):
         raise ConfigError(
             "model.scale and model.groups belong to cosine attention; leave them at 10.0 and 1 for regular"
         )
+    if m.attn == "cosine" and not MIN_HEAD_DIM <= m.dim_head <= MAX_HEAD_DIM:
+        raise ConfigError(
+            f"model.dim_head ({m.dim_head}) must be in [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}] for model.attn=cosine "
+            "(the head dims the fused kernel supports)"
+        )
     if m.dim_head % m.groups:
         raise ConfigError(f"model.groups ({m.groups}) must divide model.dim_head ({m.dim_head})")
-    if not 0.0 <= m.dropout < 1.0:
-        raise ConfigError(f"config key 'model.dropout' must be in [0, 1), got {m.dropout}")
-    if not t.lr > 0:
-        raise ConfigError(f"config key 'train.lr' must be > 0, got {t.lr}")
-    if not 0.0 <= t.min_lr_ratio <= 1.0:
-        raise ConfigError(f"config key 'train.min_lr_ratio' must be in [0, 1], got {t.min_lr_ratio}")
     if m.rotary and m.alibi:
         raise ConfigError("model.rotary and model.alibi are two position schemes; choose one")
+    if m.rotary and (m.dim_head // m.groups) % 2:
+        # rotary turns pairs of dims; a pair split across two l2norm groups would change both groups' norms
+        raise ConfigError(
+            f"model.rotary needs an even l2norm group size model.dim_head / model.groups; "
+            f"got {m.dim_head} / {m.groups} = {m.dim_head // m.groups}"
+        )
+    d = cfg.data
+    if m.alibi and d.name in ("shapes", "hf"):
+        raise ConfigError(
+            f"model.alibi does not apply to data.name={d.name}: the text-to-image decoder cross-attends, and ALiBi "
+            "is defined for self-attention only (use model.rotary)"
+        )
+    if d.name == "text" and not d.path:
+        raise ConfigError("data.name=text needs data.path=/path/to/file")
+    if d.name == "hf" and not cfg.t2i.hf_dataset:
+        raise ConfigError("data.name=hf needs t2i.hf_dataset (a Hugging Face dataset name)")
     if isinstance(t.resume, str) and not t.resume:
         t.resume = False
     return cfg

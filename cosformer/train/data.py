@@ -17,6 +17,7 @@ fixed, evenly spaced windows; the final evaluation tiles a split with non-overla
 from __future__ import annotations
 
 import hashlib
+import http.client
 import os
 import pathlib
 import sys
@@ -38,6 +39,7 @@ ENWIK8_HEADER = b"<mediawiki "
 ENWIK8_SPLIT = (90_000_000, 5_000_000, 5_000_000)
 SPLITS = ("train", "val", "test")
 TEXT_FRACTIONS = (0.90, 0.05, 0.05)
+_DOWNLOAD_BLOCK = 1 << 20
 
 
 class DataUnavailableError(RuntimeError):
@@ -87,7 +89,12 @@ def download(
     url: str, dest: str | os.PathLike, *, size: int | None = None, sha256: str | None = None, hint: str = ""
 ) -> pathlib.Path:
     """Download `url` to `dest` with a progress bar, verify it, then rename into place. An interrupted or
-    corrupt download never leaves a file at `dest`. Network failures raise DataUnavailableError naming the URL."""
+    corrupt download never leaves a file at `dest` (nor a partial one beside it).
+
+    With `size`, at most size + 1 bytes are read: a body that is longer (or a Content-Length that differs) is
+    refused before the excess reaches the disk, since plain http lets anyone on the path send an endless body.
+    Without `size` the Content-Length, when sent, is the cap. A wrong size or digest raises ChecksumError, a
+    network failure (before or during the body) DataUnavailableError; both name the URL."""
     from tqdm.auto import tqdm
 
     dest = pathlib.Path(dest)
@@ -98,13 +105,45 @@ def download(
             response = urllib.request.urlopen(url, timeout=30)
         except (urllib.error.URLError, OSError, ValueError) as e:
             raise DataUnavailableError(f"could not download {url} ({e}).{hint}") from e
-        with response, open(tmp, "wb") as f:
-            total = int(response.headers.get("Content-Length") or 0) or size
-            with tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {dest.name}") as bar:
-                while block := response.read(1 << 20):
+        with response:
+            try:
+                announced = int(response.headers.get("Content-Length") or 0)
+            except ValueError:
+                announced = 0
+            # a missing, malformed or non-positive header says nothing; the size check after the body still holds
+            announced = announced if announced > 0 else None
+            if size is not None and announced is not None and announced != size:
+                raise ChecksumError(f"{url} announces {announced:,} bytes, expected {size:,}; nothing was downloaded")
+            limit = size if size is not None else announced
+            digest, received = hashlib.sha256(), 0
+            with (
+                open(tmp, "wb") as f,
+                tqdm(total=limit, unit="B", unit_scale=True, desc=f"downloading {dest.name}") as bar,
+            ):
+                while True:
+                    # one byte past the limit is enough to know the body is too long
+                    want = _DOWNLOAD_BLOCK if limit is None else min(_DOWNLOAD_BLOCK, limit + 1 - received)
+                    try:
+                        block = response.read(want)
+                    except (OSError, http.client.HTTPException) as e:
+                        # a dropped connection mid-body (IncompleteRead is no OSError) is as offline as a refused one
+                        raise DataUnavailableError(
+                            f"could not download {url}: the connection failed after {received:,} bytes ({e!r}).{hint}"
+                        ) from e
+                    if not block:
+                        break
                     f.write(block)
+                    digest.update(block)
+                    received += len(block)
                     bar.update(len(block))
-        verify_file(tmp, size=size, sha256=sha256)
+                    if limit is not None and received > limit:
+                        raise ChecksumError(
+                            f"{url} sent more than the expected {limit:,} bytes; stopped after {received:,}"
+                        )
+        if size is not None and received != size:
+            raise ChecksumError(f"{url}: received {received:,} bytes, expected {size:,}")
+        if sha256 is not None and digest.hexdigest() != sha256:
+            raise ChecksumError(f"{url}: expected SHA-256 {sha256}, found {digest.hexdigest()}")
         os.replace(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)
@@ -189,7 +228,7 @@ def load_pystdlib(cache_dir: str = "~/.cache/cosformer", max_bytes: int = 20_000
     if cached.is_file():
         return cached.read_bytes()
     data = build_pystdlib(max_bytes)
-    if len(data) < 1000:
+    if len(data) < min(max_bytes, 1000):  # a cap below the floor is the user's choice, not a missing stdlib
         raise DataUnavailableError(f"the standard library at {sysconfig.get_paths()['stdlib']} yielded no sources")
     try:
         atomic_write_bytes(cached, data)
