@@ -15,16 +15,19 @@ visible key returns zeros in both backends.
 
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
-from cosattn import cosine_sim_attention, l2norm_tensors
+from cosattn import check_attention_config, cosine_sim_attention, l2norm_tensors
 
 from .positional import alibi_bias, alibi_slopes, apply_rotary
 
 ATTN_KINDS = ("cosine", "regular")
-COSINE_HEAD_DIMS = (16, 256)  # what the fused op supports
+DEFAULT_SCALE = 10.0  # of cosine attention; regular attention takes no scale (1/sqrt(dim_head))
 
 
 class Attention(nn.Module):
@@ -44,7 +47,7 @@ class Attention(nn.Module):
         kv_heads: int | None = None,
         causal: bool = False,
         attn: str = "cosine",
-        scale: float = 10.0,
+        scale: float | None = None,
         groups: int = 1,
         cross: bool = False,
         dim_context: int | None = None,
@@ -66,7 +69,7 @@ class Attention(nn.Module):
         self.heads, self.kv_heads, self.dim_head = heads, kv_heads, dim_head
         self.causal = causal and not cross
         self.cross = cross
-        self.scale = float(scale)
+        self.scale = None if attn == "regular" else float(DEFAULT_SCALE if scale is None else scale)
         self.groups = groups
 
         dim_kv_in = dim_context if dim_context is not None else dim
@@ -77,8 +80,9 @@ class Attention(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.register_buffer("alibi_slopes", alibi_slopes(heads) if alibi else None, persistent=False)
 
-    def _split_heads(self, t: torch.Tensor, heads: int) -> torch.Tensor:
-        return t.unflatten(-1, (heads, self.dim_head)).transpose(1, 2)  # (b, heads, n, dim_head)
+    @staticmethod
+    def _split_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
+        return rearrange(t, "b n (h d) -> b h n d", h=heads)
 
     def forward(
         self,
@@ -128,7 +132,7 @@ class Attention(nn.Module):
             )
         else:
             out = self._regular(q, k, v, mask)
-        out = out.transpose(1, 2).flatten(2)  # (b, i, h * d)
+        out = rearrange(out, "b h i d -> b i (h d)")
         return self.dropout(self.to_out(out)), (k, v)
 
     def _regular(self, q, k, v, mask):
@@ -162,28 +166,25 @@ class Attention(nn.Module):
 
 
 def check_attention_args(*, attn, heads, kv_heads, dim_head, groups, scale, dropout) -> None:
-    """Reject invalid or conflicting attention options, naming the argument."""
+    """Reject invalid or conflicting attention options, naming the argument. The cosine backend's limits are the
+    op's own (`cosattn.check_attention_config`); regular attention takes neither a scale nor l2norm groups."""
     if attn not in ATTN_KINDS:
         raise ValueError(f"attn must be one of {ATTN_KINDS}; got attn={attn!r}")
-    if not isinstance(heads, int) or heads < 1:
-        raise ValueError(f"heads must be a positive integer; got heads={heads!r}")
-    if not isinstance(kv_heads, int) or kv_heads < 1 or heads % kv_heads != 0:
-        raise ValueError(f"kv_heads must be a positive divisor of heads={heads}; got kv_heads={kv_heads!r}")
-    if not isinstance(dim_head, int) or dim_head < 1:
-        raise ValueError(f"dim_head must be a positive integer; got dim_head={dim_head!r}")
-    if not isinstance(groups, int) or groups < 1 or dim_head % groups != 0:
-        raise ValueError(f"groups must be a positive integer dividing dim_head={dim_head}; got groups={groups!r}")
-    if not 0.0 <= dropout < 1.0:
+    if not (isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0):
         raise ValueError(f"dropout must be in [0, 1); got dropout={dropout!r}")
     if attn == "cosine":
-        lo, hi = COSINE_HEAD_DIMS
-        if not lo <= dim_head <= hi:
-            raise ValueError(f"attn='cosine' supports dim_head in [{lo}, {hi}]; got dim_head={dim_head}")
-        if not (isinstance(scale, (int, float)) and 0 < scale <= 100):
-            raise ValueError(f"scale must be a number in (0, 100]; got scale={scale!r}")
-    else:
-        # scale and groups belong to the cosine similarity; regular attention uses 1/sqrt(dim_head)
-        if scale != 10.0:
-            raise ValueError(f"scale applies to attn='cosine' only (regular uses 1/sqrt(dim_head)); got scale={scale}")
-        if groups != 1:
-            raise ValueError(f"groups (l2norm groups) applies to attn='cosine' only; got groups={groups}")
+        check_attention_config(dim_head, heads, kv_heads, DEFAULT_SCALE if scale is None else scale, groups)
+        return
+    if scale is not None:
+        raise ValueError(f"scale applies to attn='cosine' only (regular uses 1/sqrt(dim_head)); got scale={scale!r}")
+    if groups != 1:
+        raise ValueError(f"groups (l2norm groups) applies to attn='cosine' only; got groups={groups!r}")
+    for name, value in (("heads", heads), ("kv_heads", kv_heads), ("dim_head", dim_head)):
+        try:
+            ok = not isinstance(value, bool) and operator.index(value) >= 1
+        except TypeError:
+            ok = False
+        if not ok:
+            raise ValueError(f"{name} must be a positive integer; got {name}={value!r}")
+    if heads % kv_heads != 0:
+        raise ValueError(f"kv_heads must divide heads; got heads={heads}, kv_heads={kv_heads}")

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .attention import Attention, check_attention_args
+from .attention import Attention
 from .positional import RotaryEmbedding
 
 ATTN_PREFIXED = ("dropout", "qkv_bias", "out_bias")
@@ -133,7 +133,7 @@ class Transformer(nn.Module):
         cross_attend: bool = False,
         only_cross: bool = False,
         attn: str = "cosine",
-        scale: float = 10.0,
+        scale: float | None = None,
         groups: int = 1,
         kv_heads: int | None = None,
         dim_head: int = 64,
@@ -154,9 +154,6 @@ class Transformer(nn.Module):
             raise ValueError(f"dim must be a positive integer; got dim={dim!r}")
         if not isinstance(depth, int) or depth < 1:
             raise ValueError(f"depth must be a positive integer; got depth={depth!r}")
-        check_attention_args(
-            attn=attn, heads=heads, kv_heads=kv_heads, dim_head=dim_head, groups=groups, scale=scale, dropout=dropout
-        )
         if only_cross and not cross_attend:
             raise ValueError("only_cross=True needs cross_attend=True")
         if only_cross and causal:

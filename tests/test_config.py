@@ -125,8 +125,8 @@ def test_resume_takes_bool_or_path():
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("model.kv_heads=3", "model.heads (4) must be a multiple of model.kv_heads (3)"),
-        ("model.groups=5", "model.groups (5) must divide model.dim_head (32)"),
+        ("model.kv_heads=3", "kv_heads must be a positive integer dividing heads (h % hk == 0); got heads=4, kv_heads=3"),
+        ("model.groups=5", "groups must be a positive integer dividing dim_head=32; got groups=5"),
         ("train.batch_size=0", "'train.batch_size' must be >= 1"),
         ("model.dropout=1.0", "'model.dropout' must be in [0, 1)"),
         ("train.min_lr_ratio=2", "'train.min_lr_ratio' must be in [0, 1]"),
@@ -141,8 +141,11 @@ def test_cross_key_checks(override, message):
 def test_cross_key_check_for_position_schemes_and_regular_attention():
     with pytest.raises(ConfigError, match="choose one"):
         load_config([], ["model.rotary=true", "model.alibi=true"])
-    with pytest.raises(ConfigError, match="belong to cosine attention"):
+    with pytest.raises(ConfigError, match="scale applies to attn='cosine' only"):
         load_config([], ["model.attn=regular", "model.scale=20"])
+    with pytest.raises(ConfigError, match="groups"):
+        load_config([], ["model.attn=regular", "model.groups=2"])
+    assert load_config([], ["model.attn=regular"]).model.scale is None  # regular attention has no scale
 
 
 def test_every_field_has_a_checkable_type():
@@ -279,20 +282,20 @@ def test_range_edges_are_accepted():
 
 def test_every_numeric_field_has_a_range():
     """A new int or float field must state its valid range in the one table that `validate` reads."""
-    from cosformer.config import RANGES, SECTIONS
+    from cosformer.train.config import RANGES, SECTIONS
 
     numeric = {
         f"{section}.{f.name}"
         for section, cls in SECTIONS.items()
         for f in dataclasses.fields(cls)
-        if typing.get_type_hints(cls)[f.name] in (int, float)
+        if typing.get_type_hints(cls)[f.name] in (int, float, float | None)
     }
     assert set(RANGES) == numeric
 
 
 def test_scale_bound_is_the_kernels():
     from cosattn.interface import MAX_SCALE
-    from cosformer.config import RANGES
+    from cosformer.train.config import RANGES
 
     assert RANGES["model.scale"].hi == MAX_SCALE
 
@@ -300,10 +303,10 @@ def test_scale_bound_is_the_kernels():
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["model.dim_head=8"], "model.dim_head (8) must be in [16, 256] for model.attn=cosine"),
-        (["model.dim_head=512"], "model.dim_head (512) must be in [16, 256] for model.attn=cosine"),
-        (["model.rotary=true", "model.dim_head=36", "model.groups=4"], "model.rotary needs an even"),
-        (["data.name=shapes", "model.alibi=true"], "model.alibi"),
+        (["model.dim_head=8"], "dim_head (the head dim) must be in [16, 256]; got dim_head=8"),
+        (["model.dim_head=512"], "dim_head (the head dim) must be in [16, 256]; got dim_head=512"),
+        (["model.rotary=true", "model.dim_head=36", "model.groups=4"], "rotary=True needs an even l2norm group size"),
+        (["data.name=shapes", "model.alibi=true"], "alibi=True with cross_attend=True"),
         (["data.name=text"], "data.name=text needs data.path"),
         (["data.name=hf"], "data.name=hf needs t2i.hf_dataset"),
     ],

@@ -63,7 +63,7 @@ def ref_attention(mod, x, src, *, key_mask, cfg, rotary):
     if rotary:
         q, k = _rotate_interleaved(q, 10000.0), _rotate_interleaved(k, 10000.0)
     if cfg["attn"] == "cosine":
-        s = cfg["scale"] * q @ k.transpose(-1, -2)
+        s = (10.0 if cfg["scale"] is None else cfg["scale"]) * q @ k.transpose(-1, -2)  # the zoo's default
     else:
         s = q @ k.transpose(-1, -2) / math.sqrt(d)
     if cfg["alibi"] and not mod.cross:
@@ -125,7 +125,7 @@ def ref_wrapper(model, x, cfg, mask=None, context=None, context_mask=None, retur
 
 # ---------------------------------------------------------------------------------------------------------------
 
-BASE = dict(attn="cosine", pre_norm=False, kv_heads=None, groups=1, rotary=False, alibi=False, ff_glu=False, scale=10.0)
+BASE = dict(attn="cosine", pre_norm=False, kv_heads=None, groups=1, rotary=False, alibi=False, ff_glu=False, scale=None)
 
 CASES = {
     "cosine": {},

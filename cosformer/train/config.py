@@ -19,9 +19,10 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, Union
 
+import torch
 import yaml
 
-from cosattn.interface import MAX_HEAD_DIM, MAX_SCALE, MIN_HEAD_DIM
+from cosattn import MAX_SCALE
 
 
 class ConfigError(ValueError):
@@ -37,7 +38,7 @@ class ModelConfig:
     kv_heads: int = 0  # 0 = as many as `heads`; fewer is grouped-query attention
     attn: Literal["cosine", "regular"] = "cosine"
     pre_norm: bool = False
-    scale: float = 10.0  # fixed logit scale of cosine attention
+    scale: float | None = None  # fixed logit scale of cosine attention (None: 10); regular takes none
     groups: int = 1  # l2norm groups of q, k
     ff_mult: int = 4
     ff_glu: bool = False
@@ -178,6 +179,9 @@ def _coerce(key: str, value: Any, tp) -> Any:
                 return _coerce(key, value, arm)
             except ConfigError:
                 pass
+    elif tp is type(None):
+        if value is None:
+            return None
     elif tp is bool:
         if isinstance(value, bool):
             return value
@@ -342,39 +346,32 @@ RANGES: dict[str, Interval] = {
 }
 
 
+def check_model_options(m: ModelConfig, cross_attend: bool) -> None:
+    """The model section's options against the model zoo's own rules (attention limits, position schemes, ...):
+    the layer stack is built on the meta device, so nothing is allocated and each rule lives in the zoo only."""
+    from cosformer.transformer import Decoder
+
+    try:
+        with torch.device("meta"):
+            Decoder(m.dim, m.depth, m.heads, cross_attend=cross_attend, **m.layer_kwargs())
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"model options rejected by the model: {e} (config keys model.*)") from None
+
+
 def validate(cfg: Config) -> Config:
     """Value ranges (the RANGES table), then checks across keys that single types cannot express. Anything that
     would otherwise fail once the run is being built fails here, as a ConfigError naming the key."""
     for key, interval in RANGES.items():
         section, _, name = key.partition(".")
         value = getattr(getattr(cfg, section), name)
+        if value is None:  # "not set" (model.scale): the zoo's default applies
+            continue
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"config key '{key}' must be a finite number, got {value!r}")
         if value not in interval:
             raise ConfigError(f"config key '{key}' must be {interval}, got {value!r}")
-    m, t = cfg.model, cfg.train
-    if m.kv_heads and m.heads % m.kv_heads:
-        raise ConfigError(f"model.heads ({m.heads}) must be a multiple of model.kv_heads ({m.kv_heads})")
-    if m.attn == "regular" and (m.scale != 10.0 or m.groups != 1):
-        raise ConfigError(
-            "model.scale and model.groups belong to cosine attention; leave them at 10.0 and 1 for regular"
-        )
-    if m.attn == "cosine" and not MIN_HEAD_DIM <= m.dim_head <= MAX_HEAD_DIM:
-        raise ConfigError(
-            f"model.dim_head ({m.dim_head}) must be in [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}] for model.attn=cosine "
-            "(the head dims the fused kernel supports)"
-        )
-    if m.dim_head % m.groups:
-        raise ConfigError(f"model.groups ({m.groups}) must divide model.dim_head ({m.dim_head})")
-    if m.rotary and m.alibi:
-        raise ConfigError("model.rotary and model.alibi are two position schemes; choose one")
-    if m.rotary and (m.dim_head // m.groups) % 2:
-        # rotary turns pairs of dims; a pair split across two l2norm groups would change both groups' norms
-        raise ConfigError(
-            f"model.rotary needs an even l2norm group size model.dim_head / model.groups; "
-            f"got {m.dim_head} / {m.groups} = {m.dim_head // m.groups}"
-        )
-    d = cfg.data
+    m, t, d = cfg.model, cfg.train, cfg.data
+    check_model_options(m, cross_attend=d.name in ("shapes", "hf"))
     if m.alibi and d.name in ("shapes", "hf"):
         raise ConfigError(
             f"model.alibi does not apply to data.name={d.name}: the text-to-image decoder cross-attends, and ALiBi "
