@@ -117,9 +117,14 @@ class AutoregressiveWrapper(nn.Module):
         self.max_seq_len = net.max_seq_len
         self.ignore_index, self.pad_value = ignore_index, pad_value
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | None = None, reduction: str = "mean", **kwargs
+    ) -> torch.Tensor:
         """x (b, n) -> mean cross-entropy of predicting x[:, 1:] from x[:, :-1]. Targets at masked positions
-        (mask False) are ignored. kwargs (context, context_mask) go to the net."""
+        (mask False) are ignored. reduction="none" gives (b,) per-sequence means instead (exact evaluation over
+        sequences of any mask). kwargs (context, context_mask) go to the net."""
+        if reduction not in ("mean", "none"):
+            raise ValueError(f"reduction must be 'mean' or 'none'; got reduction={reduction!r}")
         if x.dim() != 2 or x.shape[1] < 2:
             raise ValueError(f"x must be (b, n) token ids with n >= 2; got shape {tuple(x.shape)}")
         inp, target = x[:, :-1], x[:, 1:].long()
@@ -129,7 +134,13 @@ class AutoregressiveWrapper(nn.Module):
             target = target.masked_fill(~mask[:, 1:], self.ignore_index)
             kwargs["mask"] = mask[:, :-1]
         logits = self.net(inp, **kwargs)  # (b, n - 1, num_tokens)
-        return F.cross_entropy(logits.transpose(1, 2), target, ignore_index=self.ignore_index)
+        if reduction == "mean":
+            return F.cross_entropy(logits.transpose(1, 2), target, ignore_index=self.ignore_index)
+        losses = F.cross_entropy(
+            logits.transpose(1, 2).float(), target, ignore_index=self.ignore_index, reduction="none"
+        )
+        counted = (target != self.ignore_index).sum(dim=1)
+        return losses.sum(dim=1) / counted.clamp(min=1)  # (b,)
 
     @torch.no_grad()
     def generate(
@@ -209,11 +220,12 @@ def _split_by_prefix(kwargs: dict, prefixes: tuple[str, ...]) -> tuple[dict, ...
     return tuple(routed)
 
 
-_WRAPPER_KEYS = ("emb_dropout", "tie_embedding", "use_abs_pos_emb")
+# TransformerWrapper options that wrap a stack rather than configure it (routed apart by XTransformer, TextToImage)
+WRAPPER_KEYS = ("emb_dropout", "tie_embedding", "use_abs_pos_emb")
 
 
 def _split_wrapper(kwargs: dict) -> tuple[dict, dict]:
-    wrapper = {k: kwargs.pop(k) for k in _WRAPPER_KEYS if k in kwargs}
+    wrapper = {k: kwargs.pop(k) for k in WRAPPER_KEYS if k in kwargs}
     return wrapper, kwargs
 
 

@@ -125,7 +125,7 @@ def test_resume_takes_bool_or_path():
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("model.kv_heads=3", "kv_heads must be a positive integer dividing heads (h % hk == 0); got heads=4, kv_heads=3"),
+        ("model.kv_heads=3", "dividing heads (h % hk == 0); got heads=4, kv_heads=3"),
         ("model.groups=5", "groups must be a positive integer dividing dim_head=32; got groups=5"),
         ("train.batch_size=0", "'train.batch_size' must be >= 1"),
         ("model.dropout=1.0", "'model.dropout' must be in [0, 1)"),

@@ -31,7 +31,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-IGNORE = -1
+from cosformer.train.rng import fork_rng
+
+from .shapes import IGNORE
+
 log = logging.getLogger(__name__)
 
 
@@ -100,7 +103,7 @@ def train_feature_net(
     """
     _check_labels(images, labels, classes)
     device = torch.device(device)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    with fork_rng(device):
         torch.manual_seed(seed)
         net = FeatureNet(classes).to(device)
         opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.01)

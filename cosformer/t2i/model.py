@@ -17,10 +17,9 @@ import torch
 from torch import nn
 
 from ..transformer import Decoder, Encoder
-from ..wrappers import AutoregressiveWrapper, TransformerWrapper
+from ..wrappers import WRAPPER_KEYS, AutoregressiveWrapper, TransformerWrapper
 
 NUM_TEXT_TOKENS = 256  # bytes
-_WRAPPER_KEYS = ("tie_embedding", "use_abs_pos_emb", "emb_dropout")
 
 
 class TextToImage(nn.Module):
@@ -48,7 +47,7 @@ class TextToImage(nn.Module):
             raise ValueError(f"palette must be (P >= 2, 3) uint8; got {tuple(palette.shape)} {palette.dtype}")
         if image_size < 1 or text_max_len < 1:
             raise ValueError(f"image_size and text_max_len must be positive; got {image_size}, {text_max_len}")
-        wrapper_kwargs = {k: layer_kwargs.pop(k) for k in _WRAPPER_KEYS if k in layer_kwargs}
+        wrapper_kwargs = {k: layer_kwargs.pop(k) for k in WRAPPER_KEYS if k in layer_kwargs}
         self.image_size, self.text_max_len = image_size, text_max_len
         self.num_colours = palette.shape[0]
         self.bos = self.num_colours
@@ -86,13 +85,16 @@ class TextToImage(nn.Module):
         self._check(text, text_mask)
         return self.encoder(text, mask=text_mask, return_embeddings=True)
 
-    def forward(self, text: torch.Tensor, text_mask: torch.Tensor, image_tokens: torch.Tensor) -> torch.Tensor:
-        """Mean next-token cross-entropy (nats per pixel) of image_tokens (b, S*S + 1) = [BOS, pixels...]."""
+    def forward(
+        self, text: torch.Tensor, text_mask: torch.Tensor, image_tokens: torch.Tensor, reduction: str = "mean"
+    ) -> torch.Tensor:
+        """Mean next-token cross-entropy (nats per pixel) of image_tokens (b, S*S + 1) = [BOS, pixels...];
+        (b,) per-image means with reduction="none"."""
         n = self.image_size**2 + 1
         if image_tokens.dim() != 2 or image_tokens.shape != (text.shape[0], n):
             raise ValueError(f"image_tokens must be (b={text.shape[0]}, {n}); got {tuple(image_tokens.shape)}")
         context = self.encode(text, text_mask)
-        return self.decoder(image_tokens, context=context, context_mask=text_mask)
+        return self.decoder(image_tokens, context=context, context_mask=text_mask, reduction=reduction)
 
     def tokens_to_images(self, tokens: torch.Tensor) -> torch.Tensor:
         """(b, S*S) palette indices -> (b, 3, S, S) uint8 RGB. A stray BOS (never seen as a target) becomes colour 0."""

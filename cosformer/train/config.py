@@ -48,6 +48,11 @@ class ModelConfig:
     abs_pos_emb: bool | Literal["auto"] = "auto"  # auto = learned positions unless rotary/alibi
     tie_embedding: bool = False
 
+    @property
+    def use_abs_pos_emb(self) -> bool | None:
+        """`abs_pos_emb` in the wrappers' terms: "auto" is None (learned positions unless rotary or alibi)."""
+        return None if self.abs_pos_emb == "auto" else self.abs_pos_emb
+
     def layer_kwargs(self) -> dict:
         """The options every attention stack built from this config shares (zoo keyword names)."""
         return dict(

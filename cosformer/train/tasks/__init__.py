@@ -8,12 +8,16 @@ Registry, keyed by `data.name`: "enwik8", "text", "pystdlib" -> `LMTask` (byte-l
 from __future__ import annotations
 
 import importlib
+import math
 import pathlib
 from typing import Any, Protocol, runtime_checkable
 
 import torch
+from accelerate.utils import DistributedType
 
 from ..config import Config
+
+LN2 = math.log(2.0)  # nats per bit: losses are in nats, bits per byte / pixel = loss / LN2
 
 
 @runtime_checkable
@@ -58,6 +62,32 @@ _REGISTRY: dict[str, tuple[str, str | None]] = {
     "shapes": ("cosformer.train.tasks.t2i", None),
     "hf": ("cosformer.train.tasks.t2i", None),
 }
+
+
+@torch.no_grad()
+def mean_loss(model, accelerator, loader: torch.utils.data.DataLoader) -> float:
+    """Exact mean of the per-item losses (`model(**batch, reduction="none")`, shape (b,)) over `loader`, sharded
+    over processes by Accelerate; the items it repeats to even out the last batch are dropped by
+    `gather_for_metrics`, which is why the losses must be per item. The model's train/eval mode is restored."""
+    loader = accelerator.prepare_data_loader(loader)
+    was_training = model.training
+    model.eval()
+    losses = []
+    for batch in loader:
+        losses.append(accelerator.gather_for_metrics(model(**batch, reduction="none").float()))
+    model.train(was_training)
+    return torch.cat(losses).mean().item()
+
+
+def may_generate(task, accelerator, what: str) -> bool:
+    """Generation (text samples, images, FID) runs on the main process only, and not under FSDP: sharded
+    parameters are whole only inside the FSDP root's forward, not in `.generate`. Said once per task."""
+    if accelerator.distributed_type == DistributedType.FSDP:
+        if not getattr(task, "_warned_fsdp", False):
+            accelerator.print(f"{what} are skipped under FSDP")
+            task._warned_fsdp = True
+        return False
+    return accelerator.is_main_process
 
 
 def _implements(cls: type) -> bool:

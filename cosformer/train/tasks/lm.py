@@ -8,12 +8,9 @@ splits (every byte after the first predicted exactly once, contexts restarting e
 
 from __future__ import annotations
 
-import math
 import pathlib
 
 import torch
-import torch.nn.functional as F
-from accelerate.utils import DistributedType
 from torch.utils.data import DataLoader
 
 from cosformer.transformer import Decoder
@@ -21,26 +18,13 @@ from cosformer.wrappers import AutoregressiveWrapper, TransformerWrapper
 
 from ..config import Config
 from ..data import RandomCropDataset, WindowDataset, decode, load_corpus
+from ..rng import fork_rng
+from . import LN2, may_generate, mean_loss
 
 NUM_TOKENS = 256
-LN2 = math.log(2.0)
 
 
-class LanguageModel(AutoregressiveWrapper):
-    """`AutoregressiveWrapper` whose loss can also be kept per sequence, for exact full-split evaluation."""
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, reduction: str = "mean", **kwargs):
-        """x (b, n) -> mean loss, or (b,) per-sequence mean losses with reduction="none"."""
-        if reduction == "mean":
-            return super().forward(x, mask=mask, **kwargs)
-        if reduction != "none" or mask is not None:
-            raise ValueError(f"reduction must be 'mean' or 'none' (without mask); got reduction={reduction!r}")
-        logits = self.net(x[:, :-1], **kwargs)  # (b, n - 1, num_tokens)
-        losses = F.cross_entropy(logits.transpose(1, 2).float(), x[:, 1:], reduction="none")  # (b, n - 1)
-        return losses.mean(dim=1)
-
-
-def build_language_model(cfg: Config) -> LanguageModel:
+def build_language_model(cfg: Config) -> AutoregressiveWrapper:
     m = cfg.model
     layers = Decoder(
         m.dim,
@@ -53,9 +37,9 @@ def build_language_model(cfg: Config) -> LanguageModel:
         cfg.data.seq_len,
         layers,
         tie_embedding=m.tie_embedding,
-        use_abs_pos_emb=None if m.abs_pos_emb == "auto" else m.abs_pos_emb,
+        use_abs_pos_emb=m.use_abs_pos_emb,
     )
-    return LanguageModel(net)
+    return AutoregressiveWrapper(net)
 
 
 class LMTask:
@@ -64,7 +48,6 @@ class LMTask:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self._splits = None
-        self._warned_fsdp = False
 
     @property
     def splits(self):
@@ -73,7 +56,7 @@ class LMTask:
             self._splits = load_corpus(d.name, path=d.path, cache_dir=d.cache_dir, max_bytes=d.max_bytes)
         return self._splits
 
-    def build_model(self) -> LanguageModel:
+    def build_model(self) -> AutoregressiveWrapper:
         return build_language_model(self.cfg)
 
     def datasets(self) -> dict[str, torch.utils.data.Dataset]:
@@ -104,37 +87,22 @@ class LMTask:
         never shifts the training random stream (resumed runs stay identical)."""
         if self.cfg.train.sample_length == 0:
             return {}
-        if accelerator.distributed_type == DistributedType.FSDP:
-            # the sharded parameters are only whole inside the FSDP root's forward, not in .generate
-            if not self._warned_fsdp:
-                accelerator.print("text samples are skipped under FSDP")
-                self._warned_fsdp = True
-            return {}
-        if not accelerator.is_main_process:
+        if not may_generate(self, accelerator, "text samples"):
             return {}
         net = accelerator.unwrap_model(model)
         prompt = self._prompt().to(accelerator.device)
-        devices = [accelerator.device] if accelerator.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices), accelerator.autocast():
+        with fork_rng(accelerator.device), accelerator.autocast():
             torch.manual_seed(self.cfg.train.seed + step)
             tokens = net.generate(prompt[None], self.cfg.train.sample_length, temperature=1.0, filter="top_k")
         return {"sample": decode(prompt.tolist()) + " ⟶ " + decode(tokens[0].tolist())}
 
-    @torch.no_grad()
     def split_loss(self, model, accelerator, split: str) -> float:
         """Exact mean loss over a whole split, tiled into non-overlapping windows and sharded over processes."""
-        dataset = WindowDataset(self.splits[split], self.cfg.data.seq_len)
-        loader = accelerator.prepare_data_loader(
-            DataLoader(dataset, batch_size=2 * self.cfg.train.batch_size, num_workers=self.cfg.train.num_workers)
+        t = self.cfg.train
+        windows = WindowDataset(self.splits[split], self.cfg.data.seq_len)
+        return mean_loss(
+            model, accelerator, DataLoader(windows, batch_size=2 * t.batch_size, num_workers=t.num_workers)
         )
-        was_training = model.training
-        model.eval()
-        losses = []
-        for batch in loader:
-            # per-sequence losses, so the padding Accelerate adds to even out the last batch can be dropped
-            losses.append(accelerator.gather_for_metrics(model(**batch, reduction="none").float()))
-        model.train(was_training)
-        return torch.cat(losses).mean().item()
 
     def final_evaluate(self, model, accelerator, out_dir: pathlib.Path) -> dict[str, float]:
         out = {}

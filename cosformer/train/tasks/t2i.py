@@ -17,12 +17,10 @@ training random stream and a resumed run stays identical.
 from __future__ import annotations
 
 import json
-import math
 import pathlib
 
 import torch
 from accelerate import PartialState
-from accelerate.utils import DistributedType
 from torch.utils.data import DataLoader, Subset
 
 from cosformer.t2i.grid import save_grid
@@ -39,8 +37,9 @@ from cosformer.t2i.shapes import ImageCaptionDataset, ShapesDataset
 
 from ..checkpoint import wait_for_everyone
 from ..config import Config
+from ..rng import fork_rng
+from . import LN2, may_generate, mean_loss
 
-LN2 = math.log(2.0)
 GRID_IMAGES = 16
 GENERATE_BATCH = 256
 
@@ -117,7 +116,7 @@ class TextToImageTask:
             enc_depth=t.enc_depth,
             **m.layer_kwargs(),
             tie_embedding=m.tie_embedding,
-            use_abs_pos_emb=None if m.abs_pos_emb == "auto" else m.abs_pos_emb,
+            use_abs_pos_emb=m.use_abs_pos_emb,
         )
 
     def datasets(self) -> dict[str, torch.utils.data.Dataset]:
@@ -170,7 +169,7 @@ class TextToImageTask:
         device = accelerator.device
         text, mask = ds.text[rows].to(device), ds.text_mask[rows].to(device)
         images = []
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), accelerator.autocast():
+        with fork_rng(device), accelerator.autocast():
             torch.manual_seed(seed)
             for s in range(0, text.shape[0], GENERATE_BATCH):
                 batch = slice(s, s + GENERATE_BATCH)
@@ -188,18 +187,9 @@ class TextToImageTask:
             out[f"{split}_inception_fid"] = inception
         return out
 
-    def _can_generate(self, accelerator) -> bool:
-        if accelerator.distributed_type == DistributedType.FSDP:
-            # sharded parameters are whole only inside the FSDP root's forward, not in .generate
-            if not self._warned_fsdp:
-                accelerator.print("image samples and FID are skipped under FSDP")
-                self._warned_fsdp = True
-            return False
-        return accelerator.is_main_process
-
     def evaluate(self, model, accelerator, step: int, out_dir: pathlib.Path) -> dict:
         """val_fid, val_fidelity (val_inception_fid when available) and the sample grid, on the main process."""
-        if not self._can_generate(accelerator):
+        if not may_generate(self, accelerator, "image samples and FID"):
             return {}
         images, rows = self.generate(model, accelerator, "val", seed=self.cfg.train.seed + step)
         metrics: dict = self.image_metrics(images, rows, "val", accelerator.device)
@@ -209,28 +199,18 @@ class TextToImageTask:
         metrics["samples"] = save_grid(images[:shown], captions, path, title=f"step {step}")
         return metrics
 
-    @torch.no_grad()
     def split_loss(self, model, accelerator, split: str) -> float:
-        """Exact mean loss over a whole split, sharded over processes (padding samples dropped)."""
+        """Exact mean loss over a whole split, sharded over processes."""
         t = self.cfg.train
-        loader = accelerator.prepare_data_loader(
-            DataLoader(self.splits[split], batch_size=2 * t.batch_size, num_workers=t.num_workers)
+        return mean_loss(
+            model, accelerator, DataLoader(self.splits[split], batch_size=2 * t.batch_size, num_workers=t.num_workers)
         )
-        was_training = model.training
-        model.eval()
-        losses = []
-        for batch in loader:
-            loss = model(**batch).float()
-            n = batch["text"].shape[0]
-            losses.append(accelerator.gather_for_metrics(loss.expand(n).contiguous()))
-        model.train(was_training)
-        return torch.cat(losses).mean().item()
 
     def final_evaluate(self, model, accelerator, out_dir: pathlib.Path) -> dict[str, float]:
         """test loss / bits per pixel over the whole test split; test_fid and test_fidelity; and test_fid_real, the
         FID of the real test images against the real validation images: the floor test_fid can reach."""
         out = self.loss_metrics(self.split_loss(model, accelerator, "test"), "test")
-        if not self._can_generate(accelerator):
+        if not may_generate(self, accelerator, "image samples and FID"):
             return out
         seed = self.cfg.train.seed + self.cfg.train.max_steps + 1  # one no evaluation step uses
         images, rows = self.generate(model, accelerator, "test", seed=seed)
