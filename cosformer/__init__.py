@@ -6,6 +6,7 @@ Vocabulary of x-transformers: `TransformerWrapper(num_tokens, max_seq_len, attn_
 
 from cosattn import cosine_sim_attention, l2norm_tensors
 
+from .compiling import compile_model
 from .transformer import CrossAttender, Decoder, Encoder, KVCache, Transformer
 from .wrappers import AutoregressiveWrapper, TransformerWrapper, XTransformer
 
@@ -22,5 +23,6 @@ __all__ = [
     "TransformerWrapper",
     "AutoregressiveWrapper",
     "XTransformer",
+    "compile_model",
     "__version__",
 ]

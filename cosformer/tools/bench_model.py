@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import triton
 
-from cosformer import AutoregressiveWrapper, Decoder, TransformerWrapper
+from cosformer import AutoregressiveWrapper, Decoder, TransformerWrapper, compile_model
 
 FULL = dict(depth=12, dim=512, heads=8, dim_head=64, seqs=(1024, 8192), tokens_per_step=16384, steps=20, warmup=5)
 TINY = dict(depth=2, dim=64, heads=2, dim_head=32, seqs=(64, 128), tokens_per_step=256, steps=3, warmup=1)
@@ -41,7 +41,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, help="untimed steps first (default 5)")
     p.add_argument("--no-optimizer", action="store_true", help="time forward + backward only")
     p.add_argument("--no-autocast", action="store_true", help="run in float32 instead of bf16 autocast")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model (fullgraph)")
+    p.add_argument("--compile", action="store_true", help="cosformer.compile_model (torch.compile, fullgraph)")
+    p.add_argument(
+        "--dynamic",
+        choices=["auto", "true", "false"],
+        default="auto",
+        help="with --compile: dynamic shapes (auto: on a new shape)",
+    )
+    p.add_argument("--mode", default=None, help="with --compile: torch.compile mode, e.g. reduce-overhead")
     return p.parse_args(argv)
 
 
@@ -58,7 +65,10 @@ def run_case(attn: str, seq: int, cfg: dict, args: argparse.Namespace) -> dict:
     model = build_model(attn, seq, cfg).to(device)
     params = sum(p.numel() for p in model.parameters())
     opt = None if args.no_optimizer else torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda)
-    forward = torch.compile(model, fullgraph=True) if args.compile else model
+    forward = model
+    if args.compile:
+        dynamic = {"auto": None, "true": True, "false": False}[args.dynamic]
+        forward = compile_model(model, dynamic=dynamic, mode=args.mode)
     x = torch.randint(0, VOCAB, (batch, seq + 1), device=device)  # the wrapper predicts x[:, 1:] from x[:, :-1]
 
     def step() -> torch.Tensor:
