@@ -6,9 +6,11 @@
         -> close()
 
 Exact resume: the training data is a pure function of (seed, item index), the learning rate a pure function of the
-step (`get_lr`), and Accelerate's checkpoint restores model, optimiser, gradient-accumulation counter and every
-process's RNG state; a resumed run skips the batches already consumed, so its loss curve equals the uninterrupted
-one (fp32; tests check it bit for bit on CPU). Text samples draw from their own seeded stream and cannot perturb it.
+step (`get_lr`), and a checkpoint (`cosformer.checkpoint`: what it holds and how each file is loaded without running
+code from it) restores model, optimiser, gradient-accumulation counter, every process's RNG state and the trainer's
+counters (trainer_state.json); a resumed run skips the batches already consumed, so its loss curve equals the
+uninterrupted one (fp32; tests check it bit for bit on CPU). Text samples draw from their own seeded stream and cannot
+perturb it. A checkpoint that cannot be restored exactly is an error, before any state changes.
 
 Stopping: SIGINT / SIGTERM set a flag that all processes agree on at the next step (it travels in the per-step
 all-reduce, so no rank enters the checkpoint collective alone); the run saves and returns. A non-finite loss stops
@@ -82,7 +84,8 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 @dataclass
 class TrainState:
-    """Counters saved with every checkpoint (through accelerator.register_for_checkpointing)."""
+    """Counters saved with every checkpoint as trainer_state.json (plain JSON, checked on load: never registered
+    with Accelerate, whose custom-object files are unpickled with weights_only=False)."""
 
     step: int = 0  # optimiser steps done
     micro_batches: int = 0  # training batches consumed by this process: the sampler position
@@ -133,12 +136,11 @@ class Trainer:
             model, optimizer, train_loader, val_loader
         )
         self.state = TrainState()
-        acc.register_for_checkpointing(self.state)
 
         self.resumed_from = ckpt.resolve_resume(t.resume, self.out_dir)
         if self.resumed_from is not None:
             ckpt.check_compatible(cfg, self.resumed_from)
-            acc.load_state(str(self.resumed_from))
+            self.state.load_state_dict(ckpt.load_checkpoint(acc, self.resumed_from))
             acc.print(f"resumed from {self.resumed_from} at step {self.state.step}")
         elif t.resume is True:
             acc.print(f"train.resume=true but no checkpoint in {self.out_dir / ckpt.CHECKPOINTS}: starting fresh")
@@ -273,7 +275,7 @@ class Trainer:
     def save(self) -> pathlib.Path:
         t = self.cfg.train
         path = ckpt.save_checkpoint(
-            self.accelerator, self.out_dir, self.state.step, self.cfg, keep=t.keep_checkpoints, model=self.model
+            self.accelerator, self.out_dir, self.state.state_dict(), self.cfg, keep=t.keep_checkpoints, model=self.model
         )
         self.last_saved_step = self.state.step
         return path

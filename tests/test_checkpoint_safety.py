@@ -1,0 +1,165 @@
+"""Checkpoints from an untrusted or damaged source, and interrupted runs.
+
+- Nothing in a checkpoint runs code on resume: planted pickles (custom_checkpoint_0.pkl, random_states_0.pkl,
+  optimizer.bin, FSDP/DCP metadata and items) whose unpickling would create a marker file are refused, and the
+  marker never appears; a checkpoint of the older layout (counters in a pickle) is refused with an explanation.
+- A state that cannot be restored exactly is an error naming the file (RNG file missing, truncated, garbled).
+"""
+
+import json
+import pickle
+import shutil
+import warnings
+
+import pytest
+import torch
+
+from cosformer import checkpoint as ckpt
+from cosformer.tasks import build_task
+from cosformer.trainer import Trainer
+
+from .test_train import clean_accelerate, corpus, tiny, train  # noqa: F401  (fixtures)
+
+
+class Plant:
+    """Unpickling this creates `marker`: a stand-in for what a hostile file would do with os.system."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.fixture
+def marker(tmp_path):
+    path = tmp_path / "PWNED"
+    yield path
+    assert not path.exists(), "a file of the checkpoint was unpickled: it ran code"
+
+
+def run_with_checkpoint(corpus, out, *overrides):  # noqa: F811
+    """A short run with a checkpoint at step 5; returns that checkpoint."""
+    train(tiny(corpus, out, "train.max_steps=5", "train.checkpoint_every=5", "train.sample_length=0", *overrides))
+    return ckpt.checkpoint_dir(out, 5)
+
+
+def resume(corpus, out, path, *overrides):  # noqa: F811
+    """Build a trainer resuming from `path` (all the loading happens in the constructor)."""
+    trainer = Trainer(tiny(corpus, out, "train.max_steps=10", "train.sample_length=0", f"train.resume={path}",
+                           *overrides))  # fmt: skip
+    trainer.close()
+    return trainer
+
+
+# ---------------------------------------------------------------------------------------------- 1: no code runs
+
+
+def test_counters_are_json_and_no_pickle_of_ours_is_written(corpus, tmp_path, clean_accelerate):  # noqa: F811
+    path = run_with_checkpoint(corpus, tmp_path / "run")
+    assert json.loads((path / ckpt.TRAINER_STATE).read_text()) == {"step": 5, "micro_batches": 5, "tokens": 5 * 8 * 32}
+    assert not list(path.glob("custom_checkpoint_*"))
+    assert resume(corpus, tmp_path / "again", path).state.step == 5
+
+
+def test_planted_custom_checkpoint_is_refused_unread(corpus, tmp_path, clean_accelerate, marker):  # noqa: F811
+    path = run_with_checkpoint(corpus, tmp_path / "run")
+    torch.save(Plant(marker), path / "custom_checkpoint_0.pkl")
+    with pytest.raises(ckpt.CheckpointError, match=r"custom_checkpoint_0\.pkl.*weights_only=False.*refusing"):
+        resume(corpus, tmp_path / "again", path)
+
+
+def test_old_layout_is_refused_with_an_explanation(corpus, tmp_path, clean_accelerate, marker):  # noqa: F811
+    """Written before trainer_state.json: the counters are in a pickle that Accelerate loads with weights_only=False.
+    It is never unpickled (here it is hostile, to prove it); the weights stay usable."""
+    path = run_with_checkpoint(corpus, tmp_path / "run")
+    (path / ckpt.TRAINER_STATE).unlink()
+    torch.save(Plant(marker), path / "custom_checkpoint_0.pkl")
+    with pytest.raises(ckpt.CheckpointError, match="older version of the trainer.*cannot be resumed safely"):
+        resume(corpus, tmp_path / "again", path)
+    ckpt.load_model_weights(build_task(ckpt.load_checkpoint_config(path)).build_model(), path)
+
+
+@pytest.mark.parametrize("name", ["random_states_0.pkl", "optimizer.bin"])
+def test_planted_state_pickle_is_refused(corpus, tmp_path, clean_accelerate, marker, name):  # noqa: F811
+    path = run_with_checkpoint(corpus, tmp_path / "run")
+    torch.save({"step": 0, "random_state": Plant(marker), "state": Plant(marker)}, path / name)
+    with pytest.raises(ckpt.CheckpointError, match=rf"{name}|weights_only=True"):
+        resume(corpus, tmp_path / "again", path)
+
+
+@pytest.mark.parametrize(
+    "state, problem",
+    [
+        ({"step": 5, "micro_batches": -1, "tokens": 0}, "'micro_batches' must be a non-negative int"),
+        ({"step": 5, "micro_batches": 5, "tokens": 1.5}, "'tokens' must be a non-negative int"),
+        ({"step": True, "micro_batches": 5, "tokens": 0}, "'step' must be a non-negative int"),
+        ({"step": 5, "micro_batches": 5}, "expected exactly the keys"),
+        ([5, 5, 0], "expected exactly the keys"),
+        ({"step": 4, "micro_batches": 4, "tokens": 0}, "says step 4 but .*COMPLETE says 5"),
+        ("{not json", "trainer_state.json: not valid JSON"),
+    ],
+)
+def test_trainer_state_is_checked(corpus, tmp_path, clean_accelerate, state, problem):  # noqa: F811
+    path = run_with_checkpoint(corpus, tmp_path / "run")
+    (path / ckpt.TRAINER_STATE).write_text(state if isinstance(state, str) else json.dumps(state))
+    with pytest.raises(ckpt.CheckpointError, match=problem):
+        resume(corpus, tmp_path / "again", path)
+
+
+def _dcp_save(state_dict, directory):
+    import torch.distributed.checkpoint as dcp
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "torch.distributed is disabled ... single process": intended here
+        dcp.save(state_dict, checkpoint_id=str(directory))
+
+
+def test_fsdp_sharded_states_are_checked_before_dcp_reads_them(tmp_path, marker):
+    """torch.distributed.checkpoint unpickles .metadata with plain pickle and non-tensor items with
+    weights_only=False: a real one passes the check, a planted object in either place is refused unread."""
+    model = torch.nn.Linear(4, 4)
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    good = tmp_path / "optimizer_0"
+    _dcp_save({"optimizer": opt.state_dict(), "model": model.state_dict()}, good)
+    ckpt.check_dcp_dir(good)
+
+    item = tmp_path / "item"
+    _dcp_save({"w": torch.zeros(2), "evil": Plant(marker)}, item)
+    with pytest.raises(ckpt.CheckpointError, match="item 'evil'.*refused"):
+        ckpt.check_dcp_dir(item)
+
+    meta = tmp_path / "meta"
+    shutil.copytree(good, meta)
+    (meta / ".metadata").write_bytes(pickle.dumps(Plant(marker)))
+    with pytest.raises(ckpt.CheckpointError, match=r"\.metadata: refused.*global io\.open is not part"):
+        ckpt.check_dcp_dir(meta)
+
+
+def test_planted_dcp_directory_is_refused_on_resume(corpus, tmp_path, clean_accelerate, marker):  # noqa: F811
+    path = run_with_checkpoint(corpus, tmp_path / "run")
+    (path / "optimizer_0").mkdir()
+    (path / "optimizer_0" / ".metadata").write_bytes(pickle.dumps(Plant(marker)))
+    with pytest.raises(ckpt.CheckpointError, match=r"optimizer_0/\.metadata: refused"):
+        resume(corpus, tmp_path / "again", path)
+
+
+# ---------------------------------------------------------------------------------------------- 3: exact or error
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbled", "missing", "wrong content"])
+def test_damaged_rng_state_is_an_error_naming_the_file(corpus, tmp_path, clean_accelerate, damage):  # noqa: F811
+    path = run_with_checkpoint(corpus, tmp_path / "run")
+    rng = path / "random_states_0.pkl"
+    if damage == "truncated":
+        rng.write_bytes(rng.read_bytes()[: rng.stat().st_size // 2])
+    elif damage == "garbled":
+        rng.write_bytes(b"\x80\x04garbage" * 50)
+    elif damage == "missing":
+        rng.unlink()
+    else:
+        torch.save({"step": 5, "random_state": (3, (1, 2), None), "torch_manual_seed": torch.zeros(3)}, rng)
+    with pytest.raises(ckpt.CheckpointError, match=r"random_states_0\.pkl.*would not continue the same random"):
+        resume(corpus, tmp_path / "again", path)
