@@ -4,7 +4,7 @@ Layout under `out_dir/checkpoints/`:
 
     step_000500/               one complete checkpoint
         model.safetensors      the weights (safetensors: raw tensors and a JSON header; under FSDP the consolidated
-                               copy, written for sampling)
+                               copy, written for sampling and for the shape check below)
         optimizer.bin          AdamW state (torch.save format)
         random_states_<r>.pkl  process r's Python, NumPy, torch (and CUDA) RNG states and Accelerate's micro-step
                                counter (torch.save format)
@@ -30,8 +30,9 @@ Loading (`check_compatible`, then `load_checkpoint`) runs no code from the check
   only DCP's metadata classes, and every non-tensor item must load with `weights_only=True`;
 - `custom_checkpoint_<i>.pkl` is never read: Accelerate would unpickle it with `weights_only=False`. Checkpoints
   written before trainer_state.json existed hold the counters in such a file and are refused with an error.
-Anything that cannot be restored exactly (a missing or damaged RNG file, counters that disagree with COMPLETE) raises
-`CheckpointError` naming the file, before any state has been changed.
+Anything that cannot be restored exactly (a missing or damaged RNG file, counters that disagree with COMPLETE, weights
+whose shapes do not match the model the config builds) raises `CheckpointError` (or `ConfigError` for a config
+difference) naming the file, before any state has been changed.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ import shutil
 
 import numpy as np
 import torch
+import yaml
 from accelerate.utils import DistributedType, save
 
 from .config import Config, ConfigError, load_yaml, save_yaml, to_dict
@@ -187,27 +189,111 @@ def save_checkpoint(
 
 def load_checkpoint_config(path: str | os.PathLike) -> Config:
     """The resolved config a checkpoint was written with (checked like any config)."""
-    return load_yaml(pathlib.Path(path) / "config.yaml")
+    file = pathlib.Path(path) / "config.yaml"
+    if not file.is_file():
+        raise CheckpointError(f"{file} not found (is {path} a checkpoint written by the trainer?)")
+    try:
+        return load_yaml(file)
+    except (ConfigError, yaml.YAMLError, UnicodeDecodeError, TypeError, AttributeError) as e:
+        raise ConfigError(f"{file}: not a valid config ({e})") from None
 
 
-def check_compatible(cfg: Config, path: str | os.PathLike) -> None:
-    """Resuming with a different model would fail deep inside load_state; say which keys differ instead."""
-    saved = to_dict(load_checkpoint_config(path))["model"]
-    now = to_dict(cfg)["model"]
-    diff = [f"model.{k}: checkpoint {saved[k]!r}, now {now[k]!r}" for k in now if saved.get(k) != now[k]]
+# Config keys outside `model.*` that reach parameter shapes, per task family (read from each task's build_model):
+# they name the cause in the error; the weights' shapes are compared as well, whatever the cause.
+_LM = ("enwik8", "text", "pystdlib")
+_SHAPE_KEYS = {
+    "lm": ("data.seq_len",),  # the learned positions' max_seq_len
+    "t2i": ("t2i.image_size", "t2i.text_max_len", "t2i.palette", "t2i.enc_depth"),
+}
+# where a mismatching parameter's shape most likely comes from: (pattern on its name, config keys)
+_WEIGHT_HINTS = (
+    (re.compile(r"^net\.pos_emb\."), "data.seq_len"),
+    (re.compile(r"^encoder\.pos_emb\."), "t2i.text_max_len"),
+    (re.compile(r"^decoder\.net\.pos_emb\."), "t2i.image_size"),
+    (re.compile(r"^palette$|^decoder\.net\.(token_emb|to_logits)\."), "t2i.palette"),
+    (re.compile(r"^encoder\.attn_layers\.layers\.\d+\."), "t2i.enc_depth"),
+    (re.compile(r"attn_layers\.layers\.\d+\."), "model.depth, model.dim, model.heads, model.dim_head, ..."),
+)
+
+
+def _flat(cfg: Config) -> dict[str, object]:
+    return {f"{section}.{k}": v for section, values in to_dict(cfg).items() for k, v in values.items()}
+
+
+def _shape_keys(cfg: Config) -> tuple[str, ...]:
+    return _SHAPE_KEYS["lm" if cfg.data.name in _LM else "t2i"]
+
+
+def weight_mismatches(model: torch.nn.Module, path: str | os.PathLike) -> list[str]:
+    """Every way the checkpoint's model.safetensors differs from `model`'s state dict in names and shapes, read from
+    the safetensors header only (nothing is loaded). Names that alias one tensor (tied embeddings) are stored once,
+    so any one of them stands for all."""
+    from safetensors import safe_open
+
+    file = pathlib.Path(path) / WEIGHTS
+    if not file.is_file():
+        raise CheckpointError(f"{file} not found (is {path} a checkpoint written by the trainer?)")
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            saved = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error type for a damaged header
+        raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
+    expected = model.state_dict()
+    aliases: dict[tuple, list[str]] = {}
+    for name, t in expected.items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride())
+        aliases.setdefault(key, []).append(name)
+    alias_of = {name: names for names in aliases.values() for name in names}
+
+    def hint(name: str) -> str:
+        keys = next((keys for pattern, keys in _WEIGHT_HINTS if pattern.search(name)), "model.*")
+        return f" [{keys}]"
+
+    problems = []
+    for name, t in expected.items():
+        shape = tuple(t.shape)
+        if name in saved:
+            if saved[name] != shape:
+                problems.append(f"{name}: checkpoint {list(saved[name])}, model {list(shape)}{hint(name)}")
+        elif not any(saved.get(other) == shape for other in alias_of[name]):
+            problems.append(f"{name}: missing from the checkpoint{hint(name)}")
+    problems += [f"{name}: in the checkpoint, not in the model{hint(name)}" for name in sorted(saved.keys() - expected)]
+    return problems
+
+
+def check_compatible(cfg: Config, path: str | os.PathLike, model: torch.nn.Module | None = None) -> None:
+    """Resuming with a different model would fail deep inside load_state; say which config keys differ instead, and
+    when `model` (built from `cfg`) is given, which parameters of the saved weights do not fit it."""
+    saved_cfg = load_checkpoint_config(path)
+    saved, now = _flat(saved_cfg), _flat(cfg)
+    keys = [k for k in now if k.startswith("model.")]
+    keys += sorted(set(_shape_keys(cfg)) | set(_shape_keys(saved_cfg)))
+    if _shape_keys(cfg) != _shape_keys(saved_cfg):
+        keys.append("data.name")  # a language model resumed as text-to-image, or the reverse
+    diff = [f"{k}: checkpoint {saved[k]!r}, now {now[k]!r}" for k in keys if saved[k] != now[k]]
+    problems = weight_mismatches(model, path) if model is not None else []
     if diff:
-        raise ConfigError(f"cannot resume from {path}: the model config differs ({'; '.join(diff)})")
+        detail = f"; parameters that differ: {'; '.join(problems)}" if problems else ""
+        raise ConfigError(f"cannot resume from {path}: the model config differs ({'; '.join(diff)}){detail}")
+    if problems:
+        raise CheckpointError(
+            f"cannot resume from {path}: its {WEIGHTS} does not fit the model its config.yaml describes (the two "
+            f"disagree: the checkpoint was edited or damaged): {'; '.join(problems)}"
+        )
 
 
 def load_model_weights(model, path: str | os.PathLike) -> None:
     """Weights only, from a checkpoint's safetensors file (for sampling and evaluation)."""
     from safetensors.torch import load_model
 
-    weights = pathlib.Path(path) / "model.safetensors"
-    if not weights.is_file():
-        raise FileNotFoundError(f"{weights} not found (is {path} a checkpoint written by the trainer?)")
+    problems = weight_mismatches(model, path)
+    if problems:
+        raise CheckpointError(
+            f"{pathlib.Path(path) / WEIGHTS} does not fit the model built from {pathlib.Path(path) / 'config.yaml'} "
+            f"(the two disagree: the checkpoint was edited or damaged): {'; '.join(problems)}"
+        )
     # safetensors' loader knows which names alias one tensor (tied embeddings), so strict loading is exact
-    load_model(model, weights, strict=True)
+    load_model(model, pathlib.Path(path) / WEIGHTS, strict=True)
 
 
 # ---------------------------------------------------------------------------------------------- training state

@@ -122,6 +122,10 @@ class Trainer:
         self.task = task if task is not None else build_task(cfg)
         model = self.task.build_model()
         self.num_params = sum(p.numel() for p in model.parameters())
+        self.resumed_from = ckpt.resolve_resume(t.resume, self.out_dir)
+        if self.resumed_from is not None:
+            # config keys and weight shapes, against the model as built (before prepare wraps or shards it)
+            ckpt.check_compatible(cfg, self.resumed_from, model)
         datasets = self.task.datasets()
         self.datasets = datasets
         optimizer = torch.optim.AdamW(
@@ -136,10 +140,7 @@ class Trainer:
             model, optimizer, train_loader, val_loader
         )
         self.state = TrainState()
-
-        self.resumed_from = ckpt.resolve_resume(t.resume, self.out_dir)
         if self.resumed_from is not None:
-            ckpt.check_compatible(cfg, self.resumed_from)
             self.state.load_state_dict(ckpt.load_checkpoint(acc, self.resumed_from))
             acc.print(f"resumed from {self.resumed_from} at step {self.state.step}")
         elif t.resume is True:

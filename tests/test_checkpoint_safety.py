@@ -4,9 +4,11 @@
   optimizer.bin, FSDP/DCP metadata and items) whose unpickling would create a marker file are refused, and the
   marker never appears; a checkpoint of the older layout (counters in a pickle) is refused with an explanation.
 - A state that cannot be restored exactly is an error naming the file (RNG file missing, truncated, garbled).
+- Config changes that reach parameter shapes, and weights that do not fit the config, are named, not raw tracebacks.
 """
 
 import json
+import pathlib
 import pickle
 import shutil
 import warnings
@@ -15,6 +17,7 @@ import pytest
 import torch
 
 from cosformer import checkpoint as ckpt
+from cosformer.config import ConfigError, load_config, save_yaml
 from cosformer.tasks import build_task
 from cosformer.trainer import Trainer
 
@@ -162,4 +165,68 @@ def test_damaged_rng_state_is_an_error_naming_the_file(corpus, tmp_path, clean_a
     else:
         torch.save({"step": 5, "random_state": (3, (1, 2), None), "torch_manual_seed": torch.zeros(3)}, rng)
     with pytest.raises(ckpt.CheckpointError, match=r"random_states_0\.pkl.*would not continue the same random"):
+        resume(corpus, tmp_path / "again", path)
+
+
+# ---------------------------------------------------------------------------------------------- 4, 5b: shapes
+
+
+def test_seq_len_change_names_the_key_and_the_parameter(corpus, tmp_path, clean_accelerate):  # noqa: F811
+    path = run_with_checkpoint(corpus, tmp_path / "run")
+    with pytest.raises(ConfigError, match=r"data\.seq_len: checkpoint 32, now 64.*net\.pos_emb\.emb\.weight: "
+                                          r"checkpoint \[32, 32\], model \[64, 32\] \[data\.seq_len\]"):  # fmt: skip
+        resume(corpus, tmp_path / "again", path, "data.seq_len=64")
+    # keys that shape nothing of a language model stay free
+    resume(corpus, tmp_path / "again", path, "t2i.image_size=8", "train.lr=1e-3")
+
+
+def test_weight_shapes_are_read_from_the_header(corpus, tmp_path, clean_accelerate):  # noqa: F811
+    path = run_with_checkpoint(corpus, tmp_path / "run", "model.tie_embedding=true")
+    cfg = tiny(corpus, tmp_path / "x", "model.tie_embedding=true")
+    assert ckpt.weight_mismatches(build_task(cfg).build_model(), path) == []  # tied names stored once: fine
+    cfg = tiny(corpus, tmp_path / "x", "model.tie_embedding=true", "model.depth=2", "model.dim=48")
+    problems = ckpt.weight_mismatches(build_task(cfg).build_model(), path)
+    assert "net.token_emb.weight: checkpoint [256, 32], model [256, 48] [model.*]" in problems
+    assert any(p.startswith("net.attn_layers.layers.1.") and "missing from the checkpoint [model.depth" in p
+               for p in problems)  # fmt: skip
+
+
+def test_t2i_keys_that_shape_parameters_are_compared(tmp_path):
+    saved = load_config([], ["data.name=shapes", "t2i.image_size=16"])
+    save_yaml(saved, tmp_path / "config.yaml")
+    with pytest.raises(ConfigError, match=r"t2i\.image_size: checkpoint 16, now 32"):
+        ckpt.check_compatible(load_config([], ["data.name=shapes", "t2i.image_size=32"]), tmp_path)
+    with pytest.raises(ConfigError, match=r"data\.name: checkpoint 'shapes', now 'pystdlib'"):
+        ckpt.check_compatible(load_config([], []), tmp_path)
+    ckpt.check_compatible(load_config([], ["data.name=hf", "t2i.image_size=16", "t2i.num_train=5"]), tmp_path)
+
+
+def test_config_yaml_that_disagrees_with_the_weights(corpus, tmp_path, clean_accelerate, capsys):  # noqa: F811
+    """config.yaml edited to depth 2 over depth-1 weights: resuming with the config it claims, and sampling (which
+    rebuilds the model from it), both say the two disagree."""
+    import importlib.util
+
+    path = run_with_checkpoint(corpus, tmp_path / "run")
+    cfg = ckpt.load_checkpoint_config(path)
+    cfg.model.depth = 2
+    save_yaml(cfg, path / "config.yaml")
+    with pytest.raises(ckpt.CheckpointError, match=r"does not fit the model its config.yaml describes.*"
+                                                   r"net\.attn_layers\.layers\.1\..*missing"):  # fmt: skip
+        resume(corpus, tmp_path / "again", path, "model.depth=2")
+    with pytest.raises(ConfigError, match=r"model\.depth: checkpoint 2, now 1"):
+        resume(corpus, tmp_path / "again", path)
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("sample_script", root / "scripts" / "sample.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    with pytest.raises(ckpt.CheckpointError, match=r"model\.safetensors does not fit the model built from .*config"):
+        script.main([str(path), "--prompt", "the", "--length", "4"])
+
+
+@pytest.mark.parametrize("text, problem", [("model: [1, 2\n", "not a valid config"), ("model: {dimm: 3}\n", "dimm")])
+def test_unreadable_config_yaml_names_the_file(corpus, tmp_path, clean_accelerate, text, problem):  # noqa: F811
+    path = run_with_checkpoint(corpus, tmp_path / "run")
+    (path / "config.yaml").write_text(text)
+    with pytest.raises(ConfigError, match=rf"step_000005/config\.yaml: .*{problem}"):
         resume(corpus, tmp_path / "again", path)
