@@ -90,7 +90,14 @@ def checkpoint_step(path: str | os.PathLike) -> int:
     path = pathlib.Path(path)
     if not is_complete(path):
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no {COMPLETE} marker)")
-    return int(json.loads((path / COMPLETE).read_text())["step"])
+    marker = path / COMPLETE
+    try:
+        step = json.loads(marker.read_text())["step"]
+    except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError) as e:
+        raise CheckpointError(f"{marker}: expected JSON {{'step': N}}, could not read it ({e!r})") from None
+    if type(step) is not int or step < 0:
+        raise CheckpointError(f"{marker}: 'step' must be a non-negative int, got {step!r}")
+    return step
 
 
 def _write_text_atomic(path: pathlib.Path, text: str) -> None:
@@ -102,22 +109,40 @@ def _write_text_atomic(path: pathlib.Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _inside(root: pathlib.Path, path: pathlib.Path) -> bool:
+    """Whether `path` is a directory directly under `root` once links are resolved (a step_* symlink may not lead
+    elsewhere)."""
+    return path.is_dir() and path.resolve().parent == root.resolve()
+
+
 def list_checkpoints(out_dir: str | os.PathLike) -> list[pathlib.Path]:
     """Complete checkpoints under out_dir, oldest first."""
     root = pathlib.Path(out_dir) / CHECKPOINTS
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and is_complete(p)]
+    found = [
+        (int(m.group(1)), p)
+        for p in root.iterdir()
+        if (m := _STEP_DIR.match(p.name)) and _inside(root, p) and is_complete(p)
+    ]
     return [p for _, p in sorted(found)]
 
 
 def latest_checkpoint(out_dir: str | os.PathLike) -> pathlib.Path | None:
-    """The checkpoint `latest` names, or, if that pointer is missing or stale, the newest complete one."""
+    """The checkpoint `latest` names, or, if that pointer is missing or stale, the newest complete one. A pointer
+    naming anything but a step_NNNNNN directory of this checkpoints folder is refused: the trainer never writes one,
+    so it is damage or tampering, and following it could load a checkpoint from anywhere on the disk."""
     root = pathlib.Path(out_dir) / CHECKPOINTS
     pointer = root / LATEST
     if pointer.is_file():
-        named = root / pointer.read_text().strip()
-        if is_complete(named):
+        name = pointer.read_text(errors="replace").strip()
+        if not _STEP_DIR.match(name):
+            raise CheckpointError(
+                f"{pointer} names {name[:100]!r}, not a step_NNNNNN directory of {root}: refusing to follow it "
+                f"(delete the file to fall back to the newest complete checkpoint)"
+            )
+        named = root / name
+        if _inside(root, named) and is_complete(named):
             return named
     found = list_checkpoints(out_dir)
     return found[-1] if found else None

@@ -5,6 +5,7 @@
   marker never appears; a checkpoint of the older layout (counters in a pickle) is refused with an explanation.
 - A state that cannot be restored exactly is an error naming the file (RNG file missing, truncated, garbled).
 - Config changes that reach parameter shapes, and weights that do not fit the config, are named, not raw tracebacks.
+- A `latest` pointer leading out of the checkpoints folder is refused; a directory without COMPLETE is never used.
 """
 
 import json
@@ -230,3 +231,39 @@ def test_unreadable_config_yaml_names_the_file(corpus, tmp_path, clean_accelerat
     (path / "config.yaml").write_text(text)
     with pytest.raises(ConfigError, match=rf"step_000005/config\.yaml: .*{problem}"):
         resume(corpus, tmp_path / "again", path)
+
+
+# ---------------------------------------------------------------------------------------------- 5a, 5c: discovery
+
+
+def test_latest_pointer_cannot_leave_the_checkpoints_folder(corpus, tmp_path, clean_accelerate):  # noqa: F811
+    run = tmp_path / "run"
+    run_with_checkpoint(corpus, run)
+    elsewhere = run_with_checkpoint(corpus, tmp_path / "elsewhere")  # complete, but not this run's
+    pointer = run / "checkpoints" / "latest"
+    for target in ("../../elsewhere/checkpoints/step_000005", str(elsewhere), "../../../../etc", "step_5/../x"):
+        pointer.write_text(target + "\n")
+        with pytest.raises(ckpt.CheckpointError, match="not a step_NNNNNN directory.*refusing to follow it"):
+            ckpt.latest_checkpoint(run)
+        with pytest.raises(ckpt.CheckpointError, match="refusing to follow it"):
+            resume(corpus, run, True)
+    # a step_* name that is a link out of the folder is not a checkpoint of this run either
+    pointer.write_text("step_000009\n")
+    (run / "checkpoints" / "step_000009").symlink_to(elsewhere, target_is_directory=True)
+    assert ckpt.list_checkpoints(run) == [ckpt.checkpoint_dir(run, 5)]
+    assert ckpt.latest_checkpoint(run) == ckpt.checkpoint_dir(run, 5)
+
+
+def test_directory_without_complete_is_never_used(corpus, tmp_path, clean_accelerate):  # noqa: F811
+    run = tmp_path / "run"
+    train(tiny(corpus, run, "train.max_steps=10", "train.checkpoint_every=5", "train.keep_checkpoints=5"))
+    ten = ckpt.checkpoint_dir(run, 10)
+    (ten / ckpt.COMPLETE).unlink()  # as if the save had died before its last write
+    shutil.copytree(ckpt.checkpoint_dir(run, 5), run / "checkpoints" / ".tmp_step_000015")  # has COMPLETE
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_000010"
+    assert resume(corpus, run, True).resumed_from == ckpt.checkpoint_dir(run, 5)
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        resume(corpus, tmp_path / "again", ten)
+    (ten / ckpt.COMPLETE).write_text("{garbage")  # a marker that is there but unreadable: named, not a traceback
+    with pytest.raises(ckpt.CheckpointError, match=r"step_000010/COMPLETE: expected JSON"):
+        resume(corpus, tmp_path / "again", ten)
