@@ -12,9 +12,22 @@ counters (trainer_state.json); a resumed run skips the batches already consumed,
 uninterrupted one (fp32; tests check it bit for bit on CPU). Text samples draw from their own seeded stream and cannot
 perturb it. A checkpoint that cannot be restored exactly is an error, before any state changes.
 
-Stopping: SIGINT / SIGTERM set a flag that all processes agree on at the next step (it travels in the per-step
-all-reduce, so no rank enters the checkpoint collective alone); the run saves and returns. A non-finite loss stops
-the run with `NonFiniteLossError` before the optimiser applies the step, leaving the last good checkpoint as is.
+Checkpoints are written only at a step boundary: the weights, optimiser and RNG states, and the counters all describe
+the moment after `state.step` optimiser steps. `train_step` marks the span in which they disagree (`_mid_step`);
+nothing saves inside it.
+
+Stopping:
+- first SIGINT / SIGTERM: a flag that all processes agree on at the next step (it travels in the per-step
+  all-reduce, so no rank enters the checkpoint collective alone); the step in flight finishes, the run saves at that
+  boundary and returns {}.
+- a second SIGINT / SIGTERM: KeyboardInterrupt is raised at once and re-raised by `train()` after cleanup, without
+  saving; the last checkpoint already on disk (periodic, or none) stays the one to resume from. A save interrupted
+  this way leaves only a .tmp_ directory, never a damaged checkpoint.
+- a KeyboardInterrupt that bypassed the handler (another library's handler, single process): saved like a signal if
+  it arrived at a step boundary, otherwise re-raised without saving.
+- kill -9: nothing runs; the newest complete checkpoint and `latest` stay valid (saves are atomic).
+A non-finite loss stops the run with `NonFiniteLossError` before the optimiser applies the step, leaving the last
+good checkpoint as is.
 
 References: nanoGPT's train.py (warmup + cosine schedule, estimate_loss over fixed batches); Accelerate's
 examples/by_feature (checkpointing, gradient accumulation, tracking).
@@ -157,6 +170,8 @@ class Trainer:
         self.last_eval: dict[str, float] = {}
         self.last_saved_step = self.state.step if self.resumed_from is not None else -1
         self._stop_signal: str | None = None  # set by this process's signal handler
+        self._abort_signal: str | None = None  # a second signal: stop at once, without saving
+        self._mid_step = False  # True while weights and counters disagree (inside train_step)
         self._stop_agreed = False  # set when any process had a signal at the last all-reduce
         self._fingerprint_checked = False
 
@@ -202,6 +217,8 @@ class Trainer:
     def train_step(self, batches) -> tuple[float, float]:
         """One optimiser step over `grad_accum` micro-batches. Returns (mean loss over all processes, grad norm)."""
         acc, t = self.accelerator, self.cfg.train
+        # from here until the counters are updated the weights and `state` may disagree: no checkpoint in between
+        self._mid_step = True
         lr = self.lr_at(self.state.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -240,6 +257,7 @@ class Trainer:
             self.state.micro_batches += 1
         self.state.step += 1
         self.state.tokens += self.global_batch_items * self.task.tokens_per_item()
+        self._mid_step = False
         return mean_loss / acc.num_processes, float(grad_norm)
 
     def _diverged(self, loss: float) -> None:
@@ -274,6 +292,8 @@ class Trainer:
         return metrics
 
     def save(self) -> pathlib.Path:
+        if self._mid_step:
+            raise RuntimeError(f"refusing to save in the middle of optimiser step {self.state.step + 1}")
         t = self.cfg.train
         path = ckpt.save_checkpoint(
             self.accelerator, self.out_dir, self.state.state_dict(), self.cfg, keep=t.keep_checkpoints, model=self.model
@@ -287,10 +307,14 @@ class Trainer:
 
         def handler(signum, frame):
             name = signal.Signals(signum).name
-            if self._stop_signal is not None and signum == signal.SIGINT:
-                raise KeyboardInterrupt  # a second Ctrl-C: stop now, without the checkpoint
+            if self._stop_signal is not None:
+                # a second signal: stop now, wherever this lands; train() re-raises without saving
+                self._abort_signal = name
+                raise KeyboardInterrupt(f"second stop signal ({name})")
             self._stop_signal = name
-            self.accelerator.print(f"\n{name}: saving a checkpoint and stopping after this step")
+            self.accelerator.print(
+                f"\n{name}: saving a checkpoint and stopping after this step (a second signal stops at once, unsaved)"
+            )
 
         return {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
 
@@ -350,9 +374,21 @@ class Trainer:
                 if t.checkpoint_every and step % t.checkpoint_every == 0:
                     self.save()
         except KeyboardInterrupt:
-            # a Ctrl-C that arrived outside the handler (e.g. before it was installed): save if it is safe
-            self._stop_signal = self._stop_signal or "KeyboardInterrupt"
-            if acc.num_processes > 1:
+            # Saving is safe only at a step boundary, alone (the others would wait in the collective), and when the
+            # user did not ask twice; a Ctrl-C that bypassed the handler (another library replaced it) can qualify.
+            if self._abort_signal is None and not self._mid_step and acc.num_processes == 1:
+                self._stop_signal = self._stop_signal or "KeyboardInterrupt"
+            else:
+                why = f"second {self._abort_signal}" if self._abort_signal else "KeyboardInterrupt"
+                where = "in the middle of" if self._mid_step else "after"
+                try:
+                    last = ckpt.latest_checkpoint(self.out_dir)
+                except ckpt.CheckpointError:
+                    last = None
+                acc.print(
+                    f"\n{why} {where} step {self.state.step + self._mid_step}: stopped without saving; "
+                    + (f"resume from {last} (train.resume=true)" if last else "no checkpoint was saved yet")
+                )
                 raise
         finally:
             bar.close()

@@ -6,23 +6,28 @@
 - A state that cannot be restored exactly is an error naming the file (RNG file missing, truncated, garbled).
 - Config changes that reach parameter shapes, and weights that do not fit the config, are named, not raw tracebacks.
 - A `latest` pointer leading out of the checkpoints folder is refused; a directory without COMPLETE is never used.
+- Ctrl-C: once saves at a step boundary and resumes bit for bit; twice (or a KeyboardInterrupt mid-step) stops
+  without saving, so no checkpoint ever holds weights of another step than it is labelled with.
 """
 
 import json
+import os
 import pathlib
 import pickle
 import shutil
+import signal
 import warnings
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from cosformer import checkpoint as ckpt
 from cosformer.config import ConfigError, load_config, save_yaml
 from cosformer.tasks import build_task
 from cosformer.trainer import Trainer
 
-from .test_train import clean_accelerate, corpus, tiny, train  # noqa: F401  (fixtures)
+from .test_train import clean_accelerate, corpus, curve, records, tiny, train  # noqa: F401  (fixtures)
 
 
 class Plant:
@@ -267,3 +272,125 @@ def test_directory_without_complete_is_never_used(corpus, tmp_path, clean_accele
     (ten / ckpt.COMPLETE).write_text("{garbage")  # a marker that is there but unreadable: named, not a traceback
     with pytest.raises(ckpt.CheckpointError, match=r"step_000010/COMPLETE: expected JSON"):
         resume(corpus, tmp_path / "again", ten)
+
+
+# ---------------------------------------------------------------------------------------------- 2: interrupts
+
+
+class Interrupt(Trainer):
+    """Calls `act(self)` from an optimizer step post-hook during optimiser step `at` (1-based): after the weights
+    have moved, before the step counter has: the moment a save would be torn."""
+
+    at = 7
+    act = None
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        inner = getattr(self.optimizer, "optimizer", self.optimizer)  # Accelerate's wrapper holds the torch one
+        inner.register_step_post_hook(lambda *_: type(self).act(self) if self.state.step + 1 == self.at else None)
+
+
+def twice(trainer):
+    signal.raise_signal(signal.SIGINT)  # runs the handler now: sets the stop flag
+    signal.raise_signal(signal.SIGINT)  # the second: KeyboardInterrupt from inside the step
+
+
+def once(trainer):
+    signal.raise_signal(signal.SIGINT)
+
+
+def raw(trainer):
+    raise KeyboardInterrupt  # as if another library's handler had replaced the trainer's
+
+
+def weights(path):
+    return load_file(path / "model.safetensors")
+
+
+def same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture
+def per_step_weights(corpus, tmp_path, clean_accelerate):  # noqa: F811
+    """The uninterrupted run's weights after each of its first 8 steps."""
+
+    class StopAfter8(Trainer):
+        def train_step(self, batches):
+            out = super().train_step(batches)
+            if self.state.step == 8:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return out
+
+    out = tmp_path / "reference"
+    train(tiny(corpus, out, "train.checkpoint_every=1", "train.keep_checkpoints=20"), StopAfter8)
+    return {ckpt.checkpoint_step(p): weights(p) for p in ckpt.list_checkpoints(out)}
+
+
+def assert_consistent(out, reference):
+    """Every checkpoint holds the weights of the step it is labelled with."""
+    for path in ckpt.list_checkpoints(out):
+        step = ckpt.checkpoint_step(path)
+        assert json.loads((path / ckpt.TRAINER_STATE).read_text())["step"] == step
+        assert same(weights(path), reference[step]), f"{path.name} holds the weights of another step"
+
+
+@pytest.mark.parametrize("act", [twice, raw], ids=["second-sigint", "raw-keyboardinterrupt"])
+def test_interrupt_mid_step_stops_without_saving(corpus, tmp_path, clean_accelerate, per_step_weights, act, capsys):  # noqa: F811
+    out = tmp_path / "run"
+    Interrupt.act = act
+    interrupted = False
+    try:
+        train(tiny(corpus, out, "train.checkpoint_every=5"), Interrupt)
+    except KeyboardInterrupt:
+        interrupted = True
+    assert_consistent(out, per_step_weights)
+    assert interrupted, "train() must re-raise, not return as if it had saved"
+    assert ckpt.list_checkpoints(out) == [ckpt.checkpoint_dir(out, 5)]  # the periodic one, untouched
+    assert not list((out / "checkpoints").glob(".tmp_*"))
+    assert "in the middle of step 7: stopped without saving; resume from" in capsys.readouterr().out
+    final = train(tiny(corpus, out, "train.checkpoint_every=5", "train.resume=true"))
+    assert final and max(r["step"] for r in records(out)) == 20
+
+
+def test_raw_keyboardinterrupt_at_a_step_boundary_saves(corpus, tmp_path, clean_accelerate, per_step_weights):  # noqa: F811
+    class BoundaryInterrupt(Trainer):
+        def train_step(self, batches):
+            if self.state.step == 6:
+                raise KeyboardInterrupt
+            return super().train_step(batches)
+
+    out = tmp_path / "run"
+    assert train(tiny(corpus, out, "train.checkpoint_every=5"), BoundaryInterrupt) == {}
+    assert ckpt.checkpoint_step(ckpt.latest_checkpoint(out)) == 6
+    assert_consistent(out, per_step_weights)
+
+
+def test_one_sigint_mid_step_saves_at_the_boundary_and_resumes_exactly(corpus, tmp_path, clean_accelerate):  # noqa: F811
+    full, parts = tmp_path / "full", tmp_path / "parts"
+    train(tiny(corpus, full, "train.checkpoint_every=10", "model.dropout=0.1"))
+    Interrupt.act = once
+    assert train(tiny(corpus, parts, "model.dropout=0.1"), Interrupt) == {}
+    assert ckpt.checkpoint_step(ckpt.latest_checkpoint(parts)) == 7  # the step in flight finished first
+    train(tiny(corpus, parts, "train.resume=true", "train.checkpoint_every=10", "model.dropout=0.1"))
+    assert curve(parts) == curve(full)  # bit-identical in fp32 on CPU
+
+
+def test_second_signal_during_a_save_keeps_the_last_checkpoint(corpus, tmp_path, clean_accelerate):  # noqa: F811
+    out = tmp_path / "run"
+    trainer = Trainer(tiny(corpus, out, "train.checkpoint_every=5", "train.max_steps=10"))
+    real_save, delivered = trainer.accelerator.save_state, []
+
+    def interrupted_save(output_dir, **kwargs):
+        real_save(output_dir, **kwargs)
+        if "000010" in output_dir and not delivered:  # once: a retried save must not signal the default handler
+            delivered.append(True)
+            signal.raise_signal(signal.SIGTERM)
+            signal.raise_signal(signal.SIGTERM)
+
+    trainer.accelerator.save_state = interrupted_save
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    trainer.close()
+    assert ckpt.latest_checkpoint(out) == ckpt.checkpoint_dir(out, 5)
+    assert (out / "checkpoints" / ".tmp_step_000010").is_dir()  # debris, never mistaken for a checkpoint
