@@ -23,8 +23,9 @@ Stopping:
 - a second SIGINT / SIGTERM: KeyboardInterrupt is raised at once and re-raised by `train()` after cleanup, without
   saving; the last checkpoint already on disk (periodic, or none) stays the one to resume from. A save interrupted
   this way leaves only a .tmp_ directory, never a damaged checkpoint.
-- a KeyboardInterrupt that bypassed the handler (another library's handler, single process): saved like a signal if
-  it arrived at a step boundary, otherwise re-raised without saving.
+- a KeyboardInterrupt that bypassed the handler (another library replaced it): treated like a second signal. It may
+  land mid-step, or mid-evaluation, which draws from the global RNG: counters and weights could agree while the RNG
+  streams are not those of the step boundary, and a resume from there would not continue the run exactly.
 - kill -9: nothing runs; the newest complete checkpoint and `latest` stay valid (saves are atomic).
 A non-finite loss stops the run with `NonFiniteLossError` before the optimiser applies the step, leaving the last
 good checkpoint as is.
@@ -374,22 +375,18 @@ class Trainer:
                 if t.checkpoint_every and step % t.checkpoint_every == 0:
                     self.save()
         except KeyboardInterrupt:
-            # Saving is safe only at a step boundary, alone (the others would wait in the collective), and when the
-            # user did not ask twice; a Ctrl-C that bypassed the handler (another library replaced it) can qualify.
-            if self._abort_signal is None and not self._mid_step and acc.num_processes == 1:
-                self._stop_signal = self._stop_signal or "KeyboardInterrupt"
-            else:
-                why = f"second {self._abort_signal}" if self._abort_signal else "KeyboardInterrupt"
-                where = "in the middle of" if self._mid_step else "after"
-                try:
-                    last = ckpt.latest_checkpoint(self.out_dir)
-                except ckpt.CheckpointError:
-                    last = None
-                acc.print(
-                    f"\n{why} {where} step {self.state.step + self._mid_step}: stopped without saving; "
-                    + (f"resume from {last} (train.resume=true)" if last else "no checkpoint was saved yet")
-                )
-                raise
+            # never saved (see the module docstring): only the first signal's path reaches the save point intact
+            why = f"second {self._abort_signal}" if self._abort_signal else "KeyboardInterrupt"
+            where = "in the middle of" if self._mid_step else "after"
+            try:
+                last = ckpt.latest_checkpoint(self.out_dir)
+            except ckpt.CheckpointError:
+                last = None
+            acc.print(
+                f"\n{why} {where} step {self.state.step + self._mid_step}: stopped without saving; "
+                + (f"resume from {last} (train.resume=true)" if last else "no checkpoint was saved yet")
+            )
+            raise
         finally:
             bar.close()
             for sig, old in previous.items():
