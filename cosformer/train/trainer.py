@@ -6,13 +6,29 @@
         -> close()
 
 Exact resume: the training data is a pure function of (seed, item index), the learning rate a pure function of the
-step (`get_lr`), and Accelerate's checkpoint restores model, optimiser, gradient-accumulation counter and every
-process's RNG state; a resumed run skips the batches already consumed, so its loss curve equals the uninterrupted
-one (fp32; tests check it bit for bit on CPU). Text samples draw from their own seeded stream and cannot perturb it.
+step (`get_lr`), and a checkpoint (`cosformer.checkpoint`: what it holds and how each file is loaded without running
+code from it) restores model, optimiser, gradient-accumulation counter, every process's RNG state and the trainer's
+counters (trainer_state.json); a resumed run skips the batches already consumed, so its loss curve equals the
+uninterrupted one (fp32; tests check it bit for bit on CPU). Text samples draw from their own seeded stream and cannot
+perturb it. A checkpoint that cannot be restored exactly is an error, before any state changes.
 
-Stopping: SIGINT / SIGTERM set a flag that all processes agree on at the next step (it travels in the per-step
-all-reduce, so no rank enters the checkpoint collective alone); the run saves and returns. A non-finite loss stops
-the run with `NonFiniteLossError` before the optimiser applies the step, leaving the last good checkpoint as is.
+Checkpoints are written only at a step boundary: the weights, optimiser and RNG states, and the counters all describe
+the moment after `state.step` optimiser steps. `train_step` marks the span in which they disagree (`_mid_step`);
+nothing saves inside it.
+
+Stopping:
+- first SIGINT / SIGTERM: a flag that all processes agree on at the next step (it travels in the per-step
+  all-reduce, so no rank enters the checkpoint collective alone); the step in flight finishes, the run saves at that
+  boundary and returns {}.
+- a second SIGINT / SIGTERM: KeyboardInterrupt is raised at once and re-raised by `train()` after cleanup, without
+  saving; the last checkpoint already on disk (periodic, or none) stays the one to resume from. A save interrupted
+  this way leaves only a .tmp_ directory, never a damaged checkpoint.
+- a KeyboardInterrupt that bypassed the handler (another library replaced it): treated like a second signal. It may
+  land mid-step, or mid-evaluation, which draws from the global RNG: counters and weights could agree while the RNG
+  streams are not those of the step boundary, and a resume from there would not continue the run exactly.
+- kill -9: nothing runs; the newest complete checkpoint and `latest` stay valid (saves are atomic).
+A non-finite loss stops the run with `NonFiniteLossError` before the optimiser applies the step, leaving the last
+good checkpoint as is.
 
 References: nanoGPT's train.py (warmup + cosine schedule, estimate_loss over fixed batches); Accelerate's
 examples/by_feature (checkpointing, gradient accumulation, tracking).
@@ -82,7 +98,8 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 @dataclass
 class TrainState:
-    """Counters saved with every checkpoint (through accelerator.register_for_checkpointing)."""
+    """Counters saved with every checkpoint as trainer_state.json (plain JSON, checked on load: never registered
+    with Accelerate, whose custom-object files are unpickled with weights_only=False)."""
 
     step: int = 0  # optimiser steps done
     micro_batches: int = 0  # training batches consumed by this process: the sampler position
@@ -119,6 +136,10 @@ class Trainer:
         self.task = task if task is not None else build_task(cfg)
         model = self.task.build_model()
         self.num_params = sum(p.numel() for p in model.parameters())
+        self.resumed_from = ckpt.resolve_resume(t.resume, self.out_dir)
+        if self.resumed_from is not None:
+            # config keys and weight shapes, against the model as built (before prepare wraps or shards it)
+            ckpt.check_compatible(cfg, self.resumed_from, model)
         datasets = self.task.datasets()
         self.datasets = datasets
         optimizer = torch.optim.AdamW(
@@ -133,12 +154,8 @@ class Trainer:
             model, optimizer, train_loader, val_loader
         )
         self.state = TrainState()
-        acc.register_for_checkpointing(self.state)
-
-        self.resumed_from = ckpt.resolve_resume(t.resume, self.out_dir)
         if self.resumed_from is not None:
-            ckpt.check_compatible(cfg, self.resumed_from)
-            acc.load_state(str(self.resumed_from))
+            self.state.load_state_dict(ckpt.load_checkpoint(acc, self.resumed_from))
             acc.print(f"resumed from {self.resumed_from} at step {self.state.step}")
         elif t.resume is True:
             acc.print(f"train.resume=true but no checkpoint in {self.out_dir / ckpt.CHECKPOINTS}: starting fresh")
@@ -154,6 +171,8 @@ class Trainer:
         self.last_eval: dict[str, float] = {}
         self.last_saved_step = self.state.step if self.resumed_from is not None else -1
         self._stop_signal: str | None = None  # set by this process's signal handler
+        self._abort_signal: str | None = None  # a second signal: stop at once, without saving
+        self._mid_step = False  # True while weights and counters disagree (inside train_step)
         self._stop_agreed = False  # set when any process had a signal at the last all-reduce
         self._fingerprint_checked = False
 
@@ -199,6 +218,8 @@ class Trainer:
     def train_step(self, batches) -> tuple[float, float]:
         """One optimiser step over `grad_accum` micro-batches. Returns (mean loss over all processes, grad norm)."""
         acc, t = self.accelerator, self.cfg.train
+        # from here until the counters are updated the weights and `state` may disagree: no checkpoint in between
+        self._mid_step = True
         lr = self.lr_at(self.state.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -237,6 +258,7 @@ class Trainer:
             self.state.micro_batches += 1
         self.state.step += 1
         self.state.tokens += self.global_batch_items * self.task.tokens_per_item()
+        self._mid_step = False
         return mean_loss / acc.num_processes, float(grad_norm)
 
     def _diverged(self, loss: float) -> None:
@@ -271,9 +293,11 @@ class Trainer:
         return metrics
 
     def save(self) -> pathlib.Path:
+        if self._mid_step:
+            raise RuntimeError(f"refusing to save in the middle of optimiser step {self.state.step + 1}")
         t = self.cfg.train
         path = ckpt.save_checkpoint(
-            self.accelerator, self.out_dir, self.state.step, self.cfg, keep=t.keep_checkpoints, model=self.model
+            self.accelerator, self.out_dir, self.state.state_dict(), self.cfg, keep=t.keep_checkpoints, model=self.model
         )
         self.last_saved_step = self.state.step
         return path
@@ -284,10 +308,14 @@ class Trainer:
 
         def handler(signum, frame):
             name = signal.Signals(signum).name
-            if self._stop_signal is not None and signum == signal.SIGINT:
-                raise KeyboardInterrupt  # a second Ctrl-C: stop now, without the checkpoint
+            if self._stop_signal is not None:
+                # a second signal: stop now, wherever this lands; train() re-raises without saving
+                self._abort_signal = name
+                raise KeyboardInterrupt(f"second stop signal ({name})")
             self._stop_signal = name
-            self.accelerator.print(f"\n{name}: saving a checkpoint and stopping after this step")
+            self.accelerator.print(
+                f"\n{name}: saving a checkpoint and stopping after this step (a second signal stops at once, unsaved)"
+            )
 
         return {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
 
@@ -347,10 +375,18 @@ class Trainer:
                 if t.checkpoint_every and step % t.checkpoint_every == 0:
                     self.save()
         except KeyboardInterrupt:
-            # a Ctrl-C that arrived outside the handler (e.g. before it was installed): save if it is safe
-            self._stop_signal = self._stop_signal or "KeyboardInterrupt"
-            if acc.num_processes > 1:
-                raise
+            # never saved (see the module docstring): only the first signal's path reaches the save point intact
+            why = f"second {self._abort_signal}" if self._abort_signal else "KeyboardInterrupt"
+            where = "in the middle of" if self._mid_step else "after"
+            try:
+                last = ckpt.latest_checkpoint(self.out_dir)
+            except ckpt.CheckpointError:
+                last = None
+            acc.print(
+                f"\n{why} {where} step {self.state.step + self._mid_step}: stopped without saving; "
+                + (f"resume from {last} (train.resume=true)" if last else "no checkpoint was saved yet")
+            )
+            raise
         finally:
             bar.close()
             for sig, old in previous.items():
