@@ -13,7 +13,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from cosformer.train.checkpoint import CheckpointError
 from cosformer.train.config import ConfigError, load_config
+from cosformer.train.data import ChecksumError, DataUnavailableError
 from cosformer.train.trainer import NonFiniteLossError, Trainer
 
 
@@ -29,18 +31,29 @@ def parse_args(argv: list[str] | None = None):
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit status: 0 done (or stopped by a signal after saving), 1 the run failed (non-finite loss, data
+    unavailable), 2 the config or the checkpoint to resume from was refused, 130 stopped by a second signal."""
     configs, overrides = parse_args(argv)
     try:
         cfg = load_config(configs, overrides)
+        trainer = Trainer(cfg)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    trainer = Trainer(cfg)
+    except CheckpointError as e:
+        print(f"checkpoint error: {e}", file=sys.stderr)
+        return 2
+    except (DataUnavailableError, ChecksumError) as e:
+        print(f"data error: {e}", file=sys.stderr)
+        return 1
     try:
         trainer.train()
     except NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("stopped at once by a second signal, without saving (see above for the checkpoint)", file=sys.stderr)
+        return 130
     finally:
         trainer.close()
     return 0

@@ -22,10 +22,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cosformer import checkpoint as ckpt
-from cosformer.config import ConfigError, load_config, save_yaml
-from cosformer.tasks import build_task
-from cosformer.trainer import Trainer
+from cosformer.train import checkpoint as ckpt
+from cosformer.train.config import ConfigError, load_config, save_yaml
+from cosformer.train.tasks import build_task
+from cosformer.train.trainer import Trainer
 
 from .test_train import clean_accelerate, corpus, curve, records, tiny, train  # noqa: F401  (fixtures)
 
@@ -398,3 +398,23 @@ def test_second_signal_during_a_save_keeps_the_last_checkpoint(corpus, tmp_path,
     trainer.close()
     assert ckpt.latest_checkpoint(out) == ckpt.checkpoint_dir(out, 5)
     assert (out / "checkpoints" / ".tmp_step_000010").is_dir()  # debris, never mistaken for a checkpoint
+
+
+def test_train_script_refuses_a_planted_checkpoint_with_exit_2(corpus, tmp_path, clean_accelerate, marker, capsys):  # noqa: F811
+    """The command line turns a refused checkpoint into a one-line error and exit status 2, not a traceback."""
+    import importlib.util
+
+    path = run_with_checkpoint(corpus, tmp_path / "run")
+    torch.save(Plant(marker), path / "custom_checkpoint_0.pkl")
+    spec = importlib.util.spec_from_file_location(
+        "train_script", pathlib.Path(__file__).parents[1] / "scripts/train.py"
+    )
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    args = [f"data.path={corpus}", "data.name=text", "data.seq_len=32", "model.dim=32", "model.depth=1",
+            "model.heads=2", "model.dim_head=16", "train.batch_size=8", "train.max_steps=10", "train.sample_length=0",
+            f"train.out_dir={tmp_path / 'again'}", f"train.resume={path}", "log.tracker=none"]  # fmt: skip
+    assert script.main(args) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert any(line.startswith("checkpoint error:") and "custom_checkpoint_0.pkl" in line for line in err), err
+    assert not any("Traceback" in line for line in err)

@@ -6,7 +6,7 @@
         -> close()
 
 Exact resume: the training data is a pure function of (seed, item index), the learning rate a pure function of the
-step (`get_lr`), and a checkpoint (`cosformer.checkpoint`: what it holds and how each file is loaded without running
+step (`get_lr`), and a checkpoint (`cosformer.train.checkpoint`: what it holds, how each file is loaded without running
 code from it) restores model, optimiser, gradient-accumulation counter, every process's RNG state and the trainer's
 counters (trainer_state.json); a resumed run skips the batches already consumed, so its loss curve equals the
 uninterrupted one (fp32; tests check it bit for bit on CPU). Text samples draw from their own seeded stream and cannot
@@ -52,7 +52,8 @@ from torch.utils.data import DataLoader
 
 from . import checkpoint as ckpt
 from .config import Config, dump_yaml, save_yaml, to_dict
-from .tasks import Task, build_task
+from .rng import fork_rng
+from .tasks import Task, build_task, mean_loss
 from .tracking import Tracker, configure_wandb
 
 
@@ -196,7 +197,7 @@ class Trainer:
             it = iter(loader)
             # a new DataLoader iterator draws its base seed from the global RNG: keep that draw out of the
             # training stream, or a resumed run (one more iterator) would see different dropout masks
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            with fork_rng(device):
                 first = next(it)
             yield first
             yield from it
@@ -269,18 +270,9 @@ class Trainer:
         kept = f"the last good checkpoint is {last}" if last else "no checkpoint was saved yet"
         raise NonFiniteLossError(f"non-finite training loss ({loss}) at step {step}; stopping, {kept}")
 
-    @torch.no_grad()
     def evaluate_loss(self) -> float:
         """Mean loss over the fixed validation batches (`train.eval_batches` of them, spread over processes)."""
-        self.model.eval()
-        losses = []
-        for batch in self.val_loader:
-            loss = self.model(**batch).float()
-            n = next(iter(batch.values())).shape[0]
-            # one entry per sample so that gather_for_metrics can drop the samples padding the last batch
-            losses.append(self.accelerator.gather_for_metrics(loss.expand(n).contiguous()))
-        self.model.train()
-        return torch.cat(losses).mean().item()
+        return mean_loss(self.model, self.accelerator, self.val_loader)
 
     def evaluate(self, step: int, with_loss: bool) -> dict:
         metrics = {}

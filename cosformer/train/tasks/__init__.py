@@ -65,11 +65,10 @@ _REGISTRY: dict[str, tuple[str, str | None]] = {
 
 
 @torch.no_grad()
-def mean_loss(model, accelerator, loader: torch.utils.data.DataLoader) -> float:
-    """Exact mean of the per-item losses (`model(**batch, reduction="none")`, shape (b,)) over `loader`, sharded
-    over processes by Accelerate; the items it repeats to even out the last batch are dropped by
+def mean_loss(model, accelerator, loader) -> float:
+    """Exact mean of the per-item losses (`model(**batch, reduction="none")`, shape (b,)) over a loader prepared by
+    Accelerate (sharded over processes); the items it repeats to even out the last batch are dropped by
     `gather_for_metrics`, which is why the losses must be per item. The model's train/eval mode is restored."""
-    loader = accelerator.prepare_data_loader(loader)
     was_training = model.training
     model.eval()
     losses = []
