@@ -28,7 +28,7 @@ MAX_CAPTION_LINES = 5
 
 
 def _wrap(text: str, width_px: float, measure) -> list[str]:
-    """Greedy word wrap by measured width; a line longer than MAX_CAPTION_LINES ends in an ellipsis."""
+    """Greedy word wrap by measured width; a caption of more than MAX_CAPTION_LINES lines is cut with an ellipsis."""
     lines: list[str] = []
     for word in text.split():
         if lines and measure(f"{lines[-1]} {word}") <= width_px:
