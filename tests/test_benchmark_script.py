@@ -3,6 +3,7 @@ arguments, do_bench compatibility) and a --device cpu smoke run of the whole pip
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -220,6 +221,68 @@ def test_write_json_schema(bench, tmp_path):
     assert data["rows"][0]["peer_all"] == {"auto": 0.8, "flash": 0.75}
     assert data["rows"][2]["peer_all"] == {"auto": None} and data["rows"][2]["hk"] == 4
     assert list(path.parent.iterdir()) == [path]  # the temporary file was renamed into place
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the plot and --replot
+
+
+def _plot_rows(bench, dtypes=("bf16", "fp16"), modes=("fwd", "fwdbwd")):
+    """Rows of a full-grid run on synthetic ratios: 8 lines per (dtype, mode), as the default grid gives."""
+    rng = random.Random(0)
+    points = bench.build_grid(dtypes, bench.DEFAULT_SHAPES, [1024, 2048, 4096], [False, True], modes)
+    return [bench.make_row(p, ours_ms=1.0, peer_all={"flash": rng.uniform(0.7, 2.0)}) for p in points]
+
+
+def _data_lines(ax):
+    return [line for line in ax.lines if not line.get_label().startswith("_")]  # not the 1.0x / 1.3x guides
+
+
+def test_plot_names_every_line(bench, tmp_path):
+    fig = bench.plot(_plot_rows(bench), tmp_path / "p.png", "t")
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [ax.get_title() for ax in fig.axes] == [
+        "bf16, forward", "bf16, forward + backward", "fp16, forward", "fp16, forward + backward"
+    ]  # fmt: skip
+    style_of = {}
+    for ax in fig.axes:
+        lines = _data_lines(ax)
+        assert len(lines) == 8  # 2 dense shapes and GQA, causal and full; 2 key-padding masks, full only
+        styles = [(line.get_color(), line.get_linestyle()) for line in lines]
+        assert len(set(styles)) == len(lines)  # no two lines of a panel look alike
+        assert ax.get_ylim() == fig.axes[0].get_ylim()  # one y scale for all panels
+        for line in lines:
+            series, causal = line.get_label().rsplit(" ", 1)
+            assert line.get_linestyle() == ("-" if causal == "causal" else "--")
+            assert style_of.setdefault(series, line.get_color()) == line.get_color()  # same colour in every panel
+    assert len(set(style_of.values())) == len(style_of) == 5
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert set(style_of) | {"causal", "full (not causal)"} <= set(legend)
+    assert any(t.startswith("1.0×") for t in legend) and "1.3×" in legend
+
+
+def test_replot_redraws_a_json(bench, tmp_path, monkeypatch, capsys):
+    path = tmp_path / "gpu.json"
+    bench.write_json(path, {"gpu": "Some GPU", "smoke": False}, _plot_rows(bench, dtypes=("fp16",)))
+    figures = []
+    plot = bench.plot
+    monkeypatch.setattr(bench, "plot", lambda *a, **kw: figures.append(plot(*a, **kw)) or figures[-1])
+    assert bench.main(["--replot", str(path)]) == 0
+    png = path.with_suffix(".png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"wrote {png}" in capsys.readouterr().out
+    (fig,) = figures
+    assert len(fig.axes) == 2 and fig.get_suptitle().startswith("Some GPU:")  # one dtype: fwd and fwd+bwd
+    assert all(len(_data_lines(ax)) == 8 for ax in fig.axes)
+
+
+@pytest.mark.parametrize("extra, message", [(["--n", "64"], "--n"), (["--device", "cpu"], "--device"), ([], "no such")])
+def test_replot_takes_a_json_alone(bench, tmp_path, capsys, extra, message):
+    path = tmp_path / "gpu.json"
+    if extra:  # else the file is missing
+        path.write_text("{}")
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--replot", str(path), *extra])
+    assert message in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------------------------

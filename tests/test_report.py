@@ -13,12 +13,15 @@ import yaml
 from matplotlib.image import imread, imsave
 
 from cosformer.tools.report import (
+    MAX_WIDTH_PX,
+    PANEL_GAP_PX,
     find_runs,
     label_runs,
     load_metrics,
     load_run,
     markdown_table,
     result_rows,
+    sample_grid,
     write_report,
 )
 
@@ -183,6 +186,43 @@ def test_text_to_image_report_with_sample_grid(tmp_path, seed):
     assert (np.all(pixels == [0, 0, 1], axis=1)).sum() > 50
     assert (np.all(pixels == [1, 0, 0], axis=1)).sum() == 0  # an earlier sample (step 10) is not shown
     assert "(samples.png)" in report["markdown"].read_text()
+
+
+def _sample_runs(tmp_path, shapes, margin=60):
+    """Runs whose last sample is a block of (h, w) pure-colour pixels inside `margin` white pixels on every side."""
+    runs = []
+    for i, (h, w) in enumerate(shapes):
+        fake_run(tmp_path / f"r{i}", base_config(**{"model.attn": "cosine", "model.scale": float(i + 1)}), t2i=True)
+        image = np.ones((h + 2 * margin, w + 2 * margin, 3), dtype=np.float32)
+        image[margin : margin + h, margin : margin + w] = 0.0
+        image[margin : margin + h, margin : margin + w, i % 3] = 1.0
+        imsave(tmp_path / f"r{i}" / "samples_step_000040.png", image)
+        runs.append(load_run(tmp_path / f"r{i}"))
+    label_runs(runs)
+    return runs
+
+
+def _longest_white_band(grid: np.ndarray, axis: int) -> int:
+    white = (grid[..., :3] > 0.98).all(axis=-1).all(axis=axis)
+    longest = run = 0
+    for w in white:
+        run = run + 1 if w else 0
+        longest = max(longest, run)
+    return longest
+
+
+@pytest.mark.parametrize("width, stacked", [(300, False), (900, True)])
+def test_sample_grid_is_tight_and_stacks_wide_grids(tmp_path, width, stacked):
+    runs = _sample_runs(tmp_path, [(300, width)] * 3)
+    grid = imread(sample_grid(runs, tmp_path / "samples.png", title="t"))
+    height, fig_width = grid.shape[:2]
+    # side by side while they fit in a page's width, else one above the other
+    assert (height > fig_width) == stacked and fig_width <= max(MAX_WIDTH_PX, width + 2 * PANEL_GAP_PX)
+    # each image is shown whole at its own size, its margins cropped: no white band is much wider than a gap
+    pixels = grid[..., :3].reshape(-1, 3)
+    for i in range(3):
+        assert (pixels == np.eye(3)[i]).all(axis=1).sum() == 300 * width
+    assert max(_longest_white_band(grid, 0), _longest_white_band(grid, 1)) <= 1.5 * PANEL_GAP_PX
 
 
 def test_unfinished_run_and_torn_log(tmp_path):

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from cosformer.t2i import metrics
-from cosformer.t2i.grid import save_grid
+from cosformer.t2i import grid, metrics
+from cosformer.t2i.grid import grid_figure, save_grid
 from cosformer.t2i.hf import load_hf_splits
 from cosformer.t2i.model import TextToImage
 from cosformer.t2i.shapes import COLOURS, SHAPES, ShapesDataset, decode_caption, object_sizes, shapes_palette
@@ -389,6 +389,61 @@ def test_save_grid(tmp_path):
     assert path.exists() and Image.open(path).format == "PNG"
     with pytest.raises(ValueError, match="caption"):
         save_grid(ds.images(), ds.captions[:2], tmp_path / "bad.png")
+
+
+def _white_margins(path) -> list[int]:
+    """Widths of the all-white bands at the top, bottom, left and right of a PNG."""
+    from PIL import Image
+
+    ink = (np.asarray(Image.open(path).convert("RGB")) < 250).any(axis=-1)
+    rows, cols = np.flatnonzero(ink.any(axis=1)), np.flatnonzero(ink.any(axis=0))
+    return [rows[0], ink.shape[0] - 1 - rows[-1], cols[0], ink.shape[1] - 1 - cols[-1]]
+
+
+@pytest.mark.parametrize("n, ncols", [(1, 4), (3, 4), (16, 4), (16, 8)])
+def test_grid_size_follows_the_content(tmp_path, n, ncols):
+    ds = ShapesDataset("val", n, image_size=16, palette=6)
+    fig = grid_figure(ds.images(), ds.captions, ncols=ncols, title="step 7")
+    width, height = fig.get_size_inches() * fig.dpi
+    side = 16 * round(grid.IMAGE_PX / 16)
+    cols, rows = min(n, ncols), -(-n // ncols)
+    assert width == pytest.approx(cols * side + (cols + 1) * grid.GAP_PX)
+    line = grid.CAPTION_PT * grid.DPI / 72 * 1.5
+    assert rows * side < height < rows * (side + grid.GAP_PX + grid.MAX_CAPTION_LINES * line) + 3 * grid.GAP_PX
+    # no empty margin: the title, images and captions reach to within a gap (and a text descent) of the edges
+    path = save_grid(ds.images(), ds.captions, tmp_path / "grid.png", ncols=ncols, title="step 7")
+    assert max(_white_margins(path)) <= grid.GAP_PX + line / 3
+
+
+def test_grid_captions_are_legible_and_apart():
+    ds = ShapesDataset("val", 12, image_size=32, palette=8)
+    captions = ds.captions[:11] + ["a caption far too long to fit " * 6]
+    fig = grid_figure(ds.images(), captions, ncols=4)
+    renderer = fig.canvas.get_renderer()
+    texts = [t for t in fig.texts if t.get_text()]
+    assert len(texts) == len(captions)
+    boxes = [t.get_window_extent(renderer) for t in texts]
+    assert all(t.get_fontsize() * fig.dpi / 72 >= 14 for t in texts)  # pixels of the saved PNG
+    for text, caption in zip(texts, captions[:11]):
+        assert text.get_text().replace("\n", " ") == caption  # wrapped, never cut
+    assert texts[-1].get_text().endswith("…") and texts[-1].get_text().count("\n") == grid.MAX_CAPTION_LINES - 1
+    # inside the figure, clear of each other and of every image
+    assert all(0 <= b.x0 and b.x1 <= fig.bbox.width and 0 <= b.y0 and b.y1 <= fig.bbox.height for b in boxes)
+    images = [ax.get_window_extent(renderer) for ax in fig.axes]
+    for i, box in enumerate(boxes):
+        assert not any(box.overlaps(other) for other in boxes[i + 1 :] + images)
+
+
+def test_grid_pixels_are_whole_squares(tmp_path, seed):
+    from PIL import Image
+
+    images = torch.randint(0, 256, (2, 3, 6, 10), dtype=torch.uint8)
+    path = save_grid(images, ["a", "b"], tmp_path / "grid.png")
+    saved = np.asarray(Image.open(path).convert("RGB")).reshape(-1, 3)
+    scale = round(grid.IMAGE_PX / 10)
+    colours, counts = np.unique(images.permute(0, 2, 3, 1).reshape(-1, 3).numpy(), axis=0, return_counts=True)
+    for colour, count in zip(colours, counts):  # nearest upscaling by a whole factor: each pixel is scale² copies
+        assert (saved == colour).all(axis=1).sum() == count * scale**2, colour
 
 
 # ---------------------------------------------------------------------------------------------------------------

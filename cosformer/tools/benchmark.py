@@ -27,6 +27,7 @@ The command line is scripts/benchmark.py (this module's `main`):
     python scripts/benchmark.py                      # full grid: bf16+fp16, 2 shapes, 5 lengths, extras
     python scripts/benchmark.py --quick              # a first look: bf16, n ∈ {1024, 4096}
     timeout 590 python scripts/benchmark.py --out-json $OUT/h100.json --time-budget 480
+    python scripts/benchmark.py --replot docs/benchmarks/nvidia-h200.json   # redraw the PNG from the JSON
 
 The JSON is rewritten after every point, and SIGTERM (from `timeout`) ends the run early but still prints the
 table, so a run cut short keeps what it measured.
@@ -315,40 +316,85 @@ def write_json(path: Path, meta: dict, rows: list[dict]) -> None:
     os.replace(tmp, path)
 
 
-def plot(rows: list[dict], path: Path, title: str) -> None:
-    """Ratio vs n, one panel per mode, one line per (dtype, case, shape, causal); guides at 1.0× and 1.3×."""
+MODE_NAMES = {"fwd": "forward", "fwdbwd": "forward + backward"}
+CASE_NAMES = {"dense": "", "gqa": " GQA", "mask": " key-padding mask"}
+MARKERS = "osD^vP*X"
+
+
+def plot_title(meta: dict) -> str:
+    label = "SMOKE RUN on CPU (timings meaningless)" if meta.get("smoke") else meta.get("gpu", "unknown GPU")
+    return f"{label}: cosine_sim_attention vs SDPA(normalize(q), normalize(k))"
+
+
+def plot(rows: list[dict], path: Path, title: str):
+    """Ratio vs n, a panel per (dtype, mode): dtypes in rows, modes in columns, all on one y scale. In every panel a
+    (case, shape) has the same colour and marker, solid lines are causal and dashed ones not, so each of a panel's
+    lines is named by one legend for the figure; guides at 1.0× (parity) and 1.3×. Returns the Figure."""
     import matplotlib
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
+    from matplotlib.lines import Line2D
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    rated = [r for r in rows if r["ratio"] is not None]
+    dtypes = [d for d in DTYPES if any(r["dtype"] == d for r in rated)] or list(DEFAULT_DTYPES[:1])
+    modes = [m for m in MODES if any(r["mode"] == m for r in rated)] or list(MODES)
+    case_order = list(CASE_NAMES)
+    series = sorted(
+        {(r["case"], Point.of_row(r).shape, r["h"] * r["d"]) for r in rated},
+        key=lambda s: (case_order.index(s[0]) if s[0] in case_order else len(case_order), s[2], s[1]),
+    )
+    names = {(case, shape): f"{shape}{CASE_NAMES.get(case, ' ' + case)}" for case, shape, _ in series}
+    style = {key: (f"C{i % 10}", MARKERS[i % len(MARKERS)]) for i, key in enumerate(names)}
 
-    modes = [m for m in MODES if any(r["mode"] == m for r in rows)] or list(MODES)
-    fig, axes = plt.subplots(1, len(modes), figsize=(7 * len(modes), 5), squeeze=False)
-    for ax, mode in zip(axes[0], modes):
-        lines: dict[tuple, list] = {}
-        for r in rows:
-            if r["mode"] == mode and r["ratio"] is not None:
-                key = (r["dtype"], r["case"], Point.of_row(r).shape, int(r["causal"]))
-                lines.setdefault(key, []).append((r["n"], r["ratio"]))
-        for (dt, case, shape, causal), pts in sorted(lines.items()):
-            pts.sort()
-            style = "-" if causal else "--"
-            label = f"{dt} {shape} {'causal' if causal else 'full'}" + ("" if case == "dense" else f" {case}")
-            ax.plot([x for x, _ in pts], [y for _, y in pts], style, marker="o", markersize=3, label=label)
-        ax.axhline(1.0, color="black", linewidth=1)
-        ax.axhline(1.3, color="gray", linewidth=1, linestyle=":")
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("sequence length n")
-        ax.set_ylabel("peer ms / ours ms (fastest SDPA backend)")
-        ax.set_title(mode)
-        ax.grid(True, alpha=0.3)
-        if lines:
-            ax.legend(fontsize=6, ncol=2)
-    fig.suptitle(title)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with matplotlib.rc_context({"font.size": 11}):  # read when the text is drawn: the whole figure sits in it
+        fig = Figure(figsize=(6.2 * len(modes), 3.9 * len(dtypes) + 1.4), layout="constrained")
+        FigureCanvasAgg(fig)
+        axes = fig.subplots(len(dtypes), len(modes), squeeze=False, sharex=True, sharey=True)
+        for (i, dtype), (j, mode) in itertools.product(enumerate(dtypes), enumerate(modes)):
+            ax = axes[i][j]
+            lines: dict[tuple, list] = {}
+            for r in rated:
+                if (r["dtype"], r["mode"]) == (dtype, mode):
+                    key = (r["case"], Point.of_row(r).shape, bool(r["causal"]))
+                    lines.setdefault(key, []).append((r["n"], r["ratio"]))
+            for (case, shape, causal), pts in sorted(lines.items()):
+                pts.sort()
+                color, marker = style[(case, shape)]
+                label = f"{names[(case, shape)]} {'causal' if causal else 'full'}"
+                ax.plot(*zip(*pts), "-" if causal else "--", color=color, marker=marker, ms=5, lw=1.6, label=label)
+            ax.axhline(1.0, color="black", linewidth=1)
+            ax.axhline(1.3, color="gray", linewidth=1, linestyle=":")
+            ax.set_xscale("log", base=2)
+            ax.set_title(f"{dtype}, {MODE_NAMES.get(mode, mode)}")
+            ax.grid(True, alpha=0.3)
+            if i == len(dtypes) - 1:
+                ax.set_xlabel("sequence length n")
+        fig.supylabel("peer ms / ours ms  (peer: the fastest SDPA backend)")
+        # legend rows: the shapes' colours, then the line styles and guides
+        shapes = [Line2D([], [], color=c, marker=m, ms=5, label=names[key]) for key, (c, m) in style.items()]
+        styles = [
+            Line2D([], [], color="dimgray", linestyle="-", label="causal"),
+            Line2D([], [], color="dimgray", linestyle="--", label="full (not causal)"),
+            Line2D([], [], color="black", linewidth=1, label="1.0×: as fast as the peer"),
+            Line2D([], [], color="gray", linewidth=1, linestyle=":", label="1.3×"),
+        ]
+        ncol = max(len(shapes), len(styles))
+        blank = Line2D([], [], alpha=0, label=" ")
+        shapes, styles = (row + [blank] * (ncol - len(row)) for row in (shapes, styles))
+        handles = [h for pair in zip(shapes, styles) for h in pair]  # the legend fills column by column
+        fig.legend(handles=handles, loc="outside lower center", ncol=ncol, frameon=False, title="b x h x d")
+        fig.suptitle(title, fontsize="large")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=100)
+    return fig
+
+
+def replot(json_path: Path, png_path: Path | None = None) -> Path:
+    """Redraw a benchmark JSON's plot (beside it, as a run writes it, unless png_path) without rerunning it."""
+    data = json.loads(Path(json_path).read_text())
+    png_path = png_path or Path(json_path).with_suffix(".png")
+    plot(data["rows"], png_path, plot_title(data))
+    return png_path
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -660,12 +706,22 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--warmup-ms", type=float, default=25.0)
     ap.add_argument("--rep-ms", type=float, default=100.0)
     ap.add_argument("--ref-max-n", type=int, default=4096, help="time the O(n²) reference up to this n (0: never)")
+    ap.add_argument("--replot", type=Path, default=None, metavar="JSON", help="only redraw JSON's plot (PNG beside it)")
     return ap
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = build_parser()
     args = ap.parse_args(argv)
+    if args.replot is not None:
+        given = [k for k, v in vars(args).items() if k != "replot" and v != ap.get_default(k)]
+        if given:
+            ap.error(
+                f"--replot redraws from the JSON alone; got also {', '.join('--' + k.replace('_', '-') for k in given)}"
+            )
+        if not args.replot.is_file():
+            ap.error(f"--replot {args.replot}: no such file")
+        return args
     quick = args.quick
     try:
         args.dtype = _split(args.dtype) if args.dtype else list(QUICK_DTYPES if quick else DEFAULT_DTYPES)
@@ -705,8 +761,12 @@ def _raise_interrupt(signum, frame):
 
 
 def main(argv=None) -> int:
-    """The command line (scripts/benchmark.py): parse, run, print; exit status 0."""
-    run(parse_args(argv), argv)
+    """The command line (scripts/benchmark.py): parse, run, print (or with --replot, redraw); exit status 0."""
+    args = parse_args(argv)
+    if args.replot is not None:
+        print(f"wrote {replot(args.replot)}")
+        return 0
+    run(args, argv)
     return 0
 
 
@@ -782,7 +842,7 @@ def run(args: argparse.Namespace, argv=None) -> list[dict]:
         print(f"wrote {json_path}", flush=True)
     if png_path is not None and rows:
         try:
-            plot(rows, png_path, f"{label}: cosine_sim_attention vs SDPA(normalize(q), normalize(k))")
+            plot(rows, png_path, plot_title(meta))
             print(f"wrote {png_path}", flush=True)
         except Exception as e:  # a plotting problem must not cost the table
             print(f"plot not written: {_error_text(e)}", flush=True)

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 from cosformer.train.tracking import read_metrics as load_metrics
@@ -28,6 +30,14 @@ IGNORED_KEY_PREFIXES = ("train.out_dir", "train.resume", "log.")
 # Known keys get short labels; the rest read "leaf=value".
 _FIRST_KEYS = ("model.attn", "model.pre_norm")
 _SAMPLE_RE = re.compile(r"_step_(\d+)\.png$")
+# The sample figure: images at their own pixel size, side by side up to MAX_WIDTH_PX (a page shows a figure about
+# 900 px wide, so this keeps its text at 70% of its size or more) and stacked beyond.
+SAMPLES_DPI = 100
+MAX_WIDTH_PX = 1280
+PANEL_GAP_PX = 32  # well above a grid's own gaps, so that one run's images are not read as the next's
+PANEL_LABEL_PT = 13.0
+TITLE_PT = 15.0
+WHITE_BELOW = 0.97  # a pixel lighter than this in every channel counts as margin
 
 # (column header, how to get it from a Run); a column whose every value is missing is left out.
 _VAL_COLUMNS = (
@@ -261,30 +271,73 @@ def plot_curves(runs: list[RunLog], path: str | os.PathLike, title: str = "") ->
     return path
 
 
-def sample_grid(runs: list[RunLog], path: str | os.PathLike, title: str = "", columns: int = 4) -> Path | None:
-    """Each run's last sample image side by side, labelled with its variant; None when no run has samples."""
+def _trim(image: np.ndarray) -> np.ndarray:
+    """An imread PNG as float RGB on white, cropped to its content: the white margins it was saved with go."""
+    if image.dtype.kind in "ui":
+        image = image.astype(np.float32) / np.iinfo(image.dtype).max
+    if image.ndim == 2:  # greyscale
+        image = np.repeat(image[..., None], 3, axis=-1)
+    rgb = image[..., :3]
+    if image.shape[-1] == 4:  # onto white, as a page shows it
+        rgb = rgb * image[..., 3:] + (1 - image[..., 3:])
+    ink = (rgb < WHITE_BELOW).any(axis=-1)
+    if not ink.any():
+        return rgb
+    rows, cols = np.flatnonzero(ink.any(axis=1)), np.flatnonzero(ink.any(axis=0))
+    return rgb[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+
+
+def sample_grid(
+    runs: list[RunLog], path: str | os.PathLike, title: str = "", columns: int | None = None
+) -> Path | None:
+    """Each run's last sample image, labelled with its variant; None when no run has samples. (The step is the
+    grid's own title, as `cosformer.t2i.grid.save_grid` writes it.)
+
+    The images are cropped to their content and placed at their own pixel size (never resampled, so the captions
+    drawn in them stay as legible as they were), `columns` to a row: by default as many as fit in MAX_WIDTH_PX,
+    the width a page shows without shrinking it, so that wide grids are stacked and small ones sit side by side.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.font_manager import FontProperties
     from matplotlib.image import imread
 
     shown = [r for r in runs if r.samples]
     if not shown:
         return None
+    panels = [_trim(imread(run.samples[-1])) for run in shown]
+    labels = [run.label for run in shown]
+    fig = Figure(dpi=SAMPLES_DPI)
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    font = FontProperties(size=PANEL_LABEL_PT, weight="bold")
+    label_w = [renderer.get_text_width_height_descent(s, font, ismath=False)[0] for s in labels]
+    col_w = math.ceil(max(*(p.shape[1] for p in panels), *label_w))
+    if columns is None:
+        columns = max(1, (MAX_WIDTH_PX - PANEL_GAP_PX) // (col_w + PANEL_GAP_PX))
     columns = min(columns, len(shown))
     rows = -(-len(shown) // columns)
-    fig = Figure(figsize=(3.6 * columns, 3.9 * rows + (0.4 if title else 0)), layout="constrained")
-    axes = fig.subplots(rows, columns, squeeze=False).ravel()
-    for ax in axes:
-        ax.axis("off")
-    for ax, run in zip(axes, shown):
-        last = run.samples[-1]
-        ax.imshow(imread(last), interpolation="nearest")
-        step = int(_SAMPLE_RE.search(last.name).group(1))
-        ax.set_title(f"{run.label}\nstep {step}", fontsize=9)
+    label_h = math.ceil(1.6 * PANEL_LABEL_PT * SAMPLES_DPI / 72)
+    row_h = [label_h + max(p.shape[0] for p in panels[r * columns : (r + 1) * columns]) for r in range(rows)]
+    title_h = math.ceil(1.6 * TITLE_PT * SAMPLES_DPI / 72) if title else 0
+    fig_w = columns * col_w + (columns + 1) * PANEL_GAP_PX
+    fig_h = title_h + sum(row_h) + (rows + 1) * PANEL_GAP_PX
+    fig.set_size_inches(fig_w / SAMPLES_DPI, fig_h / SAMPLES_DPI)
+    for k, (panel, label) in enumerate(zip(panels, labels)):
+        r, c = divmod(k, columns)
+        top = fig_h - title_h - (r + 1) * PANEL_GAP_PX - sum(row_h[:r])  # pixels from the bottom edge
+        h, w = panel.shape[:2]
+        left = PANEL_GAP_PX + c * (col_w + PANEL_GAP_PX) + (col_w - w) // 2
+        ax = fig.add_axes((left / fig_w, (top - label_h - h) / fig_h, w / fig_w, h / fig_h))
+        ax.imshow(panel, interpolation="nearest")
+        ax.set_axis_off()
+        x, y = (left + w / 2) / fig_w, (top - label_h / 2) / fig_h
+        fig.text(x, y, label, fontproperties=font, ha="center", va="center")
     if title:
-        fig.suptitle(title)
+        y = 1 - (PANEL_GAP_PX / 2 + title_h / 2) / fig_h
+        fig.text(0.5, y, title, fontsize=TITLE_PT, ha="center", va="center")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=SAMPLES_DPI)
     return path
 
 
