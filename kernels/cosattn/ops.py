@@ -67,14 +67,10 @@ def _d_pad(d: int) -> int:
     return max(16, next_power_of_2(d))
 
 
-# Launch configurations: (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, by padded head dim and dtype.
-# `CONFIG_OVERRIDES[(kernel, d_pad, dtype, causal)]` takes precedence (the tuning script fills it).
-CONFIG_OVERRIDES: dict = {}
-# the forward normalises k inside its loop (no separate pass, one launch less) up to this many keys, for head
+# The forward normalises k inside its loop (no separate pass, one launch less) up to this many keys, for head
 # dims up to 64 (larger heads pay more in the loop than the launch costs), and only while b·h·i·j·d stays under
-# K_INLINE_MAX_WORK: on an H200 the in-loop normalisation made a 4×8×1024×64 forward 44 µs of GPU work instead of
-# 30, which the saved launch repays only while the call is host-bound (its do_bench time ~48 vs ~65 µs); at
-# 16×8×1024×64 or 4×8×2048×64 the pre-pass is 1.4–2× faster (docs/benchmarks/NOTES.md)
+# K_INLINE_MAX_WORK: the in-loop normalisation is more GPU work than the pre-pass, which the saved launch repays
+# only while the call is host-bound; beyond these sizes the pre-pass is faster (measured: docs/benchmarks/NOTES.md)
 K_INLINE_MAX_N = 2048
 K_INLINE_MAX_D = 64
 K_INLINE_MAX_WORK = 1 << 32
@@ -84,9 +80,9 @@ K_INLINE_MAX_WORK = 1 << 32
 # them (compute capability 9+) and the tensors meet their alignment rules, and under the interpreter (so CI runs
 # this path); otherwise pointer loads. Set to False to force pointer loads (tests compare the two paths).
 USE_TMA = True
-# where descriptor loads measured faster on an H200: from this many keys (below, a launch's few microseconds of
-# GPU work do not repay the descriptors' host-side setup), and, in the backward and the running-max forward,
-# from this padded head dim (at 64 those kernels ran slower with them)
+# where descriptor loads are faster: from this many keys (below, a launch's little GPU work does not repay the
+# descriptors' host-side setup), and, in the backward and the running-max forward, from this padded head dim
+# (below it those kernels are slower with them); measured: docs/benchmarks/NOTES.md
 TMA_MIN_N = 2048
 TMA_MIN_D = 128
 
@@ -111,8 +107,9 @@ def _desc(t: torch.Tensor, block_rows: int, d_pad: int):
 
 def _rowsum_tile(block_m: int, block_n: int, warps: int, d_pad: int) -> bool:
     # the forward's row sums accumulate in a [BLOCK_M, BLOCK_N] tile (one cross-thread reduction at the end
-    # instead of one per key block) when that costs at most 32 registers per thread; measured on an H200: 3-10%
-    # faster at head dim 128, up to 25% slower at 64 (docs/benchmarks/NOTES.md)
+    # instead of one per key block) when that costs at most 32 registers per thread, from head dim 128: faster
+    # there, slower at 64, where the extra registers cost more than the reductions saved
+    # (measured: docs/benchmarks/NOTES.md)
     return d_pad >= 128 and block_m * block_n <= 32 * 32 * warps
 
 
@@ -121,12 +118,9 @@ def launch_config(kernel: str, d_pad: int, dtype: torch.dtype, causal: bool):
     "dkdv", "dq" / "dq_tma"."""
     if _interpreting():
         return 16, 16, 1, 1
-    key = (kernel, d_pad, dtype, causal)
-    if key in CONFIG_OVERRIDES:
-        return CONFIG_OVERRIDES[key]
     fp32 = dtype == torch.float32
-    # 16-bit values: the best of a sweep over (BLOCK_M, BLOCK_N, warps, stages) at b=4, n=8192, bf16, on an H200
-    # (docs/benchmarks/NOTES.md); fp32 takes smaller tiles for its full-precision products
+    # 16-bit values: the best of sweeps over (BLOCK_M, BLOCK_N, warps, stages) (measured: docs/benchmarks/NOTES.md);
+    # fp32 takes smaller tiles for its full-precision products
     if kernel == "fwd_tma" and not fp32:
         if d_pad <= 64:
             return (64, 64, 4, 3) if causal else (128, 64, 8, 3)
@@ -150,8 +144,8 @@ def launch_config(kernel: str, d_pad: int, dtype: torch.dtype, causal: bool):
             return 64, 128, 8, 3
         return 16, 64, 8, 1
     if kernel == "dq_tma" and not fp32 and d_pad == 128 and not causal:
-        # re-swept with descriptor loads at b=4, h=16, N=4096-16384: 2% faster forward+backward than (128, 64, 8, 3)
-        # without causal masking, 4-5% slower with it (docs/benchmarks/NOTES.md, row 17)
+        # with descriptor loads and no causal masking this tile is faster than the "dq" one below; with causal
+        # masking it is slower (measured: docs/benchmarks/NOTES.md)
         return 64, 64, 4, 3
     if kernel in ("dq", "dq_tma"):
         if fp32:
