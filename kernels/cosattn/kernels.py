@@ -7,10 +7,10 @@ the constant folded into q̂ so the inner loop is one exp2 per logit), exp2(t �
 offset, no running row maximum and no rescaling of the accumulator. HEADROOM = 15 keeps the largest term
 representable in fp16 (P is cast to the input dtype for the P·V product) and, for scale·groups ≤ 10.02, the
 smallest possible row maximum above fp16's smallest normal: scale 10 fits exactly. The host checks the bound for
-the dtype and otherwise (or with an additive bias or ALiBi, whose range is unknown) selects USE_MAX, a
-FlashAttention-2 style running maximum, with logits in natural units (NATURAL). Either way the forward saves one
-fp32 number per query row, the log-sum-exp in the logits' units (offset + log2(rowsum), or max + ln(rowsum); +inf
-for a row with no visible key), and the backward recomputes P from it tile by tile.
+the dtype and otherwise (or with an additive bias or ALiBi, whose range is unknown) selects USE_MAX: a
+FlashAttention-2 style running maximum, with the logits, bias and ALiBi in natural units. Either way the forward
+saves one fp32 number per query row, the log-sum-exp in the logits' units (offset + log2(rowsum), or
+max + ln(rowsum); +inf for a row with no visible key), and the backward recomputes P from it tile by tile.
 
 Backward (per group): dq = (dq̂ − q̂⟨q̂, dq̂⟩)/‖q‖, the same for k, applied in each pass's epilogue with the
 norms from its prologue. No float atomics: dk/dv programs own a key block and loop over the query heads of their
@@ -104,25 +104,22 @@ def _logits_mods(
     M,
     N,
     bias_ptrs,
-    slope2,
+    slope,
     key_mask_ptrs,
     MASKED: tl.constexpr,
     CAUSAL: tl.constexpr,
     HAS_MASK: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_ALIBI: tl.constexpr,
-    NATURAL: tl.constexpr,
 ):
-    """Adds bias / ALiBi (log2 units) to a logits tile and sets invisible entries to −inf. qpos and kpos are
-    the query and key positions as broadcastable 2-D tensors, so one helper serves both tile orientations."""
+    """Adds bias / ALiBi to a logits tile and sets invisible entries to −inf. qpos and kpos are the query and key
+    positions as broadcastable 2-D tensors, so one helper serves both tile orientations. A bias or ALiBi always
+    comes with USE_MAX (the host's rule), so the logits are in natural units here."""
     if HAS_BIAS:
         bias = tl.load(bias_ptrs, mask=(qpos < M) & (kpos < N), other=0.0)
-        if NATURAL:
-            qk = qk + bias.to(tl.float32)
-        else:
-            qk = qk + bias.to(tl.float32) * 1.4426950408889634
+        qk = qk + bias.to(tl.float32)
     if HAS_ALIBI:
-        qk = qk - slope2 * tl.abs(qpos + (N - M) - kpos).to(tl.float32)
+        qk = qk - slope * tl.abs(qpos + (N - M) - kpos).to(tl.float32)
     if MASKED:
         vis = kpos < N
         if CAUSAL:
@@ -155,7 +152,7 @@ def _fwd_inner(
     stride_bn,
     mask_base,
     stride_mn,
-    slope2,
+    slope,
     offset2,
     offs_m,
     cols,
@@ -171,7 +168,6 @@ def _fwd_inner(
     HAS_MASK: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_ALIBI: tl.constexpr,
-    NATURAL: tl.constexpr,
     USE_MAX: tl.constexpr,
     PRECISION: tl.constexpr,
     K_INLINE: tl.constexpr,
@@ -193,7 +189,7 @@ def _fwd_inner(
             kT = tl.load(
                 K_base + offs_n[None, :] * stride_kn + cols[:, None] * stride_kd, mask=tl.trans(kv_mask), other=0.0
             )
-        qk = tl.dot(q, kT, input_precision=PRECISION)  # [BLOCK_M, BLOCK_N], log2 units
+        qk = tl.dot(q, kT, input_precision=PRECISION)  # [BLOCK_M, BLOCK_N], log2 units (natural with USE_MAX)
         if K_INLINE:
             # k normalised here, one inverse norm per key, instead of in a separate pass: at short lengths the
             # extra launch costs more than this arithmetic
@@ -208,25 +204,20 @@ def _fwd_inner(
             M,
             N,
             bias_base + qpos * stride_bm + kpos * stride_bn,
-            slope2,
+            slope,
             mask_base + kpos * stride_mn,
             MASKED,
             CAUSAL,
             HAS_MASK,
             HAS_BIAS,
             HAS_ALIBI,
-            NATURAL,
         )
         if USE_MAX:
             m_new = tl.maximum(m_i, tl.max(qk, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            if NATURAL:
-                # subtract in natural units first: the large bias values cancel before the log2e rounding
-                alpha = tl.exp2((m_i - m_safe) * 1.4426950408889634)
-                p = tl.exp2((qk - m_safe[:, None]) * 1.4426950408889634)
-            else:
-                alpha = tl.exp2(m_i - m_safe)
-                p = tl.exp2(qk - m_safe[:, None])
+            # subtract in natural units first: large bias values cancel before the log2(e) multiply rounds them
+            alpha = tl.exp2((m_i - m_safe) * 1.4426950408889634)
+            p = tl.exp2((qk - m_safe[:, None]) * 1.4426950408889634)
             l_i = l_i * alpha + tl.sum(p, 1)
             acc = acc * alpha[:, None]
             m_i = m_new
@@ -251,7 +242,7 @@ def _fwd_kernel(
     K_desc,  # tensor descriptors of K and V, block (1, 1, BLOCK_N, D_PAD), when USE_TMA (else unused)
     V_desc,
     O,  # (b, h, i, d) contiguous output
-    LSE,  # (b, h, i) fp32: lse2 = offset + log2(rowsum), +inf for empty rows
+    LSE,  # (b, h, i) fp32: offset + log2(rowsum), or max + ln(rowsum) with USE_MAX; +inf for empty rows
     MASK,  # (b, j) int8 key-padding mask (1 = visible)
     BIAS,  # (bb, bh, i, j) additive bias, broadcast through zero strides
     SLOPES,  # (h,) ALiBi slopes
@@ -287,7 +278,6 @@ def _fwd_kernel(
     HAS_MASK: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_ALIBI: tl.constexpr,
-    NATURAL: tl.constexpr,
     USE_MAX: tl.constexpr,
     K_INLINE: tl.constexpr,
     USE_TMA: tl.constexpr,
@@ -323,11 +313,9 @@ def _fwd_kernel(
     V_base = V + b * stride_vb + hk * stride_vh
     bias_base = BIAS + b * stride_bb + h * stride_bh
     mask_base = MASK + b * stride_mb
-    slope2 = 0.0
+    slope = 0.0
     if HAS_ALIBI:
-        slope2 = tl.load(SLOPES + h).to(tl.float32)
-        if not NATURAL:
-            slope2 = slope2 * 1.4426950408889634
+        slope = tl.load(SLOPES + h).to(tl.float32)
 
     acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
     if ROWSUM_TILE:
@@ -364,7 +352,7 @@ def _fwd_kernel(
         stride_bn,
         mask_base,
         stride_mn,
-        slope2,
+        slope,
         offset2,
         offs_m,
         cols,
@@ -380,7 +368,6 @@ def _fwd_kernel(
         HAS_MASK,
         HAS_BIAS,
         HAS_ALIBI,
-        NATURAL,
         USE_MAX,
         PRECISION,
         K_INLINE,
@@ -408,7 +395,7 @@ def _fwd_kernel(
             stride_bn,
             mask_base,
             stride_mn,
-            slope2,
+            slope,
             offset2,
             offs_m,
             cols,
@@ -424,7 +411,6 @@ def _fwd_kernel(
             HAS_MASK,
             HAS_BIAS,
             HAS_ALIBI,
-            NATURAL,
             USE_MAX,
             PRECISION,
             K_INLINE,
@@ -436,10 +422,8 @@ def _fwd_kernel(
     empty = l_i == 0.0
     o = acc / tl.where(empty, 1.0, l_i)[:, None]
     log_l = tl.log2(tl.where(empty, 1.0, l_i))
-    if NATURAL:
-        log_l = log_l * 0.6931471805599453
     if USE_MAX:
-        lse = m_i + log_l
+        lse = m_i + log_l * 0.6931471805599453  # natural units, like the logits on this path
     else:
         lse = offset2 + log_l
     lse = tl.where(empty, float("inf"), lse)
@@ -552,7 +536,7 @@ def _bwd_dkdv_inner(
     DB_base,
     mask_base,
     stride_mn,
-    slope2,
+    slope,
     offs_n,
     cols,
     M,
@@ -567,7 +551,7 @@ def _bwd_dkdv_inner(
     HAS_MASK: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_ALIBI: tl.constexpr,
-    NATURAL: tl.constexpr,
+    USE_MAX: tl.constexpr,
     BIAS_GRAD: tl.constexpr,
     PRECISION: tl.constexpr,
     K_INLINE: tl.constexpr,
@@ -589,7 +573,7 @@ def _bwd_dkdv_inner(
             )
         lse = tl.load(LSE_base + offs_m, mask=row_ok, other=float("inf"))
         delta = tl.load(DELTA_base + offs_m, mask=row_ok, other=0.0)
-        qkT = tl.dot(k, qT, input_precision=PRECISION)  # [BLOCK_N, BLOCK_M], log2 units
+        qkT = tl.dot(k, qT, input_precision=PRECISION)  # [BLOCK_N, BLOCK_M], log2 units (natural with USE_MAX)
         if K_INLINE:
             qkT = qkT * rk[:, None]  # raw k in the product, as the forward computed it
         qpos = offs_m[None, :]
@@ -600,16 +584,15 @@ def _bwd_dkdv_inner(
             M,
             N,
             bias_base + qpos * stride_bm + kpos * stride_bn,
-            slope2,
+            slope,
             mask_base + kpos * stride_mn,
             MASKED,
             CAUSAL,
             HAS_MASK,
             HAS_BIAS,
             HAS_ALIBI,
-            NATURAL,
         )
-        if NATURAL:
+        if USE_MAX:
             pT = tl.exp2((qkT - lse[None, :]) * 1.4426950408889634)
         else:
             pT = tl.exp2(qkT - lse[None, :])  # exact probabilities
@@ -670,7 +653,7 @@ def _bwd_dkdv_kernel(
     HAS_MASK: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_ALIBI: tl.constexpr,
-    NATURAL: tl.constexpr,
+    USE_MAX: tl.constexpr,
     BIAS_GRAD: tl.constexpr,
     PRECISION: tl.constexpr,
     K_INLINE: tl.constexpr,
@@ -730,11 +713,9 @@ def _bwd_dkdv_kernel(
         DO_base = DO + b * stride_db + h * stride_dh
         bias_base = BIAS + b * stride_bb + h * stride_bh
         DB_base = DB + bh * M * N
-        slope2 = 0.0
+        slope = 0.0
         if HAS_ALIBI:
-            slope2 = tl.load(SLOPES + h).to(tl.float32)
-        if not NATURAL:
-            slope2 = slope2 * 1.4426950408889634
+            slope = tl.load(SLOPES + h).to(tl.float32)
         # only tiles on the causal diagonal need the visibility mask: keys past N are never stored
         if CAUSAL:  # (otherwise the range is empty)
             dk, dv = _bwd_dkdv_inner(
@@ -759,7 +740,7 @@ def _bwd_dkdv_kernel(
                 DB_base,
                 mask_base,
                 stride_mn,
-                slope2,
+                slope,
                 offs_n,
                 cols,
                 M,
@@ -774,7 +755,7 @@ def _bwd_dkdv_kernel(
                 HAS_MASK,
                 HAS_BIAS,
                 HAS_ALIBI,
-                NATURAL,
+                USE_MAX,
                 BIAS_GRAD,
                 PRECISION,
                 K_INLINE,
@@ -802,7 +783,7 @@ def _bwd_dkdv_kernel(
             DB_base,
             mask_base,
             stride_mn,
-            slope2,
+            slope,
             offs_n,
             cols,
             M,
@@ -817,7 +798,7 @@ def _bwd_dkdv_kernel(
             HAS_MASK,
             HAS_BIAS,
             HAS_ALIBI,
-            NATURAL,
+            USE_MAX,
             BIAS_GRAD,
             PRECISION,
             K_INLINE,
@@ -855,7 +836,7 @@ def _bwd_dq_inner(
     stride_bn,
     mask_base,
     stride_mn,
-    slope2,
+    slope,
     offs_m,
     cols,
     M,
@@ -870,7 +851,7 @@ def _bwd_dq_inner(
     HAS_MASK: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_ALIBI: tl.constexpr,
-    NATURAL: tl.constexpr,
+    USE_MAX: tl.constexpr,
     PRECISION: tl.constexpr,
     K_INLINE: tl.constexpr,
     USE_TMA: tl.constexpr,
@@ -902,16 +883,15 @@ def _bwd_dq_inner(
             M,
             N,
             bias_base + qpos * stride_bm + kpos * stride_bn,
-            slope2,
+            slope,
             mask_base + kpos * stride_mn,
             MASKED,
             CAUSAL,
             HAS_MASK,
             HAS_BIAS,
             HAS_ALIBI,
-            NATURAL,
         )
-        if NATURAL:
+        if USE_MAX:
             p = tl.exp2((qk - lse[:, None]) * 1.4426950408889634)
         else:
             p = tl.exp2(qk - lse[:, None])
@@ -974,7 +954,7 @@ def _bwd_dq_kernel(
     HAS_MASK: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_ALIBI: tl.constexpr,
-    NATURAL: tl.constexpr,
+    USE_MAX: tl.constexpr,
     PRECISION: tl.constexpr,
     K_INLINE: tl.constexpr,
     USE_TMA: tl.constexpr,
@@ -1014,11 +994,9 @@ def _bwd_dq_kernel(
     V_base = V + b * stride_vb + hk * stride_vh
     bias_base = BIAS + b * stride_bb + h * stride_bh
     mask_base = MASK + b * stride_mb
-    slope2 = 0.0
+    slope = 0.0
     if HAS_ALIBI:
-        slope2 = tl.load(SLOPES + h).to(tl.float32)
-        if not NATURAL:
-            slope2 = slope2 * 1.4426950408889634
+        slope = tl.load(SLOPES + h).to(tl.float32)
 
     dq = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
     if CAUSAL:
@@ -1050,7 +1028,7 @@ def _bwd_dq_kernel(
         stride_bn,
         mask_base,
         stride_mn,
-        slope2,
+        slope,
         offs_m,
         cols,
         M,
@@ -1065,7 +1043,7 @@ def _bwd_dq_kernel(
         HAS_MASK,
         HAS_BIAS,
         HAS_ALIBI,
-        NATURAL,
+        USE_MAX,
         PRECISION,
         K_INLINE,
         USE_TMA,
@@ -1093,7 +1071,7 @@ def _bwd_dq_kernel(
             stride_bn,
             mask_base,
             stride_mn,
-            slope2,
+            slope,
             offs_m,
             cols,
             M,
@@ -1108,7 +1086,7 @@ def _bwd_dq_kernel(
             HAS_MASK,
             HAS_BIAS,
             HAS_ALIBI,
-            NATURAL,
+            USE_MAX,
             PRECISION,
             K_INLINE,
             USE_TMA,

@@ -37,13 +37,17 @@ def fixed_offset_ok(dtype: torch.dtype, scale: float, groups: int) -> bool:
     return 2.0 * c2 <= HEADROOM - _MIN_NORMAL_LOG2[dtype] - 0.05
 
 
-def _numerics(dtype, bias, slopes, scale: float, groups: int):
-    """(use_max, natural). Bounded logits: a fixed offset, with scale·log2(e) folded into q̂ so the inner loop is a
-    bare exp2. Otherwise (a bias of unknown range, or scale·groups past the dtype's bound) a running max, with
-    logits kept in natural units: large values cancel in `s − max` before the log2(e) multiply rounds them, and
-    fp32 logits of ±100 keep a bit more precision than ±144."""
-    use_max = bias is not None or slopes is not None or not fixed_offset_ok(dtype, scale, groups)
-    return use_max, use_max
+def _use_max(dtype, bias, slopes, scale: float, groups: int) -> bool:
+    """The kernels' USE_MAX. False for bounded logits: a fixed offset, with scale·log2(e) folded into q̂ so the inner
+    loop is a bare exp2. True with a bias or ALiBi (range unknown) or scale·groups past the dtype's bound: a running
+    max, with logits kept in natural units: large values cancel in `s − max` before the log2(e) multiply rounds them,
+    and fp32 logits of ±100 keep a bit more precision than ±144."""
+    return bias is not None or slopes is not None or not fixed_offset_ok(dtype, scale, groups)
+
+
+def _qk_scale(scale: float, use_max: bool) -> float:
+    """What q̂ is multiplied by: scale, in log2 units (· log2 e) unless the running max keeps natural units."""
+    return scale if use_max else scale * LOG2E
 
 
 def _k_inline(rows: int, n: int, d_pad: int, groups: int, l2norm: bool) -> bool:
@@ -201,8 +205,8 @@ def attention_forward(q, k, v, mask, bias, slopes, causal: bool, scale: float, l
     b, h, m, d = q.shape
     hk, n = k.shape[1], k.shape[2]
     d_pad = _d_pad(d)
-    use_max, natural = _numerics(q.dtype, bias, slopes, scale, groups)
-    qk_scale = scale if natural else scale * LOG2E
+    use_max = _use_max(q.dtype, bias, slopes, scale, groups)
+    qk_scale = _qk_scale(scale, use_max)
     offset2 = scale * groups * LOG2E - HEADROOM
     # k normalised once by a pre-pass, or (small, host-bound calls) inside the loop: see _k_inline
     k_inline = _k_inline(b * h * m, n, d_pad, groups, l2norm)
@@ -250,7 +254,6 @@ def attention_forward(q, k, v, mask, bias, slopes, causal: bool, scale: float, l
             HAS_MASK=mask is not None,
             HAS_BIAS=bias is not None,
             HAS_ALIBI=slopes is not None,
-            NATURAL=natural,
             USE_MAX=use_max,
             K_INLINE=k_inline,
             USE_TMA=use_tma,
@@ -273,8 +276,8 @@ def attention_backward(
     hk, n = k.shape[1], k.shape[2]
     d_pad = _d_pad(d)
     prec = _precision(q.dtype)
-    _, natural = _numerics(q.dtype, bias, slopes, scale, groups)
-    qk_scale = scale if natural else scale * LOG2E
+    use_max = _use_max(q.dtype, bias, slopes, scale, groups)
+    qk_scale = _qk_scale(scale, use_max)
     bm1, bn1, warps1, stages1 = launch_config("dkdv", d_pad, q.dtype, causal)
 
     delta = torch.empty((b, h, m), dtype=torch.float32, device=q.device)
@@ -311,7 +314,7 @@ def attention_backward(
         HAS_MASK=mask is not None,
         HAS_BIAS=bias is not None,
         HAS_ALIBI=slopes is not None,
-        NATURAL=natural,
+        USE_MAX=use_max,
         PRECISION=prec,
         K_INLINE=k_inline,
     )
