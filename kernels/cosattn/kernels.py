@@ -27,38 +27,42 @@ References: Dao, "FlashAttention-2" (2023); the Triton fused-attention tutorial 
 import triton
 import triton.language as tl
 
+LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): natural units -> log2 units (exp(x) = exp2(x · LOG2E))
+LN2 = tl.constexpr(0.6931471805599453)  # ln(2) = 1 / LOG2E
+NORM_EPS = tl.constexpr(1e-12)  # F.normalize's eps: a vector shorter than this is divided by it instead
+
 
 @triton.jit
-def _l2norm_rows(x, cols, GROUPS: tl.constexpr, GROUP_DIM: tl.constexpr, EPS: tl.constexpr):
+def _l2norm_rows(x, cols, GROUPS: tl.constexpr, HEAD_DIM: tl.constexpr):
     """x: [R, D_PAD] fp32 with zero padding. Returns (x̂, inverse norm per column's group, [R, D_PAD]).
     Correctly rounded sqrt and division, as F.normalize: an ulp lost in x̂ is multiplied by scale·groups in
     the logits."""
     if GROUPS == 1:
-        norm_cols = tl.zeros_like(x) + tl.maximum(tl.sqrt_rn(tl.sum(x * x, 1)), EPS)[:, None]
+        norm_cols = tl.zeros_like(x) + tl.maximum(tl.sqrt_rn(tl.sum(x * x, 1)), NORM_EPS)[:, None]
     else:
-        gid = cols // GROUP_DIM
+        gid = cols // (HEAD_DIM // GROUPS)
         norm_cols = tl.zeros_like(x) + 1.0
         for g in tl.static_range(GROUPS):
             sel = (gid == g)[None, :]
-            norm = tl.maximum(tl.sqrt_rn(tl.sum(tl.where(sel, x * x, 0.0), 1)), EPS)
+            norm = tl.maximum(tl.sqrt_rn(tl.sum(tl.where(sel, x * x, 0.0), 1)), NORM_EPS)
             norm_cols = tl.where(sel, norm[:, None], norm_cols)
     return tl.div_rn(x, norm_cols), 1.0 / norm_cols
 
 
 @triton.jit
-def _l2norm_bwd(xh, inv_cols, dxh, cols, GROUPS: tl.constexpr, GROUP_DIM: tl.constexpr, EPS: tl.constexpr):
+def _l2norm_bwd(xh, inv_cols, dxh, cols, GROUPS: tl.constexpr, HEAD_DIM: tl.constexpr):
     """Gradient through x̂ = x / max(‖x‖, eps) per group: (dx̂ − x̂⟨x̂, dx̂⟩)/‖x‖, or dx̂/eps below eps."""
     prod = xh * dxh
     if GROUPS == 1:
         dot_cols = tl.zeros_like(xh) + tl.sum(prod, 1)[:, None]
     else:
-        gid = cols // GROUP_DIM
+        gid = cols // (HEAD_DIM // GROUPS)
         dot_cols = tl.zeros_like(xh)
         for g in tl.static_range(GROUPS):
             sel = (gid == g)[None, :]
             dot_cols = tl.where(sel, tl.sum(tl.where(sel, prod, 0.0), 1)[:, None], dot_cols)
     # below eps the norm is clamped, so the projection term vanishes (F.normalize's derivative)
-    dot_cols = tl.where(inv_cols < 1.0 / EPS, dot_cols, 0.0)
+    dot_cols = tl.where(inv_cols < 1.0 / NORM_EPS, dot_cols, 0.0)
     return (dxh - xh * dot_cols) * inv_cols
 
 
@@ -91,7 +95,7 @@ def _l2norm_kernel(
     )
     x = x.to(tl.float32)
     if L2NORM:
-        x, _ = _l2norm_rows(x, cols, GROUPS, HEAD_DIM // GROUPS, 1e-12)
+        x, _ = _l2norm_rows(x, cols, GROUPS, HEAD_DIM)
     y = x * multiplier
     tl.store(Y + bh * N * HEAD_DIM + rows[:, None] * HEAD_DIM + cols[None, :], y.to(Y.dtype.element_ty), mask=m)
 
@@ -194,7 +198,7 @@ def _fwd_inner(
             # k normalised here, one inverse norm per key, instead of in a separate pass: at short lengths the
             # extra launch costs more than this arithmetic
             k32 = kT.to(tl.float32)
-            qk = qk * (1.0 / tl.maximum(tl.sqrt(tl.sum(k32 * k32, 0)), 1e-12))[None, :]
+            qk = qk * (1.0 / tl.maximum(tl.sqrt(tl.sum(k32 * k32, 0)), NORM_EPS))[None, :]
         qpos = offs_m[:, None]
         kpos = offs_n[None, :]
         qk = _logits_mods(
@@ -216,8 +220,8 @@ def _fwd_inner(
             m_new = tl.maximum(m_i, tl.max(qk, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             # subtract in natural units first: large bias values cancel before the log2(e) multiply rounds them
-            alpha = tl.exp2((m_i - m_safe) * 1.4426950408889634)
-            p = tl.exp2((qk - m_safe[:, None]) * 1.4426950408889634)
+            alpha = tl.exp2((m_i - m_safe) * LOG2E)
+            p = tl.exp2((qk - m_safe[:, None]) * LOG2E)
             l_i = l_i * alpha + tl.sum(p, 1)
             acc = acc * alpha[:, None]
             m_i = m_new
@@ -305,7 +309,7 @@ def _fwd_kernel(
     )
     q32 = q.to(tl.float32)
     if L2NORM:
-        q32, _ = _l2norm_rows(q32, cols, GROUPS, HEAD_DIM // GROUPS, 1e-12)
+        q32, _ = _l2norm_rows(q32, cols, GROUPS, HEAD_DIM)
     # fold scale·log2(e) into q̂ once: the inner loop then needs one exp2 per logit and no multiply
     q = (q32 * qk_scale).to(q.dtype)
 
@@ -423,7 +427,7 @@ def _fwd_kernel(
     o = acc / tl.where(empty, 1.0, l_i)[:, None]
     log_l = tl.log2(tl.where(empty, 1.0, l_i))
     if USE_MAX:
-        lse = m_i + log_l * 0.6931471805599453  # natural units, like the logits on this path
+        lse = m_i + log_l * LN2  # natural units, like the logits on this path
     else:
         lse = offset2 + log_l
     lse = tl.where(empty, float("inf"), lse)
@@ -487,7 +491,7 @@ def _bwd_prep_kernel(
         )
         x = x.to(tl.float32)
         if L2NORM:
-            x, _ = _l2norm_rows(x, cols, GROUPS, HEAD_DIM // GROUPS, 1e-12)
+            x, _ = _l2norm_rows(x, cols, GROUPS, HEAD_DIM)
         tl.store(
             QS + bh * M * HEAD_DIM + rows[:, None] * HEAD_DIM + cols[None, :],
             (x * qk_scale).to(QS.dtype.element_ty),
@@ -501,7 +505,7 @@ def _bwd_prep_kernel(
         x = x.to(tl.float32)
         if NORM_K:
             if L2NORM:
-                x, _ = _l2norm_rows(x, cols, GROUPS, HEAD_DIM // GROUPS, 1e-12)
+                x, _ = _l2norm_rows(x, cols, GROUPS, HEAD_DIM)
             tl.store(
                 KH + (b * HK + h) * N * HEAD_DIM + rows[:, None] * HEAD_DIM + cols[None, :],
                 x.to(KH.dtype.element_ty),
@@ -509,7 +513,7 @@ def _bwd_prep_kernel(
             )
         else:
             # inverse key norms for the dq pass, the forward's formula (it normalised k inside its loop)
-            rk = 1.0 / tl.maximum(tl.sqrt(tl.sum(x * x, 1)), 1e-12)
+            rk = 1.0 / tl.maximum(tl.sqrt(tl.sum(x * x, 1)), NORM_EPS)
             tl.store(RK + (b * HK + h) * N + rows, rk, mask=rows < N)
 
 
@@ -593,7 +597,7 @@ def _bwd_dkdv_inner(
             HAS_ALIBI,
         )
         if USE_MAX:
-            pT = tl.exp2((qkT - lse[None, :]) * 1.4426950408889634)
+            pT = tl.exp2((qkT - lse[None, :]) * LOG2E)
         else:
             pT = tl.exp2(qkT - lse[None, :])  # exact probabilities
         dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PRECISION)
@@ -683,10 +687,10 @@ def _bwd_dkdv_kernel(
     k32 = k_raw.to(tl.float32)
     inv_k = tl.zeros_like(k32)
     if L2NORM:
-        k32, inv_k = _l2norm_rows(k32, cols, GROUPS, HEAD_DIM // GROUPS, 1e-12)
+        k32, inv_k = _l2norm_rows(k32, cols, GROUPS, HEAD_DIM)
     if K_INLINE:
         raw32 = k_raw.to(tl.float32)
-        rk = 1.0 / tl.maximum(tl.sqrt(tl.sum(raw32 * raw32, 1)), 1e-12)
+        rk = 1.0 / tl.maximum(tl.sqrt(tl.sum(raw32 * raw32, 1)), NORM_EPS)
         k = k_raw
     else:
         rk = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -806,7 +810,7 @@ def _bwd_dkdv_kernel(
         )
     dk = dk * dk_scale  # dk̂ = scale · dSᵀq̂ = (scale / qk_scale) · dSᵀ(q̂ · qk_scale)
     if L2NORM:
-        dk = _l2norm_bwd(k32, inv_k, dk, cols, GROUPS, HEAD_DIM // GROUPS, 1e-12)
+        dk = _l2norm_bwd(k32, inv_k, dk, cols, GROUPS, HEAD_DIM)
         dk = tl.where(kv_mask, dk, 0.0)  # padded key rows are zero vectors: keep their 1/eps out of the cast
     out = bhk * N * HEAD_DIM + offs_n[:, None] * HEAD_DIM + cols[None, :]
     tl.store(DK + out, dk.to(DK.dtype.element_ty), mask=kv_mask)
@@ -892,7 +896,7 @@ def _bwd_dq_inner(
             HAS_ALIBI,
         )
         if USE_MAX:
-            p = tl.exp2((qk - lse[:, None]) * 1.4426950408889634)
+            p = tl.exp2((qk - lse[:, None]) * LOG2E)
         else:
             p = tl.exp2(qk - lse[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
@@ -980,7 +984,7 @@ def _bwd_dq_kernel(
     q32 = q_raw.to(tl.float32)
     inv_q = tl.zeros_like(q32)
     if L2NORM:
-        q32, inv_q = _l2norm_rows(q32, cols, GROUPS, HEAD_DIM // GROUPS, 1e-12)
+        q32, inv_q = _l2norm_rows(q32, cols, GROUPS, HEAD_DIM)
     q = (q32 * qk_scale).to(q_raw.dtype)
     do = tl.load(
         DO + b * stride_db + h * stride_dh + offs_m[:, None] * stride_dm + cols[None, :] * stride_dd,
@@ -1093,7 +1097,7 @@ def _bwd_dq_kernel(
         )
     dq = dq * scale
     if L2NORM:
-        dq = _l2norm_bwd(q32, inv_q, dq, cols, GROUPS, HEAD_DIM // GROUPS, 1e-12)
+        dq = _l2norm_bwd(q32, inv_q, dq, cols, GROUPS, HEAD_DIM)
         dq = tl.where(q_mask, dq, 0.0)
     tl.store(
         DQ + bh * M * HEAD_DIM + offs_m[:, None] * HEAD_DIM + cols[None, :], dq.to(DQ.dtype.element_ty), mask=q_mask

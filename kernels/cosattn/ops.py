@@ -19,7 +19,7 @@ try:
 except ImportError:  # pragma: no cover - older Triton: pointer loads only
     TensorDescriptor = None
 
-LOG2E = 1.4426950408889634
+LOG2E: float = K.LOG2E.value  # the kernels' constant, as a host float
 # exp2 headroom of the fixed offset: the largest term is 2^15, below fp16's max (65504)
 HEADROOM = 15.0
 # log2 of the smallest normal number of the dtype P is cast to before the P·V product
