@@ -67,37 +67,52 @@ def _l2norm_bwd(xh, inv_cols, dxh, cols, GROUPS: tl.constexpr, HEAD_DIM: tl.cons
 
 
 @triton.jit
-def _l2norm_kernel(
-    X,  # (b, hx, n, d) any strides
-    Y,  # (b, hx, n, d) contiguous: x̂ · multiplier, in Y's dtype
-    stride_xb,
-    stride_xh,
-    stride_xn,
-    stride_xd,
-    HX,
-    N,
-    multiplier,
-    HEAD_DIM: tl.constexpr,
-    D_PAD: tl.constexpr,
-    GROUPS: tl.constexpr,
-    L2NORM: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // HX
-    h = bh % HX
-    rows = pid * BLOCK + tl.arange(0, BLOCK)
-    cols = tl.arange(0, D_PAD)
-    m = (rows[:, None] < N) & (cols[None, :] < HEAD_DIM)
-    x = tl.load(
-        X + b * stride_xb + h * stride_xh + rows[:, None] * stride_xn + cols[None, :] * stride_xd, mask=m, other=0.0
-    )
-    x = x.to(tl.float32)
-    if L2NORM:
-        x, _ = _l2norm_rows(x, cols, GROUPS, HEAD_DIM)
-    y = x * multiplier
-    tl.store(Y + bh * N * HEAD_DIM + rows[:, None] * HEAD_DIM + cols[None, :], y.to(Y.dtype.element_ty), mask=m)
+def _inv_norm(x, AXIS: tl.constexpr):
+    """1 / max(‖x‖, eps) along AXIS of an fp32 tile of raw keys: the scale of each key's logits when k is normalised
+    inside the forward's loop (K_INLINE). Every pass that recomputes those logits uses this same formula."""
+    return 1.0 / tl.maximum(tl.sqrt(tl.sum(x * x, AXIS)), NORM_EPS)
+
+
+@triton.jit
+def _key_range(pid_m, M, N, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Keys of query tile pid_m, split at `full_end`: tiles in [0, full_end) are visible to every row of the tile
+    (no masks); [full_end, hi) holds the causal diagonal and the ragged last tile (masks); keys from hi on are never
+    visible. Bottom-right causal alignment: row r sees key c iff c ≤ r + (N − M)."""
+    if CAUSAL:
+        # keys beyond the last row's diagonal are never visible; tiles left of the first row's diagonal always are
+        hi = tl.minimum(N, tl.maximum(0, (pid_m + 1) * BLOCK_M + (N - M)))
+        full_end = tl.minimum(hi, tl.maximum(0, pid_m * BLOCK_M + (N - M) + 1))
+    else:
+        hi = N
+        full_end = N
+    full_end = (full_end // BLOCK_N) * BLOCK_N
+    return full_end, hi
+
+
+@triton.jit
+def _query_range(pid_n, M, N, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Query rows of key block pid_n, split at `full_start`: tiles in [lo, full_start) hold the causal diagonal
+    (masks); rows in [full_start, M) see every key of the block; rows before lo see none of them."""
+    if CAUSAL:
+        # first query row that sees this block's first key; rows past the block's last key see it all
+        lo = tl.maximum(0, pid_n * BLOCK_N - (N - M))
+        lo = (lo // BLOCK_M) * BLOCK_M
+        full_start = tl.maximum(lo, (pid_n + 1) * BLOCK_N - 1 - (N - M))
+        full_start = tl.minimum(((full_start + BLOCK_M - 1) // BLOCK_M) * BLOCK_M, tl.maximum(lo, M))
+    else:
+        lo = 0
+        full_start = 0
+    return lo, full_start
+
+
+@triton.jit
+def _alibi_slope(SLOPES, h, HAS_ALIBI: tl.constexpr):
+    """Head h's ALiBi slope, in natural units like the logits of the running-max path that ALiBi selects; 0 without
+    ALiBi."""
+    slope = 0.0
+    if HAS_ALIBI:
+        slope = tl.load(SLOPES + h).to(tl.float32)
+    return slope
 
 
 @triton.jit
@@ -136,30 +151,75 @@ def _logits_mods(
 
 
 @triton.jit
+def _probs(qk, lse, USE_MAX: tl.constexpr):
+    """P = exp(S − lse), recomputed exactly as the forward normalised it: natural units on the running-max path,
+    log2 units (scale·log2 e folded into q̂) otherwise."""
+    if USE_MAX:
+        p = tl.exp2((qk - lse) * LOG2E)
+    else:
+        p = tl.exp2(qk - lse)
+    return p
+
+
+@triton.jit
+def _l2norm_kernel(
+    X,  # (b, hx, n, d) any strides
+    Y,  # (b, hx, n, d) contiguous: x̂ · multiplier, in Y's dtype
+    stride_xb,
+    stride_xh,
+    stride_xn,
+    stride_xd,
+    HX,
+    N,
+    multiplier,
+    HEAD_DIM: tl.constexpr,
+    D_PAD: tl.constexpr,
+    GROUPS: tl.constexpr,
+    L2NORM: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // HX
+    h = bh % HX
+    rows = pid * BLOCK + tl.arange(0, BLOCK)
+    cols = tl.arange(0, D_PAD)
+    m = (rows[:, None] < N) & (cols[None, :] < HEAD_DIM)
+    x = tl.load(
+        X + b * stride_xb + h * stride_xh + rows[:, None] * stride_xn + cols[None, :] * stride_xd, mask=m, other=0.0
+    )
+    x = x.to(tl.float32)
+    if L2NORM:
+        x, _ = _l2norm_rows(x, cols, GROUPS, HEAD_DIM)
+    y = x * multiplier
+    tl.store(Y + bh * N * HEAD_DIM + rows[:, None] * HEAD_DIM + cols[None, :], y.to(Y.dtype.element_ty), mask=m)
+
+
+@triton.jit
 def _fwd_inner(
     acc,
     l_i,
     m_i,
     q,
+    offs_m,
+    cols,
     K_base,
     V_base,
     K_desc,
     V_desc,
     b32,
     hk32,
+    bias_base,
+    mask_base,
+    slope,
+    offset2,
     stride_kn,
     stride_kd,
     stride_vn,
     stride_vd,
-    bias_base,
     stride_bm,
     stride_bn,
-    mask_base,
     stride_mn,
-    slope,
-    offset2,
-    offs_m,
-    cols,
     M,
     N,
     lo,
@@ -167,7 +227,6 @@ def _fwd_inner(
     HEAD_DIM: tl.constexpr,
     D_PAD: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    MASKED: tl.constexpr,
     CAUSAL: tl.constexpr,
     HAS_MASK: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -177,6 +236,7 @@ def _fwd_inner(
     K_INLINE: tl.constexpr,
     USE_TMA: tl.constexpr,
     ROWSUM_TILE: tl.constexpr,
+    MASKED: tl.constexpr,
 ):
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -186,7 +246,8 @@ def _fwd_inner(
             kv_mask = cols[None, :] < HEAD_DIM
         if USE_TMA:
             # bulk tensor copies: the copy engine zero-fills rows past N and columns past HEAD_DIM. v is requested
-            # together with k, so both arrive on one barrier (a separate v barrier measured 12-20% slower)
+            # together with k, so both arrive on one barrier (a separate v barrier measured slower:
+            # docs/benchmarks/NOTES.md)
             kT = tl.trans(tl.reshape(K_desc.load([b32, hk32, start_n, 0]), [BLOCK_N, D_PAD]))
             v = tl.reshape(V_desc.load([b32, hk32, start_n, 0]), [BLOCK_N, D_PAD])
         else:
@@ -197,8 +258,7 @@ def _fwd_inner(
         if K_INLINE:
             # k normalised here, one inverse norm per key, instead of in a separate pass: at short lengths the
             # extra launch costs more than this arithmetic
-            k32 = kT.to(tl.float32)
-            qk = qk * (1.0 / tl.maximum(tl.sqrt(tl.sum(k32 * k32, 0)), NORM_EPS))[None, :]
+            qk = qk * _inv_norm(kT.to(tl.float32), 0)[None, :]
         qpos = offs_m[:, None]
         kpos = offs_n[None, :]
         qk = _logits_mods(
@@ -241,10 +301,10 @@ def _fwd_inner(
 @triton.jit
 def _fwd_kernel(
     Q,  # (b, h, i, d) raw queries, any strides
-    K,  # (b, hk, j, d) normalised keys k̂
+    K,  # (b, hk, j, d) normalised keys k̂ (raw keys with K_INLINE)
     V,  # (b, hk, j, d)
-    K_desc,  # tensor descriptors of K and V, block (1, 1, BLOCK_N, D_PAD), when USE_TMA (else unused)
-    V_desc,
+    K_desc,
+    V_desc,  # tensor descriptors of K and V, block (1, 1, BLOCK_N, D_PAD), when USE_TMA (else unused)
     O,  # (b, h, i, d) contiguous output
     LSE,  # (b, h, i) fp32: offset + log2(rowsum), or max + ln(rowsum) with USE_MAX; +inf for empty rows
     MASK,  # (b, j) int8 key-padding mask (1 = visible)
@@ -317,9 +377,7 @@ def _fwd_kernel(
     V_base = V + b * stride_vb + hk * stride_vh
     bias_base = BIAS + b * stride_bb + h * stride_bh
     mask_base = MASK + b * stride_mb
-    slope = 0.0
-    if HAS_ALIBI:
-        slope = tl.load(SLOPES + h).to(tl.float32)
+    slope = _alibi_slope(SLOPES, h, HAS_ALIBI)
 
     acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
     if ROWSUM_TILE:
@@ -328,38 +386,31 @@ def _fwd_kernel(
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
 
-    if CAUSAL:
-        # keys beyond the last row's diagonal are never visible; tiles left of the first row's diagonal always are
-        hi = tl.minimum(N, tl.maximum(0, (pid_m + 1) * BLOCK_M + (N - M)))
-        full_end = tl.minimum(hi, tl.maximum(0, pid_m * BLOCK_M + (N - M) + 1))
-    else:
-        hi = N
-        full_end = N
-    full_end = (full_end // BLOCK_N) * BLOCK_N
+    full_end, hi = _key_range(pid_m, M, N, CAUSAL, BLOCK_M, BLOCK_N)
     acc, l_i, m_i = _fwd_inner(
         acc,
         l_i,
         m_i,
         q,
+        offs_m,
+        cols,
         K_base,
         V_base,
         K_desc,
         V_desc,
         b32,
         hk32,
+        bias_base,
+        mask_base,
+        slope,
+        offset2,
         stride_kn,
         stride_kd,
         stride_vn,
         stride_vd,
-        bias_base,
         stride_bm,
         stride_bn,
-        mask_base,
         stride_mn,
-        slope,
-        offset2,
-        offs_m,
-        cols,
         M,
         N,
         0,
@@ -367,7 +418,6 @@ def _fwd_kernel(
         HEAD_DIM,
         D_PAD,
         BLOCK_N,
-        False,
         CAUSAL,
         HAS_MASK,
         HAS_BIAS,
@@ -377,6 +427,7 @@ def _fwd_kernel(
         K_INLINE,
         USE_TMA,
         ROWSUM_TILE,
+        MASKED=False,
     )
     if CAUSAL or not EVEN_N:  # the ragged last key block or the causal diagonal: masked tiles
         acc, l_i, m_i = _fwd_inner(
@@ -384,25 +435,25 @@ def _fwd_kernel(
             l_i,
             m_i,
             q,
+            offs_m,
+            cols,
             K_base,
             V_base,
             K_desc,
             V_desc,
             b32,
             hk32,
+            bias_base,
+            mask_base,
+            slope,
+            offset2,
             stride_kn,
             stride_kd,
             stride_vn,
             stride_vd,
-            bias_base,
             stride_bm,
             stride_bn,
-            mask_base,
             stride_mn,
-            slope,
-            offset2,
-            offs_m,
-            cols,
             M,
             N,
             full_end,
@@ -410,7 +461,6 @@ def _fwd_kernel(
             HEAD_DIM,
             D_PAD,
             BLOCK_N,
-            True,
             CAUSAL,
             HAS_MASK,
             HAS_BIAS,
@@ -420,6 +470,7 @@ def _fwd_kernel(
             K_INLINE,
             USE_TMA,
             ROWSUM_TILE,
+            MASKED=True,
         )
     if ROWSUM_TILE:
         l_i = tl.sum(l_i, 1)
@@ -512,8 +563,8 @@ def _bwd_prep_kernel(
                 mask=m,
             )
         else:
-            # inverse key norms for the dq pass, the forward's formula (it normalised k inside its loop)
-            rk = 1.0 / tl.maximum(tl.sqrt(tl.sum(x * x, 1)), NORM_EPS)
+            # inverse key norms for the dq pass (the forward normalised k inside its loop)
+            rk = _inv_norm(x, 1)
             tl.store(RK + (b * HK + h) * N + rows, rk, mask=rows < N)
 
 
@@ -524,6 +575,8 @@ def _bwd_dkdv_inner(
     k,
     rk,
     v,
+    offs_n,
+    cols,
     Q_base,
     DO_base,
     Q_desc,
@@ -532,17 +585,15 @@ def _bwd_dkdv_inner(
     h32,
     LSE_base,
     DELTA_base,
+    DB_base,
+    bias_base,
+    mask_base,
+    slope,
     stride_dm,
     stride_dd,
-    bias_base,
     stride_bm,
     stride_bn,
-    DB_base,
-    mask_base,
     stride_mn,
-    slope,
-    offs_n,
-    cols,
     M,
     N,
     lo,
@@ -550,7 +601,6 @@ def _bwd_dkdv_inner(
     HEAD_DIM: tl.constexpr,
     D_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr,
-    MASKED: tl.constexpr,
     CAUSAL: tl.constexpr,
     HAS_MASK: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -560,6 +610,7 @@ def _bwd_dkdv_inner(
     PRECISION: tl.constexpr,
     K_INLINE: tl.constexpr,
     USE_TMA: tl.constexpr,
+    MASKED: tl.constexpr,
 ):
     # tiles are kept transposed ([keys, queries]) so Pᵀ and dSᵀ feed the dk/dv products without a transpose
     kpos = offs_n[:, None]
@@ -596,10 +647,7 @@ def _bwd_dkdv_inner(
             HAS_BIAS,
             HAS_ALIBI,
         )
-        if USE_MAX:
-            pT = tl.exp2((qkT - lse[None, :]) * LOG2E)
-        else:
-            pT = tl.exp2(qkT - lse[None, :])  # exact probabilities
+        pT = _probs(qkT, lse[None, :], USE_MAX)
         dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PRECISION)
         dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
         dsT = pT * (dpT - delta[None, :])
@@ -611,7 +659,7 @@ def _bwd_dkdv_inner(
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    QS,  # (b, h, i, d) contiguous: q̂ · scale·log2e
+    QS,  # (b, h, i, d) contiguous: q̂ · qk_scale
     K,  # (b, hk, j, d) raw keys
     V,  # (b, hk, j, d)
     DO,  # (b, h, i, d)
@@ -620,11 +668,11 @@ def _bwd_dkdv_kernel(
     DK,
     DV,  # (b, hk, j, d) contiguous
     DB,  # (b, h, i, j) fp32 bias gradient (only when BIAS_GRAD)
-    QS_desc,  # descriptors of QS and DO, block (1, 1, BLOCK_M, D_PAD) (only when USE_TMA)
-    DO_desc,
+    QS_desc,
+    DO_desc,  # descriptors of QS and DO, block (1, 1, BLOCK_M, D_PAD) (only when USE_TMA)
     MASK,
     BIAS,
-    SLOPES,
+    SLOPES,  # as in the forward
     stride_kb,
     stride_kh,
     stride_kn,
@@ -689,8 +737,7 @@ def _bwd_dkdv_kernel(
     if L2NORM:
         k32, inv_k = _l2norm_rows(k32, cols, GROUPS, HEAD_DIM)
     if K_INLINE:
-        raw32 = k_raw.to(tl.float32)
-        rk = 1.0 / tl.maximum(tl.sqrt(tl.sum(raw32 * raw32, 1)), NORM_EPS)
+        rk = _inv_norm(k_raw.to(tl.float32), 1)
         k = k_raw
     else:
         rk = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -698,15 +745,7 @@ def _bwd_dkdv_kernel(
 
     dk = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
-    if CAUSAL:
-        # first query row that sees this block's first key; rows past the block's last key see it all
-        lo = tl.maximum(0, pid_n * BLOCK_N - (N - M))
-        lo = (lo // BLOCK_M) * BLOCK_M
-        full_start = tl.maximum(lo, (pid_n + 1) * BLOCK_N - 1 - (N - M))
-        full_start = tl.minimum(((full_start + BLOCK_M - 1) // BLOCK_M) * BLOCK_M, tl.maximum(lo, M))
-    else:
-        lo = 0
-        full_start = 0
+    lo, full_start = _query_range(pid_n, M, N, CAUSAL, BLOCK_M, BLOCK_N)
     mask_base = MASK + b * stride_mb
     group = H // HK
     for hq in range(0, group):
@@ -717,9 +756,7 @@ def _bwd_dkdv_kernel(
         DO_base = DO + b * stride_db + h * stride_dh
         bias_base = BIAS + b * stride_bb + h * stride_bh
         DB_base = DB + bh * M * N
-        slope = 0.0
-        if HAS_ALIBI:
-            slope = tl.load(SLOPES + h).to(tl.float32)
+        slope = _alibi_slope(SLOPES, h, HAS_ALIBI)
         # only tiles on the causal diagonal need the visibility mask: keys past N are never stored
         if CAUSAL:  # (otherwise the range is empty)
             dk, dv = _bwd_dkdv_inner(
@@ -728,6 +765,8 @@ def _bwd_dkdv_kernel(
                 k,
                 rk,
                 v,
+                offs_n,
+                cols,
                 Q_base,
                 DO_base,
                 QS_desc,
@@ -736,17 +775,15 @@ def _bwd_dkdv_kernel(
                 h32,
                 LSE + bh * M,
                 DELTA + bh * M,
+                DB_base,
+                bias_base,
+                mask_base,
+                slope,
                 stride_dm,
                 stride_dd,
-                bias_base,
                 stride_bm,
                 stride_bn,
-                DB_base,
-                mask_base,
                 stride_mn,
-                slope,
-                offs_n,
-                cols,
                 M,
                 N,
                 lo,
@@ -754,7 +791,6 @@ def _bwd_dkdv_kernel(
                 HEAD_DIM,
                 D_PAD,
                 BLOCK_M,
-                True,
                 CAUSAL,
                 HAS_MASK,
                 HAS_BIAS,
@@ -764,6 +800,7 @@ def _bwd_dkdv_kernel(
                 PRECISION,
                 K_INLINE,
                 USE_TMA,
+                MASKED=True,
             )
         dk, dv = _bwd_dkdv_inner(
             dk,
@@ -771,6 +808,8 @@ def _bwd_dkdv_kernel(
             k,
             rk,
             v,
+            offs_n,
+            cols,
             Q_base,
             DO_base,
             QS_desc,
@@ -779,17 +818,15 @@ def _bwd_dkdv_kernel(
             h32,
             LSE + bh * M,
             DELTA + bh * M,
+            DB_base,
+            bias_base,
+            mask_base,
+            slope,
             stride_dm,
             stride_dd,
-            bias_base,
             stride_bm,
             stride_bn,
-            DB_base,
-            mask_base,
             stride_mn,
-            slope,
-            offs_n,
-            cols,
             M,
             N,
             full_start,
@@ -797,8 +834,7 @@ def _bwd_dkdv_kernel(
             HEAD_DIM,
             D_PAD,
             BLOCK_M,
-            False,
-            False,
+            CAUSAL,
             HAS_MASK,
             HAS_BIAS,
             HAS_ALIBI,
@@ -807,6 +843,7 @@ def _bwd_dkdv_kernel(
             PRECISION,
             K_INLINE,
             USE_TMA,
+            MASKED=False,
         )
     dk = dk * dk_scale  # dk̂ = scale · dSᵀq̂ = (scale / qk_scale) · dSᵀ(q̂ · qk_scale)
     if L2NORM:
@@ -824,25 +861,25 @@ def _bwd_dq_inner(
     do,
     lse,
     delta,
+    offs_m,
+    cols,
+    K_base,
+    RK_base,
+    V_base,
     K_desc,
     V_desc,
     b32,
     hk32,
-    K_base,
+    bias_base,
+    mask_base,
+    slope,
     stride_kn,
     stride_kd,
-    RK_base,
-    V_base,
     stride_vn,
     stride_vd,
-    bias_base,
     stride_bm,
     stride_bn,
-    mask_base,
     stride_mn,
-    slope,
-    offs_m,
-    cols,
     M,
     N,
     lo,
@@ -850,7 +887,6 @@ def _bwd_dq_inner(
     HEAD_DIM: tl.constexpr,
     D_PAD: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    MASKED: tl.constexpr,
     CAUSAL: tl.constexpr,
     HAS_MASK: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -859,6 +895,7 @@ def _bwd_dq_inner(
     PRECISION: tl.constexpr,
     K_INLINE: tl.constexpr,
     USE_TMA: tl.constexpr,
+    MASKED: tl.constexpr,
 ):
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -875,7 +912,8 @@ def _bwd_dq_inner(
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         if K_INLINE:
             # raw k, scaled by its inverse norm after the product: the logits the forward computed. The norms
-            # come precomputed: reducing this tile in registers as well as feeding it to the dots raced on H200
+            # come precomputed: reducing this tile in registers as well as feeding it to the dots raced in the
+            # compiled, pipelined loop (docs/benchmarks/NOTES.md)
             rk = tl.load(RK_base + offs_n, mask=offs_n < N, other=0.0)
             qk = qk * rk[None, :]
         qpos = offs_m[:, None]
@@ -895,10 +933,7 @@ def _bwd_dq_inner(
             HAS_BIAS,
             HAS_ALIBI,
         )
-        if USE_MAX:
-            p = tl.exp2((qk - lse[:, None]) * LOG2E)
-        else:
-            p = tl.exp2(qk - lse[:, None])
+        p = _probs(qk, lse[:, None], USE_MAX)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
         if K_INLINE:
@@ -913,15 +948,15 @@ def _bwd_dq_kernel(
     K,  # (b, hk, j, d) k̂ contiguous, or raw k (K_INLINE)
     RK,  # (b, hk, j) fp32 1/‖k‖ (K_INLINE)
     V,  # (b, hk, j, d) any strides
-    K_desc,  # descriptors of K and V, block (1, 1, BLOCK_N, D_PAD) (only when USE_TMA)
-    V_desc,
+    K_desc,
+    V_desc,  # descriptors of K and V, block (1, 1, BLOCK_N, D_PAD) (only when USE_TMA)
     DO,
     LSE,
-    DELTA,
+    DELTA,  # as in the dk/dv pass
     DQ,  # (b, h, i, d) contiguous
     MASK,
     BIAS,
-    SLOPES,
+    SLOPES,  # as in the forward
     stride_qb,
     stride_qh,
     stride_qm,
@@ -998,43 +1033,35 @@ def _bwd_dq_kernel(
     V_base = V + b * stride_vb + hk * stride_vh
     bias_base = BIAS + b * stride_bb + h * stride_bh
     mask_base = MASK + b * stride_mb
-    slope = 0.0
-    if HAS_ALIBI:
-        slope = tl.load(SLOPES + h).to(tl.float32)
+    slope = _alibi_slope(SLOPES, h, HAS_ALIBI)
 
     dq = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
-    if CAUSAL:
-        hi = tl.minimum(N, tl.maximum(0, (pid_m + 1) * BLOCK_M + (N - M)))
-        full_end = tl.minimum(hi, tl.maximum(0, pid_m * BLOCK_M + (N - M) + 1))
-    else:
-        hi = N
-        full_end = N
-    full_end = (full_end // BLOCK_N) * BLOCK_N
+    full_end, hi = _key_range(pid_m, M, N, CAUSAL, BLOCK_M, BLOCK_N)
     dq = _bwd_dq_inner(
         dq,
         q,
         do,
         lse,
         delta,
+        offs_m,
+        cols,
+        K_base,
+        RK_base,
+        V_base,
         K_desc,
         V_desc,
         b32,
         hk32,
-        K_base,
+        bias_base,
+        mask_base,
+        slope,
         stride_kn,
         stride_kd,
-        RK_base,
-        V_base,
         stride_vn,
         stride_vd,
-        bias_base,
         stride_bm,
         stride_bn,
-        mask_base,
         stride_mn,
-        slope,
-        offs_m,
-        cols,
         M,
         N,
         0,
@@ -1042,7 +1069,6 @@ def _bwd_dq_kernel(
         HEAD_DIM,
         D_PAD,
         BLOCK_N,
-        False,
         CAUSAL,
         HAS_MASK,
         HAS_BIAS,
@@ -1051,6 +1077,7 @@ def _bwd_dq_kernel(
         PRECISION,
         K_INLINE,
         USE_TMA,
+        MASKED=False,
     )
     if CAUSAL or not EVEN_N:  # the ragged last key block or the causal diagonal: masked tiles
         dq = _bwd_dq_inner(
@@ -1059,25 +1086,25 @@ def _bwd_dq_kernel(
             do,
             lse,
             delta,
+            offs_m,
+            cols,
+            K_base,
+            RK_base,
+            V_base,
             K_desc,
             V_desc,
             b32,
             hk32,
-            K_base,
+            bias_base,
+            mask_base,
+            slope,
             stride_kn,
             stride_kd,
-            RK_base,
-            V_base,
             stride_vn,
             stride_vd,
-            bias_base,
             stride_bm,
             stride_bn,
-            mask_base,
             stride_mn,
-            slope,
-            offs_m,
-            cols,
             M,
             N,
             full_end,
@@ -1085,7 +1112,6 @@ def _bwd_dq_kernel(
             HEAD_DIM,
             D_PAD,
             BLOCK_N,
-            True,
             CAUSAL,
             HAS_MASK,
             HAS_BIAS,
@@ -1094,6 +1120,7 @@ def _bwd_dq_kernel(
             PRECISION,
             K_INLINE,
             USE_TMA,
+            MASKED=True,
         )
     dq = dq * scale
     if L2NORM:
