@@ -27,6 +27,10 @@ References: Dao, "FlashAttention-2" (2023); the Triton fused-attention tutorial 
 import triton
 import triton.language as tl
 
+# Argument lists below are packed by hand, grouped (tensors, strides, sizes, constexprs) as in Triton's tutorials;
+# the formatter would put one argument per line.
+# fmt: off
+
 LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): natural units -> log2 units (exp(x) = exp2(x · LOG2E))
 LN2 = tl.constexpr(0.6931471805599453)  # ln(2) = 1 / LOG2E
 NORM_EPS = tl.constexpr(1e-12)  # F.normalize's eps: a vector shorter than this is divided by it instead
@@ -116,21 +120,9 @@ def _alibi_slope(SLOPES, h, HAS_ALIBI: tl.constexpr):
 
 
 @triton.jit
-def _logits_mods(
-    qk,
-    qpos,
-    kpos,
-    M,
-    N,
-    bias_ptrs,
-    slope,
-    key_mask_ptrs,
-    MASKED: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    HAS_MASK: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    HAS_ALIBI: tl.constexpr,
-):
+def _logits_mods(qk, qpos, kpos, M, N, bias_ptrs, slope, key_mask_ptrs,
+                 MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 HAS_ALIBI: tl.constexpr):
     """Adds bias / ALiBi to a logits tile and sets invisible entries to −inf. qpos and kpos are the query and key
     positions as broadcastable 2-D tensors, so one helper serves both tile orientations. A bias or ALiBi always
     comes with USE_MAX (the host's rule), so the logits are in natural units here."""
@@ -165,18 +157,9 @@ def _probs(qk, lse, USE_MAX: tl.constexpr):
 def _l2norm_kernel(
     X,  # (b, hx, n, d) any strides
     Y,  # (b, hx, n, d) contiguous: x̂ · multiplier, in Y's dtype
-    stride_xb,
-    stride_xh,
-    stride_xn,
-    stride_xd,
-    HX,
-    N,
-    multiplier,
-    HEAD_DIM: tl.constexpr,
-    D_PAD: tl.constexpr,
-    GROUPS: tl.constexpr,
-    L2NORM: tl.constexpr,
-    BLOCK: tl.constexpr,
+    stride_xb, stride_xh, stride_xn, stride_xd,
+    HX, N, multiplier,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, GROUPS: tl.constexpr, L2NORM: tl.constexpr, BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -185,9 +168,8 @@ def _l2norm_kernel(
     rows = pid * BLOCK + tl.arange(0, BLOCK)
     cols = tl.arange(0, D_PAD)
     m = (rows[:, None] < N) & (cols[None, :] < HEAD_DIM)
-    x = tl.load(
-        X + b * stride_xb + h * stride_xh + rows[:, None] * stride_xn + cols[None, :] * stride_xd, mask=m, other=0.0
-    )
+    x = tl.load(X + b * stride_xb + h * stride_xh + rows[:, None] * stride_xn + cols[None, :] * stride_xd,
+                mask=m, other=0.0)
     x = x.to(tl.float32)
     if L2NORM:
         x, _ = _l2norm_rows(x, cols, GROUPS, HEAD_DIM)
@@ -196,48 +178,14 @@ def _l2norm_kernel(
 
 
 @triton.jit
-def _fwd_inner(
-    acc,
-    l_i,
-    m_i,
-    q,
-    offs_m,
-    cols,
-    K_base,
-    V_base,
-    K_desc,
-    V_desc,
-    b32,
-    hk32,
-    bias_base,
-    mask_base,
-    slope,
-    offset2,
-    stride_kn,
-    stride_kd,
-    stride_vn,
-    stride_vd,
-    stride_bm,
-    stride_bn,
-    stride_mn,
-    M,
-    N,
-    lo,
-    hi,
-    HEAD_DIM: tl.constexpr,
-    D_PAD: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    HAS_MASK: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    HAS_ALIBI: tl.constexpr,
-    USE_MAX: tl.constexpr,
-    PRECISION: tl.constexpr,
-    K_INLINE: tl.constexpr,
-    USE_TMA: tl.constexpr,
-    ROWSUM_TILE: tl.constexpr,
-    MASKED: tl.constexpr,
-):
+def _fwd_inner(acc, l_i, m_i, q, offs_m, cols,
+               K_base, V_base, K_desc, V_desc, b32, hk32, bias_base, mask_base, slope, offset2,
+               stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn, stride_mn,
+               M, N, lo, hi,
+               HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+               CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr,
+               USE_MAX: tl.constexpr, PRECISION: tl.constexpr, K_INLINE: tl.constexpr, USE_TMA: tl.constexpr,
+               ROWSUM_TILE: tl.constexpr, MASKED: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         if MASKED:
@@ -251,9 +199,8 @@ def _fwd_inner(
             kT = tl.trans(tl.reshape(K_desc.load([b32, hk32, start_n, 0]), [BLOCK_N, D_PAD]))
             v = tl.reshape(V_desc.load([b32, hk32, start_n, 0]), [BLOCK_N, D_PAD])
         else:
-            kT = tl.load(
-                K_base + offs_n[None, :] * stride_kn + cols[:, None] * stride_kd, mask=tl.trans(kv_mask), other=0.0
-            )
+            kT = tl.load(K_base + offs_n[None, :] * stride_kn + cols[:, None] * stride_kd, mask=tl.trans(kv_mask),
+                         other=0.0)
         qk = tl.dot(q, kT, input_precision=PRECISION)  # [BLOCK_M, BLOCK_N], log2 units (natural with USE_MAX)
         if K_INLINE:
             # k normalised here, one inverse norm per key, instead of in a separate pass: at short lengths the
@@ -261,21 +208,8 @@ def _fwd_inner(
             qk = qk * _inv_norm(kT.to(tl.float32), 0)[None, :]
         qpos = offs_m[:, None]
         kpos = offs_n[None, :]
-        qk = _logits_mods(
-            qk,
-            qpos,
-            kpos,
-            M,
-            N,
-            bias_base + qpos * stride_bm + kpos * stride_bn,
-            slope,
-            mask_base + kpos * stride_mn,
-            MASKED,
-            CAUSAL,
-            HAS_MASK,
-            HAS_BIAS,
-            HAS_ALIBI,
-        )
+        qk = _logits_mods(qk, qpos, kpos, M, N, bias_base + qpos * stride_bm + kpos * stride_bn, slope,
+                          mask_base + kpos * stride_mn, MASKED, CAUSAL, HAS_MASK, HAS_BIAS, HAS_ALIBI)
         if USE_MAX:
             m_new = tl.maximum(m_i, tl.max(qk, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -303,53 +237,19 @@ def _fwd_kernel(
     Q,  # (b, h, i, d) raw queries, any strides
     K,  # (b, hk, j, d) normalised keys k̂ (raw keys with K_INLINE)
     V,  # (b, hk, j, d)
-    K_desc,
-    V_desc,  # tensor descriptors of K and V, block (1, 1, BLOCK_N, D_PAD), when USE_TMA (else unused)
+    K_desc, V_desc,  # tensor descriptors of K and V, block (1, 1, BLOCK_N, D_PAD), when USE_TMA (else unused)
     O,  # (b, h, i, d) contiguous output
     LSE,  # (b, h, i) fp32: offset + log2(rowsum), or max + ln(rowsum) with USE_MAX; +inf for empty rows
     MASK,  # (b, j) int8 key-padding mask (1 = visible)
     BIAS,  # (bb, bh, i, j) additive bias, broadcast through zero strides
     SLOPES,  # (h,) ALiBi slopes
-    stride_qb,
-    stride_qh,
-    stride_qm,
-    stride_qd,
-    stride_kb,
-    stride_kh,
-    stride_kn,
-    stride_kd,
-    stride_vb,
-    stride_vh,
-    stride_vn,
-    stride_vd,
-    stride_mb,
-    stride_mn,
-    stride_bb,
-    stride_bh,
-    stride_bm,
-    stride_bn,
-    H,
-    HK,
-    M,
-    N,
-    qk_scale,
-    offset2,
-    HEAD_DIM: tl.constexpr,
-    D_PAD: tl.constexpr,
-    GROUPS: tl.constexpr,
-    L2NORM: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    HAS_MASK: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    HAS_ALIBI: tl.constexpr,
-    USE_MAX: tl.constexpr,
-    K_INLINE: tl.constexpr,
-    USE_TMA: tl.constexpr,
-    ROWSUM_TILE: tl.constexpr,
-    EVEN_N: tl.constexpr,
-    PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd, stride_mb, stride_mn, stride_bb, stride_bh, stride_bm, stride_bn,
+    H, HK, M, N, qk_scale, offset2,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, GROUPS: tl.constexpr, L2NORM: tl.constexpr, CAUSAL: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr, USE_MAX: tl.constexpr,
+    K_INLINE: tl.constexpr, USE_TMA: tl.constexpr, ROWSUM_TILE: tl.constexpr, EVEN_N: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -362,11 +262,8 @@ def _fwd_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, D_PAD)
     q_mask = (offs_m[:, None] < M) & (cols[None, :] < HEAD_DIM)
-    q = tl.load(
-        Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + cols[None, :] * stride_qd,
-        mask=q_mask,
-        other=0.0,
-    )
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + cols[None, :] * stride_qd,
+                mask=q_mask, other=0.0)
     q32 = q.to(tl.float32)
     if L2NORM:
         q32, _ = _l2norm_rows(q32, cols, GROUPS, HEAD_DIM)
@@ -387,91 +284,19 @@ def _fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
 
     full_end, hi = _key_range(pid_m, M, N, CAUSAL, BLOCK_M, BLOCK_N)
-    acc, l_i, m_i = _fwd_inner(
-        acc,
-        l_i,
-        m_i,
-        q,
-        offs_m,
-        cols,
-        K_base,
-        V_base,
-        K_desc,
-        V_desc,
-        b32,
-        hk32,
-        bias_base,
-        mask_base,
-        slope,
-        offset2,
-        stride_kn,
-        stride_kd,
-        stride_vn,
-        stride_vd,
-        stride_bm,
-        stride_bn,
-        stride_mn,
-        M,
-        N,
-        0,
-        full_end,
-        HEAD_DIM,
-        D_PAD,
-        BLOCK_N,
-        CAUSAL,
-        HAS_MASK,
-        HAS_BIAS,
-        HAS_ALIBI,
-        USE_MAX,
-        PRECISION,
-        K_INLINE,
-        USE_TMA,
-        ROWSUM_TILE,
-        MASKED=False,
-    )
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, offs_m, cols,
+                               K_base, V_base, K_desc, V_desc, b32, hk32, bias_base, mask_base, slope, offset2,
+                               stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn, stride_mn,
+                               M, N, 0, full_end,
+                               HEAD_DIM, D_PAD, BLOCK_N, CAUSAL, HAS_MASK, HAS_BIAS, HAS_ALIBI,
+                               USE_MAX, PRECISION, K_INLINE, USE_TMA, ROWSUM_TILE, MASKED=False)
     if CAUSAL or not EVEN_N:  # the ragged last key block or the causal diagonal: masked tiles
-        acc, l_i, m_i = _fwd_inner(
-            acc,
-            l_i,
-            m_i,
-            q,
-            offs_m,
-            cols,
-            K_base,
-            V_base,
-            K_desc,
-            V_desc,
-            b32,
-            hk32,
-            bias_base,
-            mask_base,
-            slope,
-            offset2,
-            stride_kn,
-            stride_kd,
-            stride_vn,
-            stride_vd,
-            stride_bm,
-            stride_bn,
-            stride_mn,
-            M,
-            N,
-            full_end,
-            hi,
-            HEAD_DIM,
-            D_PAD,
-            BLOCK_N,
-            CAUSAL,
-            HAS_MASK,
-            HAS_BIAS,
-            HAS_ALIBI,
-            USE_MAX,
-            PRECISION,
-            K_INLINE,
-            USE_TMA,
-            ROWSUM_TILE,
-            MASKED=True,
-        )
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, offs_m, cols,
+                                   K_base, V_base, K_desc, V_desc, b32, hk32, bias_base, mask_base, slope, offset2,
+                                   stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn, stride_mn,
+                                   M, N, full_end, hi,
+                                   HEAD_DIM, D_PAD, BLOCK_N, CAUSAL, HAS_MASK, HAS_BIAS, HAS_ALIBI,
+                                   USE_MAX, PRECISION, K_INLINE, USE_TMA, ROWSUM_TILE, MASKED=True)
     if ROWSUM_TILE:
         l_i = tl.sum(l_i, 1)
     empty = l_i == 0.0
@@ -496,28 +321,10 @@ def _bwd_prep_kernel(
     KH,  # (b, hk, j, d) contiguous out: k̂ (when NORM_K)
     RK,  # (b, hk, j) fp32 out: 1/‖k‖ (otherwise)
     DELTA,  # (b, h, i) fp32 out: rowsum(dO ⊙ O)
-    stride_qb,
-    stride_qh,
-    stride_qm,
-    stride_qd,
-    stride_kb,
-    stride_kh,
-    stride_kn,
-    stride_kd,
-    stride_db,
-    stride_dh,
-    stride_dm,
-    stride_dd,
-    H,
-    HK,
-    M,
-    N,
-    qk_scale,
-    HEAD_DIM: tl.constexpr,
-    D_PAD: tl.constexpr,
-    GROUPS: tl.constexpr,
-    L2NORM: tl.constexpr,
-    BLOCK: tl.constexpr,
+    stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_db, stride_dh, stride_dm, stride_dd,
+    H, HK, M, N, qk_scale,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, GROUPS: tl.constexpr, L2NORM: tl.constexpr, BLOCK: tl.constexpr,
     NORM_K: tl.constexpr,
 ):
     """Everything the two backward passes need precomputed, in one launch: per (b, h) row block, delta and the
@@ -531,37 +338,26 @@ def _bwd_prep_kernel(
     if pid * BLOCK < M:
         m = (rows[:, None] < M) & (cols[None, :] < HEAD_DIM)
         o = tl.load(O + bh * M * HEAD_DIM + rows[:, None] * HEAD_DIM + cols[None, :], mask=m, other=0.0)
-        do = tl.load(
-            DO + b * stride_db + h * stride_dh + rows[:, None] * stride_dm + cols[None, :] * stride_dd,
-            mask=m,
-            other=0.0,
-        )
+        do = tl.load(DO + b * stride_db + h * stride_dh + rows[:, None] * stride_dm + cols[None, :] * stride_dd,
+                     mask=m, other=0.0)
         tl.store(DELTA + bh * M + rows, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=rows < M)
-        x = tl.load(
-            Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qm + cols[None, :] * stride_qd, mask=m, other=0.0
-        )
+        x = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qm + cols[None, :] * stride_qd,
+                    mask=m, other=0.0)
         x = x.to(tl.float32)
         if L2NORM:
             x, _ = _l2norm_rows(x, cols, GROUPS, HEAD_DIM)
-        tl.store(
-            QS + bh * M * HEAD_DIM + rows[:, None] * HEAD_DIM + cols[None, :],
-            (x * qk_scale).to(QS.dtype.element_ty),
-            mask=m,
-        )
+        tl.store(QS + bh * M * HEAD_DIM + rows[:, None] * HEAD_DIM + cols[None, :],
+                 (x * qk_scale).to(QS.dtype.element_ty), mask=m)
     if (h < HK) and (pid * BLOCK < N):
         m = (rows[:, None] < N) & (cols[None, :] < HEAD_DIM)
-        x = tl.load(
-            K + b * stride_kb + h * stride_kh + rows[:, None] * stride_kn + cols[None, :] * stride_kd, mask=m, other=0.0
-        )
+        x = tl.load(K + b * stride_kb + h * stride_kh + rows[:, None] * stride_kn + cols[None, :] * stride_kd,
+                    mask=m, other=0.0)
         x = x.to(tl.float32)
         if NORM_K:
             if L2NORM:
                 x, _ = _l2norm_rows(x, cols, GROUPS, HEAD_DIM)
-            tl.store(
-                KH + (b * HK + h) * N * HEAD_DIM + rows[:, None] * HEAD_DIM + cols[None, :],
-                x.to(KH.dtype.element_ty),
-                mask=m,
-            )
+            tl.store(KH + (b * HK + h) * N * HEAD_DIM + rows[:, None] * HEAD_DIM + cols[None, :],
+                     x.to(KH.dtype.element_ty), mask=m)
         else:
             # inverse key norms for the dq pass (the forward normalised k inside its loop)
             rk = _inv_norm(x, 1)
@@ -569,49 +365,14 @@ def _bwd_prep_kernel(
 
 
 @triton.jit
-def _bwd_dkdv_inner(
-    dk,
-    dv,
-    k,
-    rk,
-    v,
-    offs_n,
-    cols,
-    Q_base,
-    DO_base,
-    Q_desc,
-    DO_desc,
-    b32,
-    h32,
-    LSE_base,
-    DELTA_base,
-    DB_base,
-    bias_base,
-    mask_base,
-    slope,
-    stride_dm,
-    stride_dd,
-    stride_bm,
-    stride_bn,
-    stride_mn,
-    M,
-    N,
-    lo,
-    hi,
-    HEAD_DIM: tl.constexpr,
-    D_PAD: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    HAS_MASK: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    HAS_ALIBI: tl.constexpr,
-    USE_MAX: tl.constexpr,
-    BIAS_GRAD: tl.constexpr,
-    PRECISION: tl.constexpr,
-    K_INLINE: tl.constexpr,
-    USE_TMA: tl.constexpr,
-    MASKED: tl.constexpr,
-):
+def _bwd_dkdv_inner(dk, dv, k, rk, v, offs_n, cols,
+                    Q_base, DO_base, Q_desc, DO_desc, b32, h32, LSE_base, DELTA_base, DB_base, bias_base, mask_base,
+                    slope, stride_dm, stride_dd, stride_bm, stride_bn, stride_mn,
+                    M, N, lo, hi,
+                    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+                    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr,
+                    USE_MAX: tl.constexpr, BIAS_GRAD: tl.constexpr, PRECISION: tl.constexpr,
+                    K_INLINE: tl.constexpr, USE_TMA: tl.constexpr, MASKED: tl.constexpr):
     # tiles are kept transposed ([keys, queries]) so Pᵀ and dSᵀ feed the dk/dv products without a transpose
     kpos = offs_n[:, None]
     for start_m in range(lo, hi, BLOCK_M):
@@ -623,30 +384,16 @@ def _bwd_dkdv_inner(
             do = tl.reshape(DO_desc.load([b32, h32, start_m, 0]), [BLOCK_M, D_PAD])
         else:
             qT = tl.load(Q_base + offs_m[None, :] * HEAD_DIM + cols[:, None], mask=qT_mask, other=0.0)  # q̂·scale·log2e
-            do = tl.load(
-                DO_base + offs_m[:, None] * stride_dm + cols[None, :] * stride_dd, mask=tl.trans(qT_mask), other=0.0
-            )
+            do = tl.load(DO_base + offs_m[:, None] * stride_dm + cols[None, :] * stride_dd, mask=tl.trans(qT_mask),
+                         other=0.0)
         lse = tl.load(LSE_base + offs_m, mask=row_ok, other=float("inf"))
         delta = tl.load(DELTA_base + offs_m, mask=row_ok, other=0.0)
         qkT = tl.dot(k, qT, input_precision=PRECISION)  # [BLOCK_N, BLOCK_M], log2 units (natural with USE_MAX)
         if K_INLINE:
             qkT = qkT * rk[:, None]  # raw k in the product, as the forward computed it
         qpos = offs_m[None, :]
-        qkT = _logits_mods(
-            qkT,
-            qpos,
-            kpos,
-            M,
-            N,
-            bias_base + qpos * stride_bm + kpos * stride_bn,
-            slope,
-            mask_base + kpos * stride_mn,
-            MASKED,
-            CAUSAL,
-            HAS_MASK,
-            HAS_BIAS,
-            HAS_ALIBI,
-        )
+        qkT = _logits_mods(qkT, qpos, kpos, M, N, bias_base + qpos * stride_bm + kpos * stride_bn, slope,
+                           mask_base + kpos * stride_mn, MASKED, CAUSAL, HAS_MASK, HAS_BIAS, HAS_ALIBI)
         pT = _probs(qkT, lse[None, :], USE_MAX)
         dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PRECISION)
         dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
@@ -663,55 +410,18 @@ def _bwd_dkdv_kernel(
     K,  # (b, hk, j, d) raw keys
     V,  # (b, hk, j, d)
     DO,  # (b, h, i, d)
-    LSE,
-    DELTA,  # (b, h, i) fp32
-    DK,
-    DV,  # (b, hk, j, d) contiguous
+    LSE, DELTA,  # (b, h, i) fp32
+    DK, DV,  # (b, hk, j, d) contiguous
     DB,  # (b, h, i, j) fp32 bias gradient (only when BIAS_GRAD)
-    QS_desc,
-    DO_desc,  # descriptors of QS and DO, block (1, 1, BLOCK_M, D_PAD) (only when USE_TMA)
-    MASK,
-    BIAS,
-    SLOPES,  # as in the forward
-    stride_kb,
-    stride_kh,
-    stride_kn,
-    stride_kd,
-    stride_vb,
-    stride_vh,
-    stride_vn,
-    stride_vd,
-    stride_db,
-    stride_dh,
-    stride_dm,
-    stride_dd,
-    stride_mb,
-    stride_mn,
-    stride_bb,
-    stride_bh,
-    stride_bm,
-    stride_bn,
-    H,
-    HK,
-    M,
-    N,
-    qk_scale,
-    dk_scale,
-    HEAD_DIM: tl.constexpr,
-    D_PAD: tl.constexpr,
-    GROUPS: tl.constexpr,
-    L2NORM: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    HAS_MASK: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    HAS_ALIBI: tl.constexpr,
-    USE_MAX: tl.constexpr,
-    BIAS_GRAD: tl.constexpr,
-    PRECISION: tl.constexpr,
-    K_INLINE: tl.constexpr,
-    USE_TMA: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    QS_desc, DO_desc,  # descriptors of QS and DO, block (1, 1, BLOCK_M, D_PAD) (only when USE_TMA)
+    MASK, BIAS, SLOPES,  # as in the forward
+    stride_kb, stride_kh, stride_kn, stride_kd, stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_db, stride_dh, stride_dm, stride_dd, stride_mb, stride_mn, stride_bb, stride_bh, stride_bm, stride_bn,
+    H, HK, M, N, qk_scale, dk_scale,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, GROUPS: tl.constexpr, L2NORM: tl.constexpr, CAUSAL: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr, USE_MAX: tl.constexpr,
+    BIAS_GRAD: tl.constexpr, PRECISION: tl.constexpr, K_INLINE: tl.constexpr, USE_TMA: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     bhk = tl.program_id(1).to(tl.int64)
@@ -722,16 +432,10 @@ def _bwd_dkdv_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.arange(0, D_PAD)
     kv_mask = (offs_n[:, None] < N) & (cols[None, :] < HEAD_DIM)
-    k_raw = tl.load(
-        K + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_kn + cols[None, :] * stride_kd,
-        mask=kv_mask,
-        other=0.0,
-    )
-    v = tl.load(
-        V + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vn + cols[None, :] * stride_vd,
-        mask=kv_mask,
-        other=0.0,
-    )
+    k_raw = tl.load(K + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_kn + cols[None, :] * stride_kd,
+                    mask=kv_mask, other=0.0)
+    v = tl.load(V + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vn + cols[None, :] * stride_vd,
+                mask=kv_mask, other=0.0)
     k32 = k_raw.to(tl.float32)
     inv_k = tl.zeros_like(k32)
     if L2NORM:
@@ -759,92 +463,20 @@ def _bwd_dkdv_kernel(
         slope = _alibi_slope(SLOPES, h, HAS_ALIBI)
         # only tiles on the causal diagonal need the visibility mask: keys past N are never stored
         if CAUSAL:  # (otherwise the range is empty)
-            dk, dv = _bwd_dkdv_inner(
-                dk,
-                dv,
-                k,
-                rk,
-                v,
-                offs_n,
-                cols,
-                Q_base,
-                DO_base,
-                QS_desc,
-                DO_desc,
-                b32,
-                h32,
-                LSE + bh * M,
-                DELTA + bh * M,
-                DB_base,
-                bias_base,
-                mask_base,
-                slope,
-                stride_dm,
-                stride_dd,
-                stride_bm,
-                stride_bn,
-                stride_mn,
-                M,
-                N,
-                lo,
-                full_start,
-                HEAD_DIM,
-                D_PAD,
-                BLOCK_M,
-                CAUSAL,
-                HAS_MASK,
-                HAS_BIAS,
-                HAS_ALIBI,
-                USE_MAX,
-                BIAS_GRAD,
-                PRECISION,
-                K_INLINE,
-                USE_TMA,
-                MASKED=True,
-            )
-        dk, dv = _bwd_dkdv_inner(
-            dk,
-            dv,
-            k,
-            rk,
-            v,
-            offs_n,
-            cols,
-            Q_base,
-            DO_base,
-            QS_desc,
-            DO_desc,
-            b32,
-            h32,
-            LSE + bh * M,
-            DELTA + bh * M,
-            DB_base,
-            bias_base,
-            mask_base,
-            slope,
-            stride_dm,
-            stride_dd,
-            stride_bm,
-            stride_bn,
-            stride_mn,
-            M,
-            N,
-            full_start,
-            M,
-            HEAD_DIM,
-            D_PAD,
-            BLOCK_M,
-            CAUSAL,
-            HAS_MASK,
-            HAS_BIAS,
-            HAS_ALIBI,
-            USE_MAX,
-            BIAS_GRAD,
-            PRECISION,
-            K_INLINE,
-            USE_TMA,
-            MASKED=False,
-        )
+            dk, dv = _bwd_dkdv_inner(dk, dv, k, rk, v, offs_n, cols,
+                                     Q_base, DO_base, QS_desc, DO_desc, b32, h32, LSE + bh * M, DELTA + bh * M,
+                                     DB_base, bias_base, mask_base,
+                                     slope, stride_dm, stride_dd, stride_bm, stride_bn, stride_mn,
+                                     M, N, lo, full_start,
+                                     HEAD_DIM, D_PAD, BLOCK_M, CAUSAL, HAS_MASK, HAS_BIAS, HAS_ALIBI,
+                                     USE_MAX, BIAS_GRAD, PRECISION, K_INLINE, USE_TMA, MASKED=True)
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, rk, v, offs_n, cols,
+                                 Q_base, DO_base, QS_desc, DO_desc, b32, h32, LSE + bh * M, DELTA + bh * M,
+                                 DB_base, bias_base, mask_base,
+                                 slope, stride_dm, stride_dd, stride_bm, stride_bn, stride_mn,
+                                 M, N, full_start, M,
+                                 HEAD_DIM, D_PAD, BLOCK_M, CAUSAL, HAS_MASK, HAS_BIAS, HAS_ALIBI,
+                                 USE_MAX, BIAS_GRAD, PRECISION, K_INLINE, USE_TMA, MASKED=False)
     dk = dk * dk_scale  # dk̂ = scale · dSᵀq̂ = (scale / qk_scale) · dSᵀ(q̂ · qk_scale)
     if L2NORM:
         dk = _l2norm_bwd(k32, inv_k, dk, cols, GROUPS, HEAD_DIM)
@@ -855,48 +487,14 @@ def _bwd_dkdv_kernel(
 
 
 @triton.jit
-def _bwd_dq_inner(
-    dq,
-    q,
-    do,
-    lse,
-    delta,
-    offs_m,
-    cols,
-    K_base,
-    RK_base,
-    V_base,
-    K_desc,
-    V_desc,
-    b32,
-    hk32,
-    bias_base,
-    mask_base,
-    slope,
-    stride_kn,
-    stride_kd,
-    stride_vn,
-    stride_vd,
-    stride_bm,
-    stride_bn,
-    stride_mn,
-    M,
-    N,
-    lo,
-    hi,
-    HEAD_DIM: tl.constexpr,
-    D_PAD: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    HAS_MASK: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    HAS_ALIBI: tl.constexpr,
-    USE_MAX: tl.constexpr,
-    PRECISION: tl.constexpr,
-    K_INLINE: tl.constexpr,
-    USE_TMA: tl.constexpr,
-    MASKED: tl.constexpr,
-):
+def _bwd_dq_inner(dq, q, do, lse, delta, offs_m, cols,
+                  K_base, RK_base, V_base, K_desc, V_desc, b32, hk32, bias_base, mask_base, slope,
+                  stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn, stride_mn,
+                  M, N, lo, hi,
+                  HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+                  CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr,
+                  USE_MAX: tl.constexpr, PRECISION: tl.constexpr, K_INLINE: tl.constexpr, USE_TMA: tl.constexpr,
+                  MASKED: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         if MASKED:
@@ -918,21 +516,8 @@ def _bwd_dq_inner(
             qk = qk * rk[None, :]
         qpos = offs_m[:, None]
         kpos = offs_n[None, :]
-        qk = _logits_mods(
-            qk,
-            qpos,
-            kpos,
-            M,
-            N,
-            bias_base + qpos * stride_bm + kpos * stride_bn,
-            slope,
-            mask_base + kpos * stride_mn,
-            MASKED,
-            CAUSAL,
-            HAS_MASK,
-            HAS_BIAS,
-            HAS_ALIBI,
-        )
+        qk = _logits_mods(qk, qpos, kpos, M, N, bias_base + qpos * stride_bm + kpos * stride_bn, slope,
+                          mask_base + kpos * stride_mn, MASKED, CAUSAL, HAS_MASK, HAS_BIAS, HAS_ALIBI)
         p = _probs(qk, lse[:, None], USE_MAX)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
@@ -948,58 +533,18 @@ def _bwd_dq_kernel(
     K,  # (b, hk, j, d) k̂ contiguous, or raw k (K_INLINE)
     RK,  # (b, hk, j) fp32 1/‖k‖ (K_INLINE)
     V,  # (b, hk, j, d) any strides
-    K_desc,
-    V_desc,  # descriptors of K and V, block (1, 1, BLOCK_N, D_PAD) (only when USE_TMA)
-    DO,
-    LSE,
-    DELTA,  # as in the dk/dv pass
+    K_desc, V_desc,  # descriptors of K and V, block (1, 1, BLOCK_N, D_PAD) (only when USE_TMA)
+    DO, LSE, DELTA,  # as in the dk/dv pass
     DQ,  # (b, h, i, d) contiguous
-    MASK,
-    BIAS,
-    SLOPES,  # as in the forward
-    stride_qb,
-    stride_qh,
-    stride_qm,
-    stride_qd,
-    stride_kb,
-    stride_kh,
-    stride_kn,
-    stride_kd,
-    stride_vb,
-    stride_vh,
-    stride_vn,
-    stride_vd,
-    stride_db,
-    stride_dh,
-    stride_dm,
-    stride_dd,
-    stride_mb,
-    stride_mn,
-    stride_bb,
-    stride_bh,
-    stride_bm,
-    stride_bn,
-    H,
-    HK,
-    M,
-    N,
-    qk_scale,
-    scale,
-    HEAD_DIM: tl.constexpr,
-    D_PAD: tl.constexpr,
-    GROUPS: tl.constexpr,
-    L2NORM: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    HAS_MASK: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    HAS_ALIBI: tl.constexpr,
-    USE_MAX: tl.constexpr,
-    PRECISION: tl.constexpr,
-    K_INLINE: tl.constexpr,
-    USE_TMA: tl.constexpr,
-    EVEN_N: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    MASK, BIAS, SLOPES,  # as in the forward
+    stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd, stride_db, stride_dh, stride_dm, stride_dd,
+    stride_mb, stride_mn, stride_bb, stride_bh, stride_bm, stride_bn,
+    H, HK, M, N, qk_scale, scale,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, GROUPS: tl.constexpr, L2NORM: tl.constexpr, CAUSAL: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr, USE_MAX: tl.constexpr,
+    PRECISION: tl.constexpr, K_INLINE: tl.constexpr, USE_TMA: tl.constexpr, EVEN_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -1011,21 +556,15 @@ def _bwd_dq_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, D_PAD)
     q_mask = (offs_m[:, None] < M) & (cols[None, :] < HEAD_DIM)
-    q_raw = tl.load(
-        Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + cols[None, :] * stride_qd,
-        mask=q_mask,
-        other=0.0,
-    )
+    q_raw = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + cols[None, :] * stride_qd,
+                    mask=q_mask, other=0.0)
     q32 = q_raw.to(tl.float32)
     inv_q = tl.zeros_like(q32)
     if L2NORM:
         q32, inv_q = _l2norm_rows(q32, cols, GROUPS, HEAD_DIM)
     q = (q32 * qk_scale).to(q_raw.dtype)
-    do = tl.load(
-        DO + b * stride_db + h * stride_dh + offs_m[:, None] * stride_dm + cols[None, :] * stride_dd,
-        mask=q_mask,
-        other=0.0,
-    )
+    do = tl.load(DO + b * stride_db + h * stride_dh + offs_m[:, None] * stride_dm + cols[None, :] * stride_dd,
+                 mask=q_mask, other=0.0)
     lse = tl.load(LSE + bh * M + offs_m, mask=offs_m < M, other=float("inf"))
     delta = tl.load(DELTA + bh * M + offs_m, mask=offs_m < M, other=0.0)
     K_base = K + b * stride_kb + hk * stride_kh
@@ -1037,95 +576,22 @@ def _bwd_dq_kernel(
 
     dq = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
     full_end, hi = _key_range(pid_m, M, N, CAUSAL, BLOCK_M, BLOCK_N)
-    dq = _bwd_dq_inner(
-        dq,
-        q,
-        do,
-        lse,
-        delta,
-        offs_m,
-        cols,
-        K_base,
-        RK_base,
-        V_base,
-        K_desc,
-        V_desc,
-        b32,
-        hk32,
-        bias_base,
-        mask_base,
-        slope,
-        stride_kn,
-        stride_kd,
-        stride_vn,
-        stride_vd,
-        stride_bm,
-        stride_bn,
-        stride_mn,
-        M,
-        N,
-        0,
-        full_end,
-        HEAD_DIM,
-        D_PAD,
-        BLOCK_N,
-        CAUSAL,
-        HAS_MASK,
-        HAS_BIAS,
-        HAS_ALIBI,
-        USE_MAX,
-        PRECISION,
-        K_INLINE,
-        USE_TMA,
-        MASKED=False,
-    )
+    dq = _bwd_dq_inner(dq, q, do, lse, delta, offs_m, cols,
+                       K_base, RK_base, V_base, K_desc, V_desc, b32, hk32, bias_base, mask_base, slope,
+                       stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn, stride_mn,
+                       M, N, 0, full_end,
+                       HEAD_DIM, D_PAD, BLOCK_N, CAUSAL, HAS_MASK, HAS_BIAS, HAS_ALIBI,
+                       USE_MAX, PRECISION, K_INLINE, USE_TMA, MASKED=False)
     if CAUSAL or not EVEN_N:  # the ragged last key block or the causal diagonal: masked tiles
-        dq = _bwd_dq_inner(
-            dq,
-            q,
-            do,
-            lse,
-            delta,
-            offs_m,
-            cols,
-            K_base,
-            RK_base,
-            V_base,
-            K_desc,
-            V_desc,
-            b32,
-            hk32,
-            bias_base,
-            mask_base,
-            slope,
-            stride_kn,
-            stride_kd,
-            stride_vn,
-            stride_vd,
-            stride_bm,
-            stride_bn,
-            stride_mn,
-            M,
-            N,
-            full_end,
-            hi,
-            HEAD_DIM,
-            D_PAD,
-            BLOCK_N,
-            CAUSAL,
-            HAS_MASK,
-            HAS_BIAS,
-            HAS_ALIBI,
-            USE_MAX,
-            PRECISION,
-            K_INLINE,
-            USE_TMA,
-            MASKED=True,
-        )
+        dq = _bwd_dq_inner(dq, q, do, lse, delta, offs_m, cols,
+                           K_base, RK_base, V_base, K_desc, V_desc, b32, hk32, bias_base, mask_base, slope,
+                           stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn, stride_mn,
+                           M, N, full_end, hi,
+                           HEAD_DIM, D_PAD, BLOCK_N, CAUSAL, HAS_MASK, HAS_BIAS, HAS_ALIBI,
+                           USE_MAX, PRECISION, K_INLINE, USE_TMA, MASKED=True)
     dq = dq * scale
     if L2NORM:
         dq = _l2norm_bwd(q32, inv_q, dq, cols, GROUPS, HEAD_DIM)
         dq = tl.where(q_mask, dq, 0.0)
-    tl.store(
-        DQ + bh * M * HEAD_DIM + offs_m[:, None] * HEAD_DIM + cols[None, :], dq.to(DQ.dtype.element_ty), mask=q_mask
-    )
+    tl.store(DQ + bh * M * HEAD_DIM + offs_m[:, None] * HEAD_DIM + cols[None, :], dq.to(DQ.dtype.element_ty),
+             mask=q_mask)
