@@ -189,7 +189,8 @@ def l2norm_launch(x: torch.Tensor, *, groups: int, multiplier: float, l2norm: bo
 
 
 def _aux(q, mask, bias, slopes):
-    """Kernel arguments for the optional inputs (a dummy pointer with zero strides when absent)."""
+    """Kernel arguments for the optional inputs, as every attention kernel takes them: the tensors (MASK, BIAS,
+    SLOPES) and their strides (mask's, then bias's); a dummy pointer with zero strides for each one absent."""
     mask_i8 = mask.to(torch.int8) if mask is not None else q
     mask_strides = tuple(mask_i8.stride()) if mask is not None else (0, 0)
     bias_t = bias if bias is not None else q
@@ -198,7 +199,7 @@ def _aux(q, mask, bias, slopes):
         tuple(0 if bias.shape[i] == 1 else bias.stride(i) for i in range(4)) if bias is not None else (0,) * 4
     )
     slopes_t = slopes.contiguous() if slopes is not None else q
-    return mask_i8, mask_strides, bias_t, bias_strides, slopes_t
+    return (mask_i8, bias_t, slopes_t), (*mask_strides, *bias_strides)
 
 
 def attention_forward(q, k, v, mask, bias, slopes, causal: bool, scale: float, l2norm: bool, groups: int):
@@ -213,38 +214,18 @@ def attention_forward(q, k, v, mask, bias, slopes, causal: bool, scale: float, l
     k_hat = k if k_inline else l2norm_launch(k, groups=groups, multiplier=1.0, l2norm=l2norm)
     o = torch.empty((b, h, m, d), dtype=q.dtype, device=q.device)
     lse = torch.empty((b, h, m), dtype=torch.float32, device=q.device)
-    mask_i8, mask_strides, bias_t, bias_strides, slopes_t = _aux(q, mask, bias, slopes)
+    aux, aux_strides = _aux(q, mask, bias, slopes)
     # the in-loop k normalisation reduces the loaded tile in registers: it keeps pointer loads
     use_tma = not k_inline and n >= TMA_MIN_N and (not use_max or d_pad >= TMA_MIN_D) and _tma_ok(k_hat, v)
     block_m, block_n, warps, stages = launch_config("fwd_tma" if use_tma else "fwd", d_pad, q.dtype, causal)
     k_desc = _desc(k_hat, block_n, d_pad) if use_tma else k_hat
     v_desc = _desc(v, block_n, d_pad) if use_tma else v
+    tensors = (q, k_hat, v, k_desc, v_desc, o, lse, *aux)
+    strides = (*q.stride(), *k_hat.stride(), *v.stride(), *aux_strides)
     _launch(
         K._fwd_kernel,
         (cdiv(m, block_m), b * h),
-        (
-            q,
-            k_hat,
-            v,
-            k_desc,
-            v_desc,
-            o,
-            lse,
-            mask_i8,
-            bias_t,
-            slopes_t,
-            *q.stride(),
-            *k_hat.stride(),
-            *v.stride(),
-            *mask_strides,
-            *bias_strides,
-            h,
-            hk,
-            m,
-            n,
-            qk_scale,
-            offset2,
-        ),
+        (*tensors, *strides, h, hk, m, n, qk_scale, offset2),
         dict(
             HEAD_DIM=d,
             D_PAD=d_pad,
@@ -294,7 +275,7 @@ def attention_backward(
         dict(HEAD_DIM=d, D_PAD=d_pad, GROUPS=groups, L2NORM=l2norm, BLOCK=block, NORM_K=not k_inline),
         num_warps=1 if _interpreting() else 4,
     )
-    mask_i8, mask_strides, bias_t, bias_strides, slopes_t = _aux(q, mask, bias, slopes)
+    aux, aux_strides = _aux(q, mask, bias, slopes)
     dq = torch.empty((b, h, m, d), dtype=q.dtype, device=q.device)
     dk = torch.empty((b, hk, n, d), dtype=k.dtype, device=q.device)
     dv = torch.empty((b, hk, n, d), dtype=v.dtype, device=q.device)
@@ -318,70 +299,24 @@ def attention_backward(
         PRECISION=prec,
         K_INLINE=k_inline,
     )
+    descs = (_desc(q_s, bm1, d_pad), _desc(do, bm1, d_pad)) if use_tma else (q_s, do)
+    tensors = (q_s, k, v, do, lse, delta, dk, dv, db, *descs, *aux)
+    strides = (*k.stride(), *v.stride(), *do.stride(), *aux_strides)
     _launch(
         K._bwd_dkdv_kernel,
         (cdiv(n, bn1), b * hk),
-        (
-            q_s,
-            k,
-            v,
-            do,
-            lse,
-            delta,
-            dk,
-            dv,
-            db,
-            _desc(q_s, bm1, d_pad) if use_tma else q_s,
-            _desc(do, bm1, d_pad) if use_tma else do,
-            mask_i8,
-            bias_t,
-            slopes_t,
-            *k.stride(),
-            *v.stride(),
-            *do.stride(),
-            *mask_strides,
-            *bias_strides,
-            h,
-            hk,
-            m,
-            n,
-            qk_scale,
-            scale / qk_scale,
-        ),
+        (*tensors, *strides, h, hk, m, n, qk_scale, scale / qk_scale),
         dict(BIAS_GRAD=bias_grad, BLOCK_M=bm1, BLOCK_N=bn1, **flags),
         num_warps=warps1,
         num_stages=stages1,
     )
+    descs = (_desc(k_dq, bn2, d_pad), _desc(v, bn2, d_pad)) if use_tma else (k_dq, v)
+    tensors = (q, k_dq, rk, v, *descs, do, lse, delta, dq, *aux)
+    strides = (*q.stride(), *k_dq.stride(), *v.stride(), *do.stride(), *aux_strides)
     _launch(
         K._bwd_dq_kernel,
         (cdiv(m, bm2), b * h),
-        (
-            q,
-            k_dq,
-            rk,
-            v,
-            _desc(k_dq, bn2, d_pad) if use_tma else k_dq,
-            _desc(v, bn2, d_pad) if use_tma else v,
-            do,
-            lse,
-            delta,
-            dq,
-            mask_i8,
-            bias_t,
-            slopes_t,
-            *q.stride(),
-            *k_dq.stride(),
-            *v.stride(),
-            *do.stride(),
-            *mask_strides,
-            *bias_strides,
-            h,
-            hk,
-            m,
-            n,
-            qk_scale,
-            scale,
-        ),
+        (*tensors, *strides, h, hk, m, n, qk_scale, scale),
         dict(EVEN_N=n % bn2 == 0, BLOCK_M=bm2, BLOCK_N=bn2, **flags),
         num_warps=warps2,
         num_stages=stages2,
