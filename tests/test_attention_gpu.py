@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from cosattn import cosine_sim_attention
 from cosattn.reference import attention_chunked
-from tests.test_attention import assert_close_to_reference
+from tests.test_attention import _inputs, assert_close_to_reference, check_against_torch
 
 pytestmark = pytest.mark.gpu
 
@@ -44,6 +44,31 @@ def test_vs_sdpa_error(seed, dtype, causal, b, h, hk, n, d):
     )
     for name, a, p, r in zip(["out", "dq", "dk", "dv"], ours, peer, ref):
         assert_close_to_reference(name, a, r, p, FLOOR[dtype])
+
+
+# (b, h, hk, n, d, dtype, kwargs): each selects the running max (a bias, ALiBi, or scale·groups past the bound)
+RUNNING_MAX_CASES = {
+    "bias d128 causal": (1, 4, 2, 2048, 128, torch.bfloat16, dict(causal=True, bias=(4, 2048, 2048))),
+    "alibi mask gqa": (2, 4, 1, 1000, 64, torch.float16, dict(causal=True, alibi=True, mask=True)),
+    "scale 50 d128": (1, 2, 2, 2048, 128, torch.bfloat16, dict(scale=50.0)),
+    "groups 4 d96": (1, 2, 2, 777, 96, torch.float16, dict(groups=4, causal=True)),
+}
+
+
+@pytest.mark.parametrize("case", list(RUNNING_MAX_CASES))
+def test_running_max_paths(seed, case):
+    """The running-max path (USE_MAX) forward and backward under the GPU's launch configurations: whole, diagonal
+    and ragged tiles, descriptor loads (head dim 128 from 2048 keys), in-loop k normalisation (the ALiBi case), and
+    the bias gradient; tests/test_attention.py has the same features at small sizes."""
+    b, h, hk, n, d, dtype, kw = RUNNING_MAX_CASES[case]
+    kw = dict(kw)
+    q, k, v = _inputs(b, h, hk, n, n, d, dtype, "cuda")
+    bias = torch.randn(kw.pop("bias"), device="cuda", dtype=dtype) if "bias" in kw else None
+    if kw.pop("alibi", False):
+        kw["alibi_slopes"] = 2.0 ** -torch.arange(1, h + 1, device="cuda", dtype=torch.float32)
+    if kw.pop("mask", False):
+        kw["mask"] = torch.rand(b, n, device="cuda") > 0.25
+    check_against_torch(q, k, v, bias=bias, **kw)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
