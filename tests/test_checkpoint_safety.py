@@ -204,7 +204,9 @@ def test_t2i_keys_that_shape_parameters_are_compared(tmp_path):
         ckpt.check_compatible(load_config([], ["data.name=shapes", "t2i.image_size=32"]), tmp_path)
     with pytest.raises(ConfigError, match=r"data\.name: checkpoint 'shapes', now 'pystdlib'"):
         ckpt.check_compatible(load_config([], []), tmp_path)
-    ckpt.check_compatible(load_config([], ["data.name=hf", "t2i.hf_dataset=x", "t2i.image_size=16", "t2i.num_train=5"]), tmp_path)
+    ckpt.check_compatible(
+        load_config([], ["data.name=hf", "t2i.hf_dataset=x", "t2i.image_size=16", "t2i.num_train=5"]), tmp_path
+    )
 
 
 def test_config_yaml_that_disagrees_with_the_weights(corpus, tmp_path, clean_accelerate, capsys):  # noqa: F811
