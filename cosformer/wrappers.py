@@ -15,12 +15,14 @@ them. When a sequence outgrows `max_seq_len`, `generate` falls back to a sliding
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .positional import AbsolutePositionalEmbedding
-from .sampling import check_sampling_args, sample_next
+from .sampling import check_sampling_args, sample_next, top_k
 from .transformer import Decoder, Encoder, KVCache, Transformer
 
 
@@ -145,42 +147,60 @@ class AutoregressiveWrapper(nn.Module):
     @torch.no_grad()
     def generate(
         self,
-        prompt: torch.Tensor,
+        prompts: torch.Tensor,
         seq_len: int,
-        temperature: float = 1.0,
-        filter: str | None = "top_k",
-        filter_kwargs: dict | None = None,
         eos_token: int | None = None,
+        temperature: float = 1.0,
+        prompt_lens: torch.Tensor | None = None,
+        filter_logits_fn: str | Callable | None = top_k,
+        filter_kwargs: dict | None = None,
         cache_kv: bool = True,
+        *,
         mask: torch.Tensor | None = None,
         **kwargs,
     ) -> torch.Tensor:
-        """Sample `seq_len` tokens after `prompt` (b, n) (or (n,)); returns only the new tokens (b, seq_len).
+        """Sample `seq_len` tokens after `prompts` (b, n) (or (n,)); returns only the new tokens (b, seq_len).
 
-        temperature 0 is greedy. filter: "top_k" (filter_kwargs k or frac_num_tokens), "top_p" (p) or None.
-        After eos_token a row is filled with pad_value. mask (b, n): key-padding mask of the prompt.
-        kwargs (context, context_mask) go to the net. cache_kv: decode with a KV cache while the sequence fits
-        in max_seq_len; beyond it, a sliding window recomputed without the cache (see the module docstring).
+        x-transformers' signature and order: eos_token, temperature, prompt_lens, filter_logits_fn, filter_kwargs,
+        cache_kv.
+        temperature 0 is greedy. filter_logits_fn: "top_k" (filter_kwargs k or frac_num_tokens), "top_p" (thres),
+        "min_p" (min_p), any callable (logits, **filter_kwargs) -> logits, or None; it filters the raw logits,
+        then the temperature divides them (see sampling.py). After eos_token a row is filled with pad_value.
+        mask (b, n): key-padding mask of the prompt. kwargs (context, context_mask) go to the net. cache_kv: decode
+        with a KV cache while the sequence fits in max_seq_len; beyond it, a sliding window recomputed without the
+        cache (see the module docstring).
         """
-        check_sampling_args(temperature, filter, filter_kwargs)
+        if "filter" in kwargs:
+            raise TypeError(
+                "generate() takes filter_logits_fn= (x-transformers' name), not filter=; e.g. "
+                "filter_logits_fn='top_p', filter_kwargs={'thres': 0.9}"
+            )
+        if eos_token is not None and (isinstance(eos_token, bool) or not isinstance(eos_token, int)):
+            raise ValueError(
+                f"eos_token must be an integer token id or None; got eos_token={eos_token!r} (the third positional "
+                "argument is eos_token, as in x-transformers: pass temperature= by keyword)"
+            )
+        if prompt_lens is not None:
+            raise NotImplementedError("prompt_lens is not supported yet; pass equal-length prompts")
+        filter_fn = check_sampling_args(temperature, filter_logits_fn, filter_kwargs)
         if not isinstance(seq_len, int) or seq_len < 1:
             raise ValueError(f"seq_len must be a positive integer; got seq_len={seq_len!r}")
-        squeeze = prompt.dim() == 1
+        squeeze = prompts.dim() == 1
         if squeeze:
-            prompt = prompt[None]
+            prompts = prompts[None]
             mask = mask[None] if mask is not None else None
-        if prompt.dim() != 2 or prompt.shape[1] < 1:
-            raise ValueError(f"prompt must be (b, n) or (n,) with n >= 1; got shape {tuple(prompt.shape)}")
-        if mask is not None and tuple(mask.shape) != tuple(prompt.shape):
-            raise ValueError(f"mask must match the prompt {tuple(prompt.shape)}; got {tuple(mask.shape)}")
+        if prompts.dim() != 2 or prompts.shape[1] < 1:
+            raise ValueError(f"prompts must be (b, n) or (n,) with n >= 1; got shape {tuple(prompts.shape)}")
+        if mask is not None and tuple(mask.shape) != tuple(prompts.shape):
+            raise ValueError(f"mask must match the prompts {tuple(prompts.shape)}; got {tuple(mask.shape)}")
         if cache_kv and not self.net.causal:
             raise ValueError("cache_kv=True needs causal attn_layers (a Decoder); pass cache_kv=False")
 
         was_training = self.net.training
         self.net.eval()
-        b, window = prompt.shape[0], self.max_seq_len
-        out = prompt
-        done = torch.zeros(b, dtype=torch.bool, device=prompt.device)
+        b, window = prompts.shape[0], self.max_seq_len
+        out = prompts
+        done = torch.zeros(b, dtype=torch.bool, device=prompts.device)
         generated = []
         cache = None
         for _ in range(seq_len):
@@ -192,7 +212,9 @@ class AutoregressiveWrapper(nn.Module):
                 cache = None
                 step_mask = mask[:, -window:] if mask is not None else None
                 logits = self.net(out[:, -window:], mask=step_mask, **kwargs)
-            token = sample_next(logits[:, -1], temperature=temperature, filter=filter, filter_kwargs=filter_kwargs)
+            token = sample_next(
+                logits[:, -1], temperature=temperature, filter_logits_fn=filter_fn, filter_kwargs=filter_kwargs
+            )
             # finished rows still feed their sampled token (pad_value need not be a valid token id)
             out = torch.cat((out, token[:, None]), dim=1)
             if eos_token is not None:

@@ -1,12 +1,14 @@
 """Generation: KV-cached decoding equals full recomputation (logits and greedy tokens), sampling filters against
 brute force, end-of-sequence padding, the sliding-window fallback, and the text-to-image usage."""
 
+import inspect
+
 import pytest
 import torch
 
 from cosattn import l2norm_tensors
 from cosformer import AutoregressiveWrapper, Decoder, Encoder, TransformerWrapper, XTransformer
-from cosformer.sampling import sample_next, top_k, top_p
+from cosformer.sampling import FILTER_LOGITS_FN, min_p, sample_next, top_k, top_p
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -133,45 +135,72 @@ def test_filters_against_brute_force(seed):
         expected = set(row.argsort(descending=True)[:7].tolist())
         assert set(torch.isfinite(row_kept).nonzero().flatten().tolist()) == expected
     assert torch.isfinite(top_k(logits)).sum(dim=-1).eq(5).all()  # default: 10% of 50 tokens
+    assert torch.isfinite(top_k(logits, 0.2)).sum(dim=-1).eq(10).all()  # x-transformers' order: frac_num_tokens, k
 
-    for p in (0.05, 0.5, 0.9):
-        kept = top_p(logits, p=p)
+    for thres in (0.05, 0.5, 0.9):
+        kept = top_p(logits, thres=thres)
         for row, row_kept in zip(logits, kept):
             probs, order = row.softmax(-1).sort(descending=True)
-            n = int((probs.cumsum(-1) < p).sum()) + 1  # smallest prefix with mass >= p
+            n = int((probs.cumsum(-1) < thres).sum()) + 1  # smallest prefix with mass >= thres
             assert set(torch.isfinite(row_kept).nonzero().flatten().tolist()) == set(order[:n].tolist())
-    assert torch.equal(top_p(logits, p=1.0), logits)
+    assert torch.equal(top_p(logits, thres=1.0), logits)
+
+    for ratio in (0.0, 0.05, 0.3, 1.0):
+        kept = min_p(logits, min_p=ratio)
+        for row, row_kept in zip(logits, kept):
+            probs = row.softmax(-1)
+            expected = (probs >= ratio * probs.max()).nonzero().flatten().tolist()
+            assert torch.isfinite(row_kept).nonzero().flatten().tolist() == expected
+            assert torch.equal(row_kept[torch.isfinite(row_kept)], row[torch.isfinite(row_kept)])
 
 
 def test_sampling(seed):
     logits = torch.randn(64, 30)
     greedy = logits.argmax(-1)
     assert torch.equal(sample_next(logits, temperature=0.0), greedy)
-    assert torch.equal(sample_next(logits, temperature=1.0, filter="top_k", filter_kwargs={"k": 1}), greedy)
-    samples = sample_next(logits, temperature=2.0, filter="top_k", filter_kwargs={"k": 3})
+    assert torch.equal(sample_next(logits, temperature=1.0, filter_logits_fn=top_k, filter_kwargs={"k": 1}), greedy)
+    samples = sample_next(logits, temperature=2.0, filter_logits_fn=top_k, filter_kwargs={"k": 3})
     top3 = logits.topk(3, dim=-1).indices
     assert (top3 == samples[:, None]).any(-1).all()
-    assert not torch.equal(sample_next(logits, temperature=5.0, filter=None), greedy)
+    assert not torch.equal(sample_next(logits, temperature=5.0, filter_logits_fn=None), greedy)
 
 
-@pytest.mark.parametrize("filter", [None, "top_k", "top_p"])
+@pytest.mark.parametrize("temperature", [0.3, 1.0, 3.0])
+@pytest.mark.parametrize("name", ["top_p", "min_p"])
+def test_filter_comes_before_the_temperature(name, temperature, seed):
+    """x-transformers' order: the filter sees the raw logits, so the kept set is the same at every temperature;
+    dividing first (the old order) kept token 2 too at temperature 3, and dropped token 1 at 0.3."""
+    logits = torch.tensor([[2.0, 1.0, 0.5, -3.0]]).expand(20_000, 4)  # probs 0.63, 0.23, 0.14, 0.004
+    filter_kwargs = {"thres": 0.8} if name == "top_p" else {"min_p": 0.3}
+    samples = sample_next(logits, temperature=temperature, filter_logits_fn=FILTER_LOGITS_FN[name],
+                          filter_kwargs=filter_kwargs)  # fmt: skip
+    counts = torch.bincount(samples, minlength=4) / len(samples)
+    kept = torch.tensor([0, 1])  # top_p 0.8: 0.63 < 0.8 <= 0.86; min_p 0.3: 0.23 >= 0.3 * 0.63 > 0.14
+    expected = torch.zeros(4)
+    expected[kept] = (logits[0, kept] / temperature).softmax(-1)
+    torch.testing.assert_close(counts, expected, atol=0.015, rtol=0)
+
+
+@pytest.mark.parametrize("filter", [None, "top_k", "top_p", "min_p"])
 @pytest.mark.parametrize("temperature", [5e-324, 1e-46, 1e-39, 1e-30, 1e-8])
 def test_tiny_temperatures_sample_the_argmax(temperature, filter, seed):
     """logits / temperature overflowed to inf (nan after the softmax) and multinomial raised; the limit of the
     tempered distribution as the temperature goes to 0 is the argmax, whatever the logits' dtype and magnitude."""
     logits = torch.randn(64, 30) * torch.logspace(-3, 10, 64)[:, None]  # rows from tiny to huge logits
     logits[:, 7] = float("-inf")  # a masked token stays masked
-    assert torch.equal(sample_next(logits, temperature=temperature, filter=filter), logits.argmax(-1))
+    fn = FILTER_LOGITS_FN.get(filter)
+    assert torch.equal(sample_next(logits, temperature=temperature, filter_logits_fn=fn), logits.argmax(-1))
     # half-precision logits (a model under autocast) take the same path; integers times 2^10 are exact, no ties
     distinct = torch.stack([torch.randperm(30) for _ in range(8)]).float() * 2**10
     for dtype in (torch.bfloat16, torch.float16):
-        assert torch.equal(sample_next(distinct.to(dtype), temperature=temperature, filter=filter), distinct.argmax(-1))
+        sampled = sample_next(distinct.to(dtype), temperature=temperature, filter_logits_fn=fn)
+        assert torch.equal(sampled, distinct.argmax(-1))
 
 
 def test_tiny_temperature_keeps_exact_ties(seed):
     """Near zero the tempered distribution is uniform over the tied maxima, not the first of them."""
     logits = torch.tensor([[1.0, 3.0, 3.0, -2.0]]).expand(4000, 4)
-    samples = sample_next(logits, temperature=1e-39, filter=None)
+    samples = sample_next(logits, temperature=1e-39, filter_logits_fn=None)
     counts = torch.bincount(samples, minlength=4)
     assert counts[0] == counts[3] == 0 and min(counts[1], counts[2]) > 1700
 
@@ -179,7 +208,7 @@ def test_tiny_temperature_keeps_exact_ties(seed):
 @pytest.mark.parametrize("temperature", [0.5, 1.0, 3.0])
 def test_ordinary_temperatures_sample_the_tempered_softmax(temperature, seed):
     logits = torch.tensor([[0.3, -1.2, 1.1, 0.0]]).expand(40_000, 4)
-    counts = torch.bincount(sample_next(logits, temperature=temperature, filter=None), minlength=4)
+    counts = torch.bincount(sample_next(logits, temperature=temperature, filter_logits_fn=None), minlength=4)
     expected = (logits[0] / temperature).softmax(-1)
     torch.testing.assert_close(counts / counts.sum(), expected, atol=0.01, rtol=0)
 
@@ -200,12 +229,18 @@ def test_generate_rejects_bad_arguments(torch_attention_path):
         (dict(temperature=-1e-39), "temperature"),
         (dict(temperature=float("nan")), "temperature"),
         (dict(temperature=float("inf")), "temperature"),
-        (dict(filter="top_z"), "filter"),
-        (dict(filter="top_k", filter_kwargs={"k": 0}), "k"),
-        (dict(filter="top_p", filter_kwargs={"p": 1.5}), "p"),
+        (dict(filter_logits_fn="top_z"), "filter_logits_fn"),
+        (dict(filter_logits_fn="top_k", filter_kwargs={"k": 0}), "k"),
+        (dict(filter_logits_fn="top_p", filter_kwargs={"thres": 1.5}), "thres"),
+        (dict(filter_logits_fn="min_p", filter_kwargs={"min_p": -0.1}), "min_p"),
+        (dict(filter_logits_fn="top_p", filter_kwargs={"p": 0.9}), "takes thres= .* not p="),
+        (dict(filter_logits_fn="top_k", filter_kwargs={"kk": 3}), "filter_kwargs"),
+        (dict(eos_token=0.8), "eos_token"),
     ]:
         with pytest.raises(ValueError, match=name):
             model.generate(prompt, 2, **kwargs)
+    with pytest.raises(TypeError, match="filter_logits_fn="):
+        model.generate(prompt, 2, filter="top_p", filter_kwargs={"p": 0.9})  # the old keywords, named not guessed
     with pytest.raises(ValueError, match="seq_len"):
         model.generate(prompt, 0)
     enc = AutoregressiveWrapper(
@@ -267,3 +302,30 @@ def test_text_to_image_usage(attn, seed, torch_attention_path):
     out = dec.generate(start, 48, context=ctx, context_mask=text_mask, cache_kv=True, temperature=0.0)
     ref = dec.generate(start, 48, context=ctx, context_mask=text_mask, cache_kv=False, temperature=0.0)
     assert out.shape == (2, 48) and torch.equal(out, ref)
+
+
+def test_generate_signature_follows_x_transformers(seed, torch_attention_path):
+    """The third positional argument is eos_token (it was the temperature: `generate(p, 5, 3)` sampled at
+    temperature 3), then temperature, prompt_lens, filter_logits_fn, filter_kwargs, cache_kv."""
+    names = list(inspect.signature(AutoregressiveWrapper.generate).parameters)
+    assert names[:9] == [
+        "self", "prompts", "seq_len", "eos_token", "temperature", "prompt_lens", "filter_logits_fn", "filter_kwargs",
+        "cache_kv",
+    ]  # fmt: skip
+    model = make_lm("cosine")
+    prompt = torch.randint(0, 37, (3, 4))
+    free = model.generate(prompt, 10, temperature=0.0)
+    eos = int(free[0, 3])
+    by_position = model.generate(prompt, 10, eos, 0.0)
+    assert torch.equal(by_position, model.generate(prompt, 10, eos_token=eos, temperature=0.0))
+    assert (by_position[0, 4:] == model.pad_value).all()  # row 0 ended at its eos
+
+
+@pytest.mark.parametrize("how", ["name", "callable", "lambda"])
+def test_generate_takes_a_filter_by_name_or_callable(how, seed, torch_attention_path):
+    model = make_lm("cosine")
+    prompt = torch.randint(0, 37, (2, 3))
+    greedy = model.generate(prompt, 6, temperature=0.0)
+    fn = {"name": "top_k", "callable": top_k, "lambda": lambda logits, k: top_k(logits, k=k)}[how]
+    # k=1 keeps only the argmax: any temperature then reproduces greedy decoding
+    assert torch.equal(model.generate(prompt, 6, temperature=2.0, filter_logits_fn=fn, filter_kwargs={"k": 1}), greedy)
