@@ -159,13 +159,17 @@ class AutoregressiveWrapper(nn.Module):
         mask: torch.Tensor | None = None,
         **kwargs,
     ) -> torch.Tensor:
-        """Sample `seq_len` tokens after `prompts` (b, n) (or (n,)); returns only the new tokens (b, seq_len).
+        """Sample up to `seq_len` tokens after `prompts` (b, n) (or (n,)); returns only the new tokens (b, k).
+
+        eos_token: a row ends at its first eos (kept); what it samples after is replaced by pad_value, and generation
+        stops once every row has ended, so k < seq_len then (x-transformers' behaviour); k = seq_len otherwise.
+        Only generated tokens count: an eos inside the prompt ends nothing.
 
         x-transformers' signature and order: eos_token, temperature, prompt_lens, filter_logits_fn, filter_kwargs,
         cache_kv.
         temperature 0 is greedy. filter_logits_fn: "top_k" (filter_kwargs k or frac_num_tokens), "top_p" (thres),
         "min_p" (min_p), any callable (logits, **filter_kwargs) -> logits, or None; it filters the raw logits,
-        then the temperature divides them (see sampling.py). After eos_token a row is filled with pad_value.
+        then the temperature divides them (see sampling.py).
         mask (b, n): key-padding mask of the prompt. kwargs (context, context_mask) go to the net. cache_kv: decode
         with a KV cache while the sequence fits in max_seq_len; beyond it, a sliding window recomputed without the
         cache (see the module docstring).
@@ -200,7 +204,7 @@ class AutoregressiveWrapper(nn.Module):
         self.net.eval()
         b, window = prompts.shape[0], self.max_seq_len
         out = prompts
-        done = torch.zeros(b, dtype=torch.bool, device=prompts.device)
+        ended = torch.zeros(b, dtype=torch.bool, device=prompts.device)
         generated = []
         cache = None
         for _ in range(seq_len):
@@ -215,20 +219,21 @@ class AutoregressiveWrapper(nn.Module):
             token = sample_next(
                 logits[:, -1], temperature=temperature, filter_logits_fn=filter_fn, filter_kwargs=filter_kwargs
             )
-            # finished rows still feed their sampled token (pad_value need not be a valid token id)
+            # rows that ended still feed their sampled tokens (pad_value need not be a valid token id); the
+            # tokens after each row's first eos are masked once, at the end
             out = torch.cat((out, token[:, None]), dim=1)
-            if eos_token is not None:
-                token = token.masked_fill(done, self.pad_value)
-                done = done | (token == eos_token)
             generated.append(token)
             if mask is not None:
                 mask = torch.cat((mask, mask.new_ones(b, 1)), dim=1)
-            if eos_token is not None and bool(done.all()):
-                break
+            if eos_token is not None:
+                ended |= token == eos_token
+                if bool(ended.all()):
+                    break
         self.net.train(was_training)
-        tokens = torch.stack(generated, dim=1)
-        if tokens.shape[1] < seq_len:
-            tokens = F.pad(tokens, (0, seq_len - tokens.shape[1]), value=self.pad_value)
+        tokens = torch.stack(generated, dim=1)  # (b, k), k <= seq_len: shorter when every row ended early
+        if eos_token is not None:
+            after_eos = F.pad(tokens == eos_token, (1, -1)).cumsum(dim=1) > 0
+            tokens = tokens.masked_fill(after_eos, self.pad_value)
         return tokens[0] if squeeze else tokens
 
 

@@ -111,21 +111,47 @@ def test_sliding_window_past_max_seq_len(attn, seed, torch_attention_path):
     assert torch.equal(last, cached[:, -1])
 
 
-def test_eos_fills_with_pad(seed, torch_attention_path):
+@pytest.mark.parametrize("cache_kv", [True, False])
+def test_eos_fills_with_pad_and_stops_when_every_row_ended(cache_kv, seed, torch_attention_path):
+    """x-transformers' behaviour: after a row's first eos comes pad_value; once every row has produced an eos the
+    generation stops and the result is that much shorter than seq_len."""
     model = AutoregressiveWrapper(
         TransformerWrapper(num_tokens=6, max_seq_len=32, attn_layers=Decoder(dim=32, depth=1, heads=2, dim_head=16)),
         pad_value=-1,
     )
     prompt = torch.randint(0, 6, (4, 3))
-    free = model.generate(prompt, 15, temperature=0.0)
-    eos = int(free[0, 2])
-    out = model.generate(prompt, 15, temperature=0.0, eos_token=eos)
-    assert out.shape == (4, 15)
-    for row_free, row in zip(free, out):
-        hits = (row_free == eos).nonzero()
-        stop = int(hits[0]) + 1 if len(hits) else 15
-        assert torch.equal(row[:stop], row_free[:stop])
-        assert (row[stop:] == -1).all()
+    free = model.generate(prompt, 15, temperature=0.0, cache_kv=cache_kv)
+    for eos in free.unique().tolist():
+        out = model.generate(prompt, 15, eos_token=eos, temperature=0.0, cache_kv=cache_kv)
+        stops = []
+        for row_free in free:
+            hits = (row_free == eos).nonzero()
+            stops.append(int(hits[0]) + 1 if len(hits) else None)
+        length = 15 if None in stops else max(stops)
+        assert out.shape == (4, length)
+        for row_free, row, stop in zip(free, out, stops):
+            stop = stop or 15
+            assert torch.equal(row[:stop], row_free[:stop])
+            assert (row[stop:] == -1).all()
+    # an eos inside the prompt ends nothing
+    eos = int(prompt[0, 0])
+    out = model.generate(prompt, 15, eos_token=eos, temperature=0.0, cache_kv=cache_kv)
+    hits = (free[0] == eos).nonzero()
+    assert (out[0] != -1).sum() == (int(hits[0]) + 1 if len(hits) else 15)
+
+
+def test_eos_samples_until_every_row_ended(seed, torch_attention_path):
+    """Sampling with an eos: each row keeps its tokens up to its first eos and pads after it; the result is as
+    long as the last row needed (an eos on every row), or seq_len."""
+    model = make_lm("cosine", num_tokens=5)
+    prompt = torch.randint(0, 5, (6, 2))
+    out = model.generate(prompt, 30, eos_token=2, temperature=1.0, filter_logits_fn=None)
+    is_eos = out == 2
+    assert out.shape[1] == 30 or (is_eos.any(1).all() and is_eos[:, -1].any())
+    for row in out:
+        hits = (row == 2).nonzero()
+        if len(hits):
+            assert (row[int(hits[0]) + 1 :] == model.pad_value).all()
 
 
 def test_filters_against_brute_force(seed):
