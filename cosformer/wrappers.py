@@ -120,20 +120,35 @@ class AutoregressiveWrapper(nn.Module):
         self.ignore_index, self.pad_value = ignore_index, pad_value
 
     def forward(
-        self, x: torch.Tensor, mask: torch.Tensor | None = None, reduction: str = "mean", **kwargs
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        reduction: str = "mean",
+        lens: torch.Tensor | None = None,
+        **kwargs,
     ) -> torch.Tensor:
-        """x (b, n) -> mean cross-entropy of predicting x[:, 1:] from x[:, :-1]. Targets at masked positions
-        (mask False) are ignored. reduction="none" gives (b,) per-sequence means instead (exact evaluation over
-        sequences of any mask). kwargs (context, context_mask) go to the net."""
+        """x (b, n) -> mean cross-entropy of predicting x[:, 1:] from x[:, :-1], as x-transformers computes it.
+
+        Targets equal to ignore_index are left out of the loss; as inputs they are fed as pad_value. lens (b,):
+        positions >= lens become ignore_index (right padding). mask (b, n) is only the key-padding mask the net
+        attends with (cut to the inputs, mask[:, :-1]): it removes no target from the loss, so a padded position
+        still counts unless x holds ignore_index there (or lens says so). reduction="none" gives (b,) per-sequence
+        means over the counted targets instead (exact evaluation over sequences of any length). kwargs (context,
+        context_mask) go to the net."""
         if reduction not in ("mean", "none"):
             raise ValueError(f"reduction must be 'mean' or 'none'; got reduction={reduction!r}")
         if x.dim() != 2 or x.shape[1] < 2:
             raise ValueError(f"x must be (b, n) token ids with n >= 2; got shape {tuple(x.shape)}")
+        if lens is not None:
+            if lens.shape != (x.shape[0],):
+                raise ValueError(f"lens must be (b,) = ({x.shape[0]},); got {tuple(lens.shape)}")
+            beyond = torch.arange(x.shape[1], device=x.device) >= lens[:, None]
+            x = x.masked_fill(beyond, self.ignore_index)
         inp, target = x[:, :-1], x[:, 1:].long()
+        inp = inp.masked_fill(inp == self.ignore_index, self.pad_value)
         if mask is not None:
             if tuple(mask.shape) != tuple(x.shape):
                 raise ValueError(f"mask must be (b, n) = {tuple(x.shape)}; got {tuple(mask.shape)}")
-            target = target.masked_fill(~mask[:, 1:], self.ignore_index)
             kwargs["mask"] = mask[:, :-1]
         logits = self.net(inp, **kwargs)  # (b, n - 1, num_tokens)
         if reduction == "mean":

@@ -5,6 +5,7 @@ import inspect
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from cosattn import l2norm_tensors
 from cosformer import AutoregressiveWrapper, Decoder, Encoder, TransformerWrapper, XTransformer
@@ -277,15 +278,27 @@ def test_generate_rejects_bad_arguments(torch_attention_path):
     assert enc.generate(torch.zeros(2, dtype=torch.long), 3, cache_kv=False).shape == (3,)
 
 
-def test_loss_ignores_masked_targets(seed, torch_attention_path):
+def test_loss_mask_is_key_padding_only(seed, torch_attention_path):
+    """x-transformers: `mask` is what the net attends with; every target counts unless it is ignore_index (or lies
+    beyond `lens`), and an ignore_index input is fed as pad_value. (A mask used to drop targets too.)"""
     model = make_lm("cosine")
+    model.pad_value = 5
     x = torch.randint(0, 37, (2, 10))
     mask = torch.ones(2, 10, dtype=torch.bool)
     mask[:, 7:] = False
-    loss = model(x, mask=mask)
     logits = model.net(x[:, :-1], mask=mask[:, :-1])
-    expected = torch.nn.functional.cross_entropy(logits[:, :6].transpose(1, 2), x[:, 1:7])
-    torch.testing.assert_close(loss, expected)
+    expected = F.cross_entropy(logits.transpose(1, 2), x[:, 1:])  # all 9 targets of each row
+    torch.testing.assert_close(model(x, mask=mask), expected)
+
+    padded = x.masked_fill(~mask, model.ignore_index)  # the way to leave targets out of the loss
+    inp = x[:, :-1].masked_fill(~mask[:, :-1], 5)
+    logits = model.net(inp, mask=mask[:, :-1])
+    expected = F.cross_entropy(logits[:, :6].transpose(1, 2), x[:, 1:7])
+    torch.testing.assert_close(model(padded, mask=mask), expected)
+    torch.testing.assert_close(model(x, mask=mask, lens=torch.tensor([7, 7])), expected)
+    per_row = model(x, mask=mask, lens=torch.tensor([7, 7]), reduction="none")
+    per_row_expected = F.cross_entropy(logits[:, :6].transpose(1, 2), x[:, 1:7], reduction="none").mean(1)
+    torch.testing.assert_close(per_row, per_row_expected)
 
 
 def test_xtransformer_generate_cached_equals_uncached(seed, torch_attention_path):
