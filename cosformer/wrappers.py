@@ -187,7 +187,7 @@ class AutoregressiveWrapper(nn.Module):
         then the temperature divides them (see sampling.py).
         mask (b, n): key-padding mask of the prompt. kwargs (context, context_mask) go to the net. cache_kv: decode
         with a KV cache while the sequence fits in max_seq_len; beyond it, a sliding window recomputed without the
-        cache (see the module docstring).
+        cache (see the module docstring). A net that is not causal has no valid cache and recomputes every step.
         """
         if "filter" in kwargs:
             raise TypeError(
@@ -212,8 +212,8 @@ class AutoregressiveWrapper(nn.Module):
             raise ValueError(f"prompts must be (b, n) or (n,) with n >= 1; got shape {tuple(prompts.shape)}")
         if mask is not None and tuple(mask.shape) != tuple(prompts.shape):
             raise ValueError(f"mask must match the prompts {tuple(prompts.shape)}; got {tuple(mask.shape)}")
-        if cache_kv and not self.net.causal:
-            raise ValueError("cache_kv=True needs causal attn_layers (a Decoder); pass cache_kv=False")
+        # a bidirectional net's earlier keys change with every new token: x-transformers then quietly recomputes
+        cache_kv = cache_kv and self.net.causal
 
         was_training = self.net.training
         self.net.eval()

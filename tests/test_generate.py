@@ -270,12 +270,22 @@ def test_generate_rejects_bad_arguments(torch_attention_path):
         model.generate(prompt, 2, filter="top_p", filter_kwargs={"p": 0.9})  # the old keywords, named not guessed
     with pytest.raises(ValueError, match="seq_len"):
         model.generate(prompt, 0)
+
+
+def test_cache_kv_on_a_bidirectional_net_recomputes(seed, torch_attention_path):
+    """x-transformers quietly decodes a net that cannot cache without a cache; so does generate (it raised)."""
     enc = AutoregressiveWrapper(
         TransformerWrapper(num_tokens=9, max_seq_len=8, attn_layers=Encoder(dim=32, depth=1, heads=2, dim_head=16))
     )
-    with pytest.raises(ValueError, match="cache_kv"):
-        enc.generate(torch.zeros(1, 2, dtype=torch.long), 3)
-    assert enc.generate(torch.zeros(2, dtype=torch.long), 3, cache_kv=False).shape == (3,)
+    prompt = torch.randint(0, 9, (2, 2))
+    out = enc.generate(prompt, 9, temperature=0.0)  # cache_kv=True by default; past max_seq_len too
+    assert torch.equal(out, enc.generate(prompt, 9, temperature=0.0, cache_kv=False))
+    seq = prompt
+    enc.eval()
+    for _ in range(9):
+        seq = torch.cat((seq, enc.net(seq[:, -8:])[:, -1].argmax(-1, keepdim=True)), dim=1)
+    assert torch.equal(out, seq[:, 2:])
+    assert enc.generate(prompt[0], 3).shape == (3,)
 
 
 def test_loss_mask_is_key_padding_only(seed, torch_attention_path):
