@@ -2,15 +2,16 @@
 
 - `TransformerWrapper`: token (+ absolute position) embeddings → attn_layers → logits (or the final-normed
   embeddings with `return_embeddings=True`).
-- `AutoregressiveWrapper`: next-token cross-entropy in `forward`; `generate` with temperature, top-k / top-p,
+- `AutoregressiveWrapper`: next-token cross-entropy in `forward`; `generate` with temperature, top-k / top-p / min-p,
   an end-of-sequence token and a KV cache.
 - `XTransformer`: encoder-decoder; the decoder cross-attends to the encoder's embeddings.
 
-KV cache: each block keeps its self-attention (k, v) as the attention read them (post-projection; post-norm and
-post-rotary when rotary is on) and its cross-attention (k, v) of the context (computed once). Each decoding step
-feeds only the new token; the op's causal mask is aligned bottom-right, so one query against j keys sees all of
-them. When a sequence outgrows `max_seq_len`, `generate` falls back to a sliding window over the last
-`max_seq_len` tokens, recomputed each step without the cache (positions restart at 0 in the window).
+KV cache (`KVCache`): each block keeps its self-attention (k, v) as the attention read them (post-projection;
+post-norm and post-rotary when rotary is on) in buffers preallocated for the whole generation and written in place,
+and its cross-attention (k, v) of the context (computed once). Each decoding step feeds only the new token; the
+op's causal mask is aligned bottom-right, so one query against j keys sees all of them. When a sequence outgrows
+`max_seq_len`, `generate` falls back to a sliding window over the last `max_seq_len` tokens, recomputed each step
+without the cache (positions restart at 0 in the window).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .attention import KVBuffer
 from .positional import AbsolutePositionalEmbedding
 from .sampling import check_sampling_args, sample_next, top_k
 from .transformer import Decoder, Encoder, KVCache, Transformer
@@ -81,31 +83,54 @@ class TransformerWrapper(nn.Module):
         return_cache: bool = False,
     ):
         """x (b, n) token ids -> logits (b, n, num_tokens), or embeddings (b, n, dim) with return_embeddings.
-        With return_cache, returns (output, cache). See `Transformer.forward` for mask, context and cache."""
+        With return_cache, returns (output, cache). See `Transformer.forward` for mask, context and cache: with a
+        cache, x holds only the n tokens the cache has not seen, at positions [cache.length, cache.length + n);
+        x-transformers' habit of feeding the whole sequence again is rejected (see `_check_only_new_tokens`)."""
         if x.dim() != 2 or x.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"x must be (b, n) integer token ids; got shape {tuple(x.shape)}, dtype {x.dtype}")
         n = x.shape[1]
+        if cache is None and return_cache:
+            cache = KVCache()
         offset = cache.length if cache is not None else 0
         if offset + n > self.max_seq_len:
             raise ValueError(
                 f"sequence length {offset + n} (cached {offset} + new {n}) > max_seq_len={self.max_seq_len}"
             )
+        if cache is not None:
+            _check_only_new_tokens(x, cache)
         h = self.token_emb(x)
         if self.pos_emb is not None:
             h = h + self.pos_emb(n, offset)
         h = self.emb_dropout(h)
-        h = self.attn_layers(
-            h, mask=mask, context=context, context_mask=context_mask, cache=cache, return_cache=return_cache
-        )
-        if return_cache:
-            h, new_cache = h
+        h = self.attn_layers(h, mask=mask, context=context, context_mask=context_mask, cache=cache)
+        if cache is not None:
+            if cache.tokens is None and offset == 0:
+                cache.tokens = KVBuffer(cache.capacity)
+            if cache.tokens is not None and cache.tokens.length == offset:
+                cache.tokens.append(x.long()[..., None])  # (b, n, 1): the buffer appends along dim -2
         out = h if return_embeddings else self._logits(h)
-        return (out, new_cache) if return_cache else out
+        return (out, cache) if return_cache else out
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         if self.to_logits is None:
             return h @ self.token_emb.weight.t()
         return self.to_logits(h)
+
+
+def _check_only_new_tokens(x: torch.Tensor, cache: KVCache) -> None:
+    """With a cache, x must hold only new tokens. The whole sequence fed again would be read as that many more
+    tokens at shifted positions, silently; it shows as x beginning with every token the cache has seen, and is
+    rejected then. New tokens look the same only when a chunk longer than everything cached repeats all of it,
+    which is rejected too (feed such a chunk in two parts). Only chunks longer than the cache are compared, so
+    decoding token by token never pays for the check."""
+    seen = cache.tokens
+    if seen is None or seen.length != cache.length or not 0 < cache.length < x.shape[1]:
+        return
+    if torch.equal(x[:, : cache.length].long(), seen.filled()[0][..., 0]):
+        raise ValueError(
+            f"x ({x.shape[1]} tokens) begins with all {cache.length} tokens the cache has seen: with a cache, pass "
+            f"only the new tokens, x[:, {cache.length}:] (x-transformers feeds the whole sequence; cosformer does not)"
+        )
 
 
 class AutoregressiveWrapper(nn.Module):
@@ -221,12 +246,12 @@ class AutoregressiveWrapper(nn.Module):
         out = prompts
         ended = torch.zeros(b, dtype=torch.bool, device=prompts.device)
         generated = []
-        cache = None
+        # reserve every position the cache will hold: the prompt and the tokens fed back, up to max_seq_len
+        cache = KVCache(capacity=min(out.shape[1] + seq_len - 1, window)) if cache_kv else None
         for _ in range(seq_len):
-            if cache_kv and out.shape[1] <= window:
-                # the cache feeds only the tokens it has not seen: the whole prompt first, then one per step
-                new = out if cache is None else out[:, cache.length :]
-                logits, cache = self.net(new, mask=mask, cache=cache, return_cache=True, **kwargs)
+            if cache is not None and out.shape[1] <= window:
+                # the cache is fed only the tokens it has not seen: the whole prompt first, then one per step
+                logits = self.net(out[:, cache.length :], mask=mask, cache=cache, **kwargs)
             else:
                 cache = None
                 step_mask = mask[:, -window:] if mask is not None else None

@@ -88,7 +88,8 @@ def test_cached_keys_are_normalised_and_rotated(seed, torch_attention_path):
     net = make_lm("cosine", rotary=True, groups=2).net.eval()
     x = torch.randint(0, 37, (1, 9))
     _, cache = net(x, return_cache=True)
-    (k, v), cross = cache.layers[0]
+    self_kv, cross = cache.layers[0]
+    k, v = self_kv.filled()
     assert k.shape == (1, 2, 9, 16) and v.shape == (1, 2, 9, 16) and cross is None
     attn = net.attn_layers.layers[0].self_attn
     k_normed = l2norm_tensors(attn.to_k(net.token_emb(x)).unflatten(-1, (2, 16)).transpose(1, 2), groups=2)
