@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .attention import Attention, KVBuffer
-from .positional import RotaryEmbedding
+from .positional import RotaryEmbedding, check_seq_start_pos
 
 ATTN_PREFIXED = ("dropout", "qkv_bias", "out_bias")
 FF_PREFIXED = ("dropout", "bias")
@@ -51,6 +51,20 @@ class KVCache:
         self.layers: list[tuple[KVBuffer | None, KVBuffer | None]] = []
         self.tokens: KVBuffer | None = None  # (b, length, 1) ids, when a TransformerWrapper fed the cache
         self.context_mask: torch.Tensor | None = None  # (b, m) of the context whose keys cross_kv holds
+        self.seq_start_pos: torch.Tensor | None = None  # (b,) left padding of the rows, fixed by the first call
+
+    def resolve_seq_start_pos(self, seq_start_pos: torch.Tensor | None) -> torch.Tensor | None:
+        """The left padding (b,) the cache was started with: a later call may omit it, never change it."""
+        if self.length == 0 or seq_start_pos is self.seq_start_pos:
+            return seq_start_pos
+        if seq_start_pos is None:
+            return self.seq_start_pos
+        if self.seq_start_pos is None or not torch.equal(seq_start_pos, self.seq_start_pos.to(seq_start_pos.device)):
+            raise ValueError(
+                f"seq_start_pos {seq_start_pos.tolist()} differs from the left padding the cache was started with "
+                f"({None if self.seq_start_pos is None else self.seq_start_pos.tolist()})"
+            )
+        return seq_start_pos
 
     def _start(self, blocks, batch: int) -> None:
         self.batch = batch
@@ -238,10 +252,13 @@ class Transformer(nn.Module):
             xavier(block.ff.proj_in, self.beta)
             xavier(block.ff.proj_out, self.beta)
 
-    def _check_inputs(self, x, mask, context, context_mask, cache):
+    def _check_inputs(self, x, mask, context, context_mask, cache, seq_start_pos):
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"x must be (b, n, dim={self.dim}); got {tuple(x.shape)}")
         b, n, _ = x.shape
+        check_seq_start_pos(seq_start_pos, b)
+        if seq_start_pos is not None and self.only_cross:
+            raise ValueError("seq_start_pos applies to self-attention; cross-attention-only blocks have none")
         offset = cache.length if cache is not None else 0
         if cache is not None:
             if not self.causal and not self.only_cross:
@@ -283,35 +300,46 @@ class Transformer(nn.Module):
         context_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
         return_cache: bool = False,
+        seq_start_pos: torch.Tensor | None = None,
     ):
         """x (b, n, dim) -> (b, n, dim), final-normed.
 
         mask (b, n) bool key-padding mask (True = real token); with a cache it covers all keys, (b, cached + n).
-        context (b, m, dim_context) and context_mask (b, m) for cross-attention. cache: a `KVCache`, empty or from
-        earlier calls, updated in place; x holds only the tokens the cache has not seen (never the whole sequence
-        again), and cross-attention reuses the context's keys and values and its mask cached by the first call
-        (context and context_mask may then be omitted). return_cache: also return the cache (a new one when none
-        was given).
+        seq_start_pos (b,): left-padded rows (x-transformers' name): row r's first seq_start_pos[r] positions are
+        padding, masked as keys, and its rotary positions count from its first real token; with a cache it is
+        fixed by the first call (later calls may omit it). context (b, m, dim_context) and context_mask (b, m) for
+        cross-attention. cache: a `KVCache`, empty or from earlier calls, updated in place; x holds only the tokens
+        the cache has not seen (never the whole sequence again), and cross-attention reuses the context's keys and
+        values and its mask cached by the first call (context and context_mask may then be omitted).
+        return_cache: also return the cache (a new one when none was given).
         """
-        self._check_inputs(x, mask, context, context_mask, cache)
+        self._check_inputs(x, mask, context, context_mask, cache, seq_start_pos)
         if cache is None and return_cache:
             cache = KVCache()
         offset = cache.length if cache is not None else 0
-        if cache is not None and not cache.layers:
-            cache._start(self.layers, x.shape[0])
+        if cache is not None:
+            seq_start_pos = cache.resolve_seq_start_pos(seq_start_pos)
+            if not cache.layers:
+                cache._start(self.layers, x.shape[0])
+            if offset == 0:
+                cache.seq_start_pos = seq_start_pos
         if cache is not None and self.cross_attend:
             # the context's mask belongs with its cached keys: a later call may omit both
             if offset == 0:
                 cache.context_mask = context_mask
             elif context_mask is None:
                 context_mask = cache.context_mask
-        rotary = self.rotary(x.shape[1], offset) if self.rotary is not None else None
+        n = x.shape[1]
+        if seq_start_pos is not None:
+            left_pad = torch.arange(offset + n, device=x.device) >= seq_start_pos.to(x.device)[:, None]  # (b, j)
+            mask = left_pad if mask is None else mask & left_pad
+        rotary = self.rotary(n, offset, seq_start_pos) if self.rotary is not None else None
         layer_caches = cache.layers if cache is not None else [None] * self.depth
         for block, layer_cache in zip(self.layers, layer_caches):
             x = block(x, mask=mask, context=context, context_mask=context_mask, rotary=rotary, cache=layer_cache)
         x = self.final_norm(x)
         if cache is not None:
-            cache.length = offset + x.shape[1]
+            cache.length = offset + n
         return (x, cache) if return_cache else x
 
 

@@ -21,9 +21,10 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.rnn import pad_sequence
 
 from .attention import KVBuffer
-from .positional import AbsolutePositionalEmbedding
+from .positional import AbsolutePositionalEmbedding, check_seq_start_pos
 from .sampling import check_sampling_args, sample_next, top_k
 from .transformer import Decoder, Encoder, KVCache, Transformer
 
@@ -81,11 +82,15 @@ class TransformerWrapper(nn.Module):
         return_embeddings: bool = False,
         cache: KVCache | None = None,
         return_cache: bool = False,
+        seq_start_pos: torch.Tensor | None = None,
     ):
         """x (b, n) token ids -> logits (b, n, num_tokens), or embeddings (b, n, dim) with return_embeddings.
         With return_cache, returns (output, cache). See `Transformer.forward` for mask, context and cache: with a
         cache, x holds only the n tokens the cache has not seen, at positions [cache.length, cache.length + n);
-        x-transformers' habit of feeding the whole sequence again is rejected (see `_check_only_new_tokens`)."""
+        x-transformers' habit of feeding the whole sequence again is rejected (see `_check_only_new_tokens`).
+        seq_start_pos (b,): rows left-padded by that many tokens (x-transformers' name): the padding is masked and
+        every position scheme counts from each row's first real token, so a padded row gives the logits it gives
+        alone. (A mask alone hides the padding but leaves absolute positions shifted.)"""
         if x.dim() != 2 or x.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"x must be (b, n) integer token ids; got shape {tuple(x.shape)}, dtype {x.dtype}")
         n = x.shape[1]
@@ -96,13 +101,17 @@ class TransformerWrapper(nn.Module):
             raise ValueError(
                 f"sequence length {offset + n} (cached {offset} + new {n}) > max_seq_len={self.max_seq_len}"
             )
+        check_seq_start_pos(seq_start_pos, x.shape[0])
         if cache is not None:
             _check_only_new_tokens(x, cache)
+            seq_start_pos = cache.resolve_seq_start_pos(seq_start_pos)
         h = self.token_emb(x)
         if self.pos_emb is not None:
-            h = h + self.pos_emb(n, offset)
+            h = h + self.pos_emb(n, offset, seq_start_pos)
         h = self.emb_dropout(h)
-        h = self.attn_layers(h, mask=mask, context=context, context_mask=context_mask, cache=cache)
+        h = self.attn_layers(
+            h, mask=mask, context=context, context_mask=context_mask, cache=cache, seq_start_pos=seq_start_pos
+        )
         if cache is not None:
             if cache.tokens is None and offset == 0:
                 cache.tokens = KVBuffer(cache.capacity)
@@ -187,7 +196,7 @@ class AutoregressiveWrapper(nn.Module):
     @torch.no_grad()
     def generate(
         self,
-        prompts: torch.Tensor,
+        prompts: torch.Tensor | list[torch.Tensor],
         seq_len: int,
         eos_token: int | None = None,
         temperature: float = 1.0,
@@ -201,18 +210,22 @@ class AutoregressiveWrapper(nn.Module):
     ) -> torch.Tensor:
         """Sample up to `seq_len` tokens after `prompts` (b, n) (or (n,)); returns only the new tokens (b, k).
 
-        eos_token: a row ends at its first eos (kept); what it samples after is replaced by pad_value, and generation
-        stops once every row has ended, so k < seq_len then (x-transformers' behaviour); k = seq_len otherwise.
-        Only generated tokens count: an eos inside the prompt ends nothing.
-
-        x-transformers' signature and order: eos_token, temperature, prompt_lens, filter_logits_fn, filter_kwargs,
-        cache_kv.
-        temperature 0 is greedy. filter_logits_fn: "top_k" (filter_kwargs k or frac_num_tokens), "top_p" (thres),
-        "min_p" (min_p), any callable (logits, **filter_kwargs) -> logits, or None; it filters the raw logits,
-        then the temperature divides them (see sampling.py).
-        mask (b, n): key-padding mask of the prompt. kwargs (context, context_mask) go to the net. cache_kv: decode
-        with a KV cache while the sequence fits in max_seq_len; beyond it, a sliding window recomputed without the
-        cache (see the module docstring). A net that is not causal has no valid cache and recomputes every step.
+        x-transformers' signature, order and semantics:
+        - eos_token: a row ends at its first eos (kept); what it samples after is replaced by pad_value, and
+          generation stops once every row has ended, so k < seq_len then; k = seq_len otherwise. Only generated
+          tokens count: an eos inside the prompt ends nothing.
+        - temperature: 0 is greedy. filter_logits_fn: "top_k" (filter_kwargs k or frac_num_tokens), "top_p"
+          (thres), "min_p" (min_p), any callable (logits, **filter_kwargs) -> logits, or None; it filters the raw
+          logits, then the temperature divides them (see sampling.py).
+        - prompts of different lengths: prompt_lens (b,) with each row's prompt at its start, prompts[r, :len_r]
+          (or prompts as a list of 1-D tensors). Rows are right-aligned, left-padded; the padding is masked and
+          positions count from each row's first real token (seq_start_pos), so every row gets the tokens it would
+          get alone, under absolute, rotary and ALiBi positions alike. mask (b, n), keyword only, instead says the
+          prompts are left-padded already: each row False then True.
+        - cache_kv: decode with a KV cache while the sequence fits in max_seq_len (each step feeds the net only
+          the new token; never the whole sequence with the cache); beyond it, a sliding window recomputed without
+          the cache (see the module docstring). A net that is not causal has no valid cache: it recomputes.
+        kwargs (context, context_mask) go to the net.
         """
         if "filter" in kwargs:
             raise TypeError(
@@ -224,38 +237,43 @@ class AutoregressiveWrapper(nn.Module):
                 f"eos_token must be an integer token id or None; got eos_token={eos_token!r} (the third positional "
                 "argument is eos_token, as in x-transformers: pass temperature= by keyword)"
             )
-        if prompt_lens is not None:
-            raise NotImplementedError("prompt_lens is not supported yet; pass equal-length prompts")
         filter_fn = check_sampling_args(temperature, filter_logits_fn, filter_kwargs)
         if not isinstance(seq_len, int) or seq_len < 1:
             raise ValueError(f"seq_len must be a positive integer; got seq_len={seq_len!r}")
+        if isinstance(prompts, (list, tuple)):
+            if prompt_lens is not None or mask is not None:
+                raise ValueError("prompts given as a list carry their own lengths: pass neither prompt_lens nor mask")
+            if not prompts or any(not isinstance(p, torch.Tensor) or p.dim() != 1 or len(p) < 1 for p in prompts):
+                raise ValueError("prompts given as a list must be a non-empty list of non-empty 1-D tensors")
+            prompt_lens = torch.tensor([len(p) for p in prompts], device=prompts[0].device)
+            prompts = pad_sequence(list(prompts), batch_first=True)
         squeeze = prompts.dim() == 1
         if squeeze:
             prompts = prompts[None]
             mask = mask[None] if mask is not None else None
         if prompts.dim() != 2 or prompts.shape[1] < 1:
             raise ValueError(f"prompts must be (b, n) or (n,) with n >= 1; got shape {tuple(prompts.shape)}")
-        if mask is not None and tuple(mask.shape) != tuple(prompts.shape):
-            raise ValueError(f"mask must match the prompts {tuple(prompts.shape)}; got {tuple(mask.shape)}")
+        out, seq_start_pos = _left_pad(prompts, prompt_lens, mask)
         # a bidirectional net's earlier keys change with every new token: x-transformers then quietly recomputes
         cache_kv = cache_kv and self.net.causal
 
         was_training = self.net.training
         self.net.eval()
-        b, window = prompts.shape[0], self.max_seq_len
-        out = prompts
-        ended = torch.zeros(b, dtype=torch.bool, device=prompts.device)
+        window = self.max_seq_len
+        ended = torch.zeros(out.shape[0], dtype=torch.bool, device=out.device)
         generated = []
         # reserve every position the cache will hold: the prompt and the tokens fed back, up to max_seq_len
         cache = KVCache(capacity=min(out.shape[1] + seq_len - 1, window)) if cache_kv else None
         for _ in range(seq_len):
             if cache is not None and out.shape[1] <= window:
                 # the cache is fed only the tokens it has not seen: the whole prompt first, then one per step
-                logits = self.net(out[:, cache.length :], mask=mask, cache=cache, **kwargs)
+                logits = self.net(out[:, cache.length :], cache=cache, seq_start_pos=seq_start_pos, **kwargs)
             else:
                 cache = None
-                step_mask = mask[:, -window:] if mask is not None else None
-                logits = self.net(out[:, -window:], mask=step_mask, **kwargs)
+                start = seq_start_pos
+                if start is not None and out.shape[1] > window:
+                    start = (start - (out.shape[1] - window)).clamp(min=0)  # the padding left in the window
+                logits = self.net(out[:, -window:], seq_start_pos=start, **kwargs)
             token = sample_next(
                 logits[:, -1], temperature=temperature, filter_logits_fn=filter_fn, filter_kwargs=filter_kwargs
             )
@@ -263,8 +281,6 @@ class AutoregressiveWrapper(nn.Module):
             # tokens after each row's first eos are masked once, at the end
             out = torch.cat((out, token[:, None]), dim=1)
             generated.append(token)
-            if mask is not None:
-                mask = torch.cat((mask, mask.new_ones(b, 1)), dim=1)
             if eos_token is not None:
                 ended |= token == eos_token
                 if bool(ended.all()):
@@ -275,6 +291,44 @@ class AutoregressiveWrapper(nn.Module):
             after_eos = F.pad(tokens == eos_token, (1, -1)).cumsum(dim=1) > 0
             tokens = tokens.masked_fill(after_eos, self.pad_value)
         return tokens[0] if squeeze else tokens
+
+
+def _left_pad(
+    prompts: torch.Tensor, prompt_lens: torch.Tensor | None, mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Prompts (b, n) -> right-aligned prompts and seq_start_pos (b,), each row's count of padding tokens (None
+    when no row is padded). prompt_lens: row r's prompt is prompts[r, :prompt_lens[r]] (x-transformers'
+    align_right moves it to the end); mask: the prompts are left-padded already (False then True per row). The
+    padding fed is token 0 (a valid id; nothing attends to it), and padding all rows share is cut off."""
+    b, n = prompts.shape
+    if prompt_lens is not None and mask is not None:
+        raise ValueError("give prompt_lens (prompts at the start of each row) or mask (left-padded), not both")
+    if prompt_lens is not None:
+        if not isinstance(prompt_lens, torch.Tensor) or tuple(prompt_lens.shape) != (b,):
+            shape = tuple(prompt_lens.shape) if isinstance(prompt_lens, torch.Tensor) else type(prompt_lens).__name__
+            raise ValueError(f"prompt_lens must be a (b,) = ({b},) tensor of lengths; got {shape}")
+        lens = prompt_lens.to(prompts.device)
+        if lens.dtype.is_floating_point or lens.dtype == torch.bool or bool(((lens < 1) | (lens > n)).any()):
+            raise ValueError(f"prompt_lens must be integers in [1, n={n}]; got {prompt_lens.tolist()}")
+        start = (n - lens).long()
+        source = torch.arange(n, device=prompts.device) - start[:, None]  # where each position's token comes from
+        prompts = prompts.gather(1, source.clamp(min=0)).masked_fill(source < 0, 0)
+    elif mask is not None:
+        if mask.dtype != torch.bool or tuple(mask.shape) != (b, n):
+            raise ValueError(f"mask must be a bool tensor shaped like the prompts {(b, n)}; got {mask.dtype} "
+                             f"{tuple(mask.shape)}")  # fmt: skip
+        if not bool(mask[:, -1].all()) or bool((mask[:, 1:] < mask[:, :-1]).any()):
+            raise ValueError(
+                "mask must mark left padding (each row False, then True up to its last token); for prompts at "
+                "the start of each row pass prompt_lens"
+            )
+        start = (~mask).sum(dim=1)
+        prompts = prompts.masked_fill(~mask, 0)
+    else:
+        return prompts, None
+    shared = int(start.min())
+    prompts, start = prompts[:, shared:], start - shared
+    return prompts, (start if bool(start.any()) else None)
 
 
 def _split_by_prefix(kwargs: dict, prefixes: tuple[str, ...]) -> tuple[dict, ...]:
