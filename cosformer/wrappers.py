@@ -414,8 +414,9 @@ class XTransformer(nn.Module):
         mask: torch.Tensor | None = None,
         **kwargs,
     ) -> torch.Tensor:
-        """Encode seq_in (b, n_src), then sample seq_len tokens after seq_out_start (b, n); kwargs as in
-        `AutoregressiveWrapper.generate`. Returns (b, seq_len)."""
+        """Encode seq_in (b, n_src) with its mask, then sample up to seq_len tokens after seq_out_start (b, n),
+        cross-attending to the encoding (x-transformers' signature); kwargs as in `AutoregressiveWrapper.generate`.
+        Returns the new tokens (b, k), k = seq_len unless every row produced eos_token earlier."""
         was_training = self.encoder.training
         self.encoder.eval()
         enc = self.encoder(seq_in, mask=mask, return_embeddings=True)
