@@ -1,5 +1,7 @@
-"""Generation: KV-cached decoding equals full recomputation (logits and greedy tokens), sampling filters against
-brute force, end-of-sequence padding, the sliding-window fallback, and the text-to-image usage."""
+"""Generation with x-transformers' signature and semantics: KV-cached decoding equals full recomputation (logits and
+greedy tokens), sampling filters against brute force and applied before the temperature, end-of-sequence padding and
+early stop, the sliding-window fallback, the loss's mask, and the text-to-image usage. The cache's buffers are
+tested in test_kv_cache.py, prompts of different lengths in test_variable_prompts.py."""
 
 import inspect
 
