@@ -30,12 +30,48 @@ ATTN_KINDS = ("cosine", "regular")
 DEFAULT_SCALE = 10.0  # of cosine attention; regular attention takes no scale (1/sqrt(dim_head))
 
 
+class KVBuffer:
+    """One attention layer's cached keys and values, written in place: storage k, v (b, hk, capacity, d), of which
+    positions [0, length) hold data. `append` writes the new positions after them and returns views of the
+    filled prefix (the fused op takes strided inputs), so a decoding step copies only its own keys and values.
+    A write beyond the capacity reallocates, at least doubling it, so token-by-token decoding past the reserve
+    still copies each key O(1) times on average; `reserve` sets the capacity of the first allocation.
+    Also holds token ids (b, n, 1) for `TransformerWrapper`: any tensors whose dim -2 is the sequence."""
+
+    def __init__(self, reserve: int = 0):
+        self.reserve = reserve
+        self.length = 0
+        self.storage: tuple[torch.Tensor, ...] | None = None
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self.storage is None else self.storage[0].shape[-2]
+
+    def filled(self) -> tuple[torch.Tensor, ...]:
+        return tuple(t[..., : self.length, :] for t in self.storage)
+
+    def append(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Write tensors (..., n, d) at positions [length, length + n); returns views of [0, length + n)."""
+        start, end = self.length, self.length + tensors[0].shape[-2]
+        if end > self.capacity:
+            capacity = max(end, 2 * self.capacity, self.reserve)
+            grown = tuple(t.new_empty(*t.shape[:-2], capacity, t.shape[-1]) for t in tensors)
+            if self.storage is not None:
+                for new, old in zip(grown, self.storage):
+                    new[..., :start, :] = old[..., :start, :]
+            self.storage = grown
+        for buffer, t in zip(self.storage, tensors):
+            buffer[..., start:end, :] = t
+        self.length = end
+        return self.filled()
+
+
 class Attention(nn.Module):
     """Self- or cross-attention on (b, n, dim).
 
     Self-attention: keys and values come from x. Cross-attention (`cross=True`): from `context`
-    (b, m, dim_context); never causal. `forward` returns the output and the (k, v) pair a KV cache must keep:
-    post-projection, and for rotary post-norm/post-rotation, exactly what the attention read.
+    (b, m, dim_context); never causal. A KV cache keeps keys and values as the attention read them:
+    post-projection, and for rotary post-norm/post-rotation.
     """
 
     def __init__(
@@ -91,32 +127,34 @@ class Attention(nn.Module):
         context: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
         rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
-        kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None,
+        kv_cache: KVBuffer | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """x (b, i, dim); context (b, m, dim_context) for cross-attention; mask (b, j) bool over all keys
-        (True = may attend); rotary (cos, sin) of the new positions (self-attention only); kv_cache the (k, v)
-        returned by an earlier call. Returns (out (b, i, dim), (k, v) each (b, kv_heads, j, dim_head))."""
+        (True = may attend); rotary (cos, sin) of the new positions (self-attention only). kv_cache: this layer's
+        `KVBuffer`; self-attention appends the new keys and values to it and attends to everything it holds;
+        cross-attention fills it with the context's once and reuses them afterwards (the context is then
+        ignored). Returns (out (b, i, dim), (k, v) each (b, kv_heads, j, dim_head), what the attention read)."""
         q = self._split_heads(self.to_q(x), self.heads)  # (b, h, i, d)
-        if self.cross and kv_cache is not None:
-            k, v = kv_cache  # the context does not change between decoding steps
+        reuse = self.cross and kv_cache is not None and kv_cache.length > 0
+        if reuse:
+            k, v = kv_cache.filled()  # the context does not change between decoding steps
         else:
             src = context if self.cross else x
             k = self._split_heads(self.to_k(src), self.kv_heads)  # (b, hk, j_new, d)
             v = self._split_heads(self.to_v(src), self.kv_heads)
 
         # Under autocast the projections give the autocast dtype, while the norm and the rotation may give fp32:
-        # the op takes one dtype, that of v.
-        dtype = v.dtype
+        # the op takes one dtype, that of v (of the cache's v once there is a cache).
         prenormed = False
         if rotary is not None:
             if self.kind == "cosine":
                 q, k = l2norm_tensors(q, k, groups=self.groups)
                 prenormed = True
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
-        q, k = q.to(dtype), k.to(dtype)
-        if kv_cache is not None and not self.cross:
-            k = torch.cat((kv_cache[0], k), dim=-2)
-            v = torch.cat((kv_cache[1], v), dim=-2)
+        k = k.to(v.dtype)
+        if kv_cache is not None and not reuse:
+            k, v = kv_cache.append(k, v)  # views of the filled prefix: no copy of what was cached
+        q = q.to(v.dtype)
 
         if self.kind == "cosine":
             out = cosine_sim_attention(

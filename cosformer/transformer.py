@@ -21,25 +21,60 @@ Options beyond the named arguments are routed by prefix, x-transformers style: `
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
-from .attention import Attention
-from .positional import RotaryEmbedding
+from .attention import Attention, KVBuffer
+from .positional import RotaryEmbedding, check_seq_start_pos
 
 ATTN_PREFIXED = ("dropout", "qkv_bias", "out_bias")
 FF_PREFIXED = ("dropout", "bias")
 
 
-@dataclass
 class KVCache:
-    """Per-block keys and values of earlier steps: `layers[l] = (self_kv, cross_kv)`, each (k, v) with
-    k, v (b, kv_heads, j, dim_head), or None where the block has no such attention. `length`: tokens seen."""
+    """Keys and values of earlier steps, kept by a `Transformer` (and the token ids by a `TransformerWrapper`).
 
-    layers: list
-    length: int
+    Every forward given the cache updates it in place: each self-attention layer writes its new keys and values
+    into preallocated buffers at position `length`, and cross-attention layers keep the context's keys and values
+    from the first call. `layers[l] = (self_kv, cross_kv)`: the block's `KVBuffer`s (None where the block has no
+    such attention), each holding k, v (b, kv_heads, j, dim_head). `length`: tokens seen. `capacity`: positions
+    the self-attention buffers reserve at their first write (at least what that write needs); a longer sequence
+    reallocates them, doubling. `generate` reserves what it will need, so it never reallocates.
+    """
+
+    def __init__(self, capacity: int = 0):
+        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 0:
+            raise ValueError(f"capacity must be a non-negative integer; got capacity={capacity!r}")
+        self.capacity = capacity
+        self.length = 0
+        self.batch: int | None = None
+        self.layers: list[tuple[KVBuffer | None, KVBuffer | None]] = []
+        self.tokens: KVBuffer | None = None  # (b, length, 1) ids, when a TransformerWrapper fed the cache
+        self.context_mask: torch.Tensor | None = None  # (b, m) of the context whose keys cross_kv holds
+        self.seq_start_pos: torch.Tensor | None = None  # (b,) left padding of the rows, fixed by the first call
+
+    def resolve_seq_start_pos(self, seq_start_pos: torch.Tensor | None) -> torch.Tensor | None:
+        """The left padding (b,) the cache was started with: a later call may omit it, never change it."""
+        if self.length == 0 or seq_start_pos is self.seq_start_pos:
+            return seq_start_pos
+        if seq_start_pos is None:
+            return self.seq_start_pos
+        if self.seq_start_pos is None or not torch.equal(seq_start_pos, self.seq_start_pos.to(seq_start_pos.device)):
+            raise ValueError(
+                f"seq_start_pos {seq_start_pos.tolist()} differs from the left padding the cache was started with "
+                f"({None if self.seq_start_pos is None else self.seq_start_pos.tolist()})"
+            )
+        return seq_start_pos
+
+    def _start(self, blocks, batch: int) -> None:
+        self.batch = batch
+        self.layers = [
+            (
+                KVBuffer(self.capacity) if block.self_attn is not None else None,
+                KVBuffer() if block.cross_attn is not None else None,
+            )
+            for block in blocks
+        ]
 
 
 class FeedForward(nn.Module):
@@ -87,18 +122,14 @@ class Block(nn.Module):
         return x + h if self.pre_norm else norm(self.alpha * x + h)
 
     def forward(self, x, *, mask, context, context_mask, rotary, cache):
-        self_cache, cross_cache = cache if cache is not None else (None, None)
-        self_kv = cross_kv = None
+        self_kv, cross_kv = cache if cache is not None else (None, None)
         if self.self_attn is not None:
-            h, self_kv = self.self_attn(self._in(x, self.self_norm), mask=mask, rotary=rotary, kv_cache=self_cache)
+            h, _ = self.self_attn(self._in(x, self.self_norm), mask=mask, rotary=rotary, kv_cache=self_kv)
             x = self._out(x, h, self.self_norm)
         if self.cross_attn is not None:
-            h, cross_kv = self.cross_attn(
-                self._in(x, self.cross_norm), context=context, mask=context_mask, kv_cache=cross_cache
-            )
+            h, _ = self.cross_attn(self._in(x, self.cross_norm), context=context, mask=context_mask, kv_cache=cross_kv)
             x = self._out(x, h, self.cross_norm)
-        x = self._out(x, self.ff(self._in(x, self.ff_norm)), self.ff_norm)
-        return x, (self_kv, cross_kv)
+        return self._out(x, self.ff(self._in(x, self.ff_norm)), self.ff_norm)
 
 
 def _route_prefixed(kwargs: dict) -> tuple[dict, dict]:
@@ -221,23 +252,28 @@ class Transformer(nn.Module):
             xavier(block.ff.proj_in, self.beta)
             xavier(block.ff.proj_out, self.beta)
 
-    def _check_inputs(self, x, mask, context, context_mask, cache):
+    def _check_inputs(self, x, mask, context, context_mask, cache, seq_start_pos):
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"x must be (b, n, dim={self.dim}); got {tuple(x.shape)}")
         b, n, _ = x.shape
+        check_seq_start_pos(seq_start_pos, b)
+        if seq_start_pos is not None and self.only_cross:
+            raise ValueError("seq_start_pos applies to self-attention; cross-attention-only blocks have none")
         offset = cache.length if cache is not None else 0
         if cache is not None:
             if not self.causal and not self.only_cross:
                 raise ValueError("cache needs causal self-attention; this stack is bidirectional (causal=False)")
-            if len(cache.layers) != self.depth:
+            if cache.layers and len(cache.layers) != self.depth:
                 raise ValueError(f"cache holds {len(cache.layers)} layers; this stack has depth={self.depth}")
+            if cache.batch is not None and cache.batch != b:
+                raise ValueError(f"cache holds a batch of {cache.batch}; x has batch {b}")
         if mask is not None:
             if mask.dtype != torch.bool:
                 raise TypeError(f"mask must be a bool tensor (True = may attend); got {mask.dtype}")
             if tuple(mask.shape) != (b, offset + n):
                 raise ValueError(f"mask must be (b, cached + new keys) = ({b}, {offset + n}); got {tuple(mask.shape)}")
         if self.cross_attend:
-            need_context = cache is None or any(c[1] is None for c in cache.layers)
+            need_context = cache is None or offset == 0
             if context is None and need_context:
                 raise ValueError("context is required: this stack was built with cross_attend=True")
             if context is not None and (
@@ -249,7 +285,7 @@ class Transformer(nn.Module):
             if context_mask is not None:
                 if context_mask.dtype != torch.bool:
                     raise TypeError(f"context_mask must be a bool tensor; got {context_mask.dtype}")
-                m = context.shape[1] if context is not None else cache.layers[0][1][0].shape[-2]
+                m = context.shape[1] if context is not None else cache.layers[0][1].length
                 if tuple(context_mask.shape) != (b, m):
                     raise ValueError(f"context_mask must be (b, m) = ({b}, {m}); got {tuple(context_mask.shape)}")
         elif context is not None or context_mask is not None:
@@ -264,26 +300,47 @@ class Transformer(nn.Module):
         context_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
         return_cache: bool = False,
+        seq_start_pos: torch.Tensor | None = None,
     ):
         """x (b, n, dim) -> (b, n, dim), final-normed.
 
         mask (b, n) bool key-padding mask (True = real token); with a cache it covers all keys, (b, cached + n).
-        context (b, m, dim_context) and context_mask (b, m) for cross-attention. cache: a `KVCache` from an
-        earlier call with return_cache=True; only the new tokens are fed, and cross-attention reuses the context's
-        keys and values cached by the first call (context may then be omitted). return_cache: also return the cache.
+        seq_start_pos (b,): left-padded rows (x-transformers' name): row r's first seq_start_pos[r] positions are
+        padding, masked as keys, and its rotary positions count from its first real token; with a cache it is
+        fixed by the first call (later calls may omit it). context (b, m, dim_context) and context_mask (b, m) for
+        cross-attention. cache: a `KVCache`, empty or from earlier calls, updated in place; x holds only the tokens
+        the cache has not seen (never the whole sequence again), and cross-attention reuses the context's keys and
+        values and its mask cached by the first call (context and context_mask may then be omitted).
+        return_cache: also return the cache (a new one when none was given).
         """
-        self._check_inputs(x, mask, context, context_mask, cache)
+        self._check_inputs(x, mask, context, context_mask, cache, seq_start_pos)
+        if cache is None and return_cache:
+            cache = KVCache()
         offset = cache.length if cache is not None else 0
-        rotary = self.rotary(x.shape[1], offset) if self.rotary is not None else None
+        if cache is not None:
+            seq_start_pos = cache.resolve_seq_start_pos(seq_start_pos)
+            if not cache.layers:
+                cache._start(self.layers, x.shape[0])
+            if offset == 0:
+                cache.seq_start_pos = seq_start_pos
+        if cache is not None and self.cross_attend:
+            # the context's mask belongs with its cached keys: a later call may omit both
+            if offset == 0:
+                cache.context_mask = context_mask
+            elif context_mask is None:
+                context_mask = cache.context_mask
+        n = x.shape[1]
+        if seq_start_pos is not None:
+            left_pad = torch.arange(offset + n, device=x.device) >= seq_start_pos.to(x.device)[:, None]  # (b, j)
+            mask = left_pad if mask is None else mask & left_pad
+        rotary = self.rotary(n, offset, seq_start_pos) if self.rotary is not None else None
         layer_caches = cache.layers if cache is not None else [None] * self.depth
-        new_caches = []
         for block, layer_cache in zip(self.layers, layer_caches):
-            x, kv = block(x, mask=mask, context=context, context_mask=context_mask, rotary=rotary, cache=layer_cache)
-            new_caches.append(kv)
+            x = block(x, mask=mask, context=context, context_mask=context_mask, rotary=rotary, cache=layer_cache)
         x = self.final_norm(x)
-        if return_cache:
-            return x, KVCache(layers=new_caches, length=offset + x.shape[1])
-        return x
+        if cache is not None:
+            cache.length = offset + n
+        return (x, cache) if return_cache else x
 
 
 def _reject(kwargs: dict, names: tuple[str, ...], cls: str) -> None:

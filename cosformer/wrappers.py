@@ -2,25 +2,30 @@
 
 - `TransformerWrapper`: token (+ absolute position) embeddings → attn_layers → logits (or the final-normed
   embeddings with `return_embeddings=True`).
-- `AutoregressiveWrapper`: next-token cross-entropy in `forward`; `generate` with temperature, top-k / top-p,
+- `AutoregressiveWrapper`: next-token cross-entropy in `forward`; `generate` with temperature, top-k / top-p / min-p,
   an end-of-sequence token and a KV cache.
 - `XTransformer`: encoder-decoder; the decoder cross-attends to the encoder's embeddings.
 
-KV cache: each block keeps its self-attention (k, v) as the attention read them (post-projection; post-norm and
-post-rotary when rotary is on) and its cross-attention (k, v) of the context (computed once). Each decoding step
-feeds only the new token; the op's causal mask is aligned bottom-right, so one query against j keys sees all of
-them. When a sequence outgrows `max_seq_len`, `generate` falls back to a sliding window over the last
-`max_seq_len` tokens, recomputed each step without the cache (positions restart at 0 in the window).
+KV cache (`KVCache`): each block keeps its self-attention (k, v) as the attention read them (post-projection;
+post-norm and post-rotary when rotary is on) in buffers preallocated for the whole generation and written in place,
+and its cross-attention (k, v) of the context (computed once). Each decoding step feeds only the new token; the
+op's causal mask is aligned bottom-right, so one query against j keys sees all of them. When a sequence outgrows
+`max_seq_len`, `generate` falls back to a sliding window over the last `max_seq_len` tokens, recomputed each step
+without the cache (positions restart at 0 in the window).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.rnn import pad_sequence
 
-from .positional import AbsolutePositionalEmbedding
-from .sampling import check_sampling_args, sample_next
+from .attention import KVBuffer
+from .positional import AbsolutePositionalEmbedding, check_seq_start_pos
+from .sampling import check_sampling_args, sample_next, top_k
 from .transformer import Decoder, Encoder, KVCache, Transformer
 
 
@@ -77,33 +82,64 @@ class TransformerWrapper(nn.Module):
         return_embeddings: bool = False,
         cache: KVCache | None = None,
         return_cache: bool = False,
+        seq_start_pos: torch.Tensor | None = None,
     ):
         """x (b, n) token ids -> logits (b, n, num_tokens), or embeddings (b, n, dim) with return_embeddings.
-        With return_cache, returns (output, cache). See `Transformer.forward` for mask, context and cache."""
+        With return_cache, returns (output, cache). See `Transformer.forward` for mask, context and cache: with a
+        cache, x holds only the n tokens the cache has not seen, at positions [cache.length, cache.length + n);
+        x-transformers' habit of feeding the whole sequence again is rejected (see `_check_only_new_tokens`).
+        seq_start_pos (b,): rows left-padded by that many tokens (x-transformers' name): the padding is masked and
+        every position scheme counts from each row's first real token, so a padded row gives the logits it gives
+        alone. (A mask alone hides the padding but leaves absolute positions shifted.)"""
         if x.dim() != 2 or x.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"x must be (b, n) integer token ids; got shape {tuple(x.shape)}, dtype {x.dtype}")
         n = x.shape[1]
+        if cache is None and return_cache:
+            cache = KVCache()
         offset = cache.length if cache is not None else 0
         if offset + n > self.max_seq_len:
             raise ValueError(
                 f"sequence length {offset + n} (cached {offset} + new {n}) > max_seq_len={self.max_seq_len}"
             )
+        check_seq_start_pos(seq_start_pos, x.shape[0])
+        if cache is not None:
+            _check_only_new_tokens(x, cache)
+            seq_start_pos = cache.resolve_seq_start_pos(seq_start_pos)
         h = self.token_emb(x)
         if self.pos_emb is not None:
-            h = h + self.pos_emb(n, offset)
+            h = h + self.pos_emb(n, offset, seq_start_pos)
         h = self.emb_dropout(h)
         h = self.attn_layers(
-            h, mask=mask, context=context, context_mask=context_mask, cache=cache, return_cache=return_cache
+            h, mask=mask, context=context, context_mask=context_mask, cache=cache, seq_start_pos=seq_start_pos
         )
-        if return_cache:
-            h, new_cache = h
+        if cache is not None:
+            if cache.tokens is None and offset == 0:
+                cache.tokens = KVBuffer(cache.capacity)
+            if cache.tokens is not None and cache.tokens.length == offset:
+                cache.tokens.append(x.long()[..., None])  # (b, n, 1): the buffer appends along dim -2
         out = h if return_embeddings else self._logits(h)
-        return (out, new_cache) if return_cache else out
+        return (out, cache) if return_cache else out
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         if self.to_logits is None:
             return h @ self.token_emb.weight.t()
         return self.to_logits(h)
+
+
+def _check_only_new_tokens(x: torch.Tensor, cache: KVCache) -> None:
+    """With a cache, x must hold only new tokens. The whole sequence fed again would be read as that many more
+    tokens at shifted positions, silently; it shows as x beginning with every token the cache has seen, and is
+    rejected then. New tokens look the same only when a chunk longer than everything cached repeats all of it,
+    which is rejected too (feed such a chunk in two parts). Only chunks longer than the cache are compared, so
+    decoding token by token never pays for the check."""
+    seen = cache.tokens
+    if seen is None or seen.length != cache.length or not 0 < cache.length < x.shape[1]:
+        return
+    if torch.equal(x[:, : cache.length].long(), seen.filled()[0][..., 0]):
+        raise ValueError(
+            f"x ({x.shape[1]} tokens) begins with all {cache.length} tokens the cache has seen: with a cache, pass "
+            f"only the new tokens, x[:, {cache.length}:] (x-transformers feeds the whole sequence; cosformer does not)"
+        )
 
 
 class AutoregressiveWrapper(nn.Module):
@@ -118,20 +154,35 @@ class AutoregressiveWrapper(nn.Module):
         self.ignore_index, self.pad_value = ignore_index, pad_value
 
     def forward(
-        self, x: torch.Tensor, mask: torch.Tensor | None = None, reduction: str = "mean", **kwargs
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        reduction: str = "mean",
+        lens: torch.Tensor | None = None,
+        **kwargs,
     ) -> torch.Tensor:
-        """x (b, n) -> mean cross-entropy of predicting x[:, 1:] from x[:, :-1]. Targets at masked positions
-        (mask False) are ignored. reduction="none" gives (b,) per-sequence means instead (exact evaluation over
-        sequences of any mask). kwargs (context, context_mask) go to the net."""
+        """x (b, n) -> mean cross-entropy of predicting x[:, 1:] from x[:, :-1], as x-transformers computes it.
+
+        Targets equal to ignore_index are left out of the loss; as inputs they are fed as pad_value. lens (b,):
+        positions >= lens become ignore_index (right padding). mask (b, n) is only the key-padding mask the net
+        attends with (cut to the inputs, mask[:, :-1]): it removes no target from the loss, so a padded position
+        still counts unless x holds ignore_index there (or lens says so). reduction="none" gives (b,) per-sequence
+        means over the counted targets instead (exact evaluation over sequences of any length). kwargs (context,
+        context_mask) go to the net."""
         if reduction not in ("mean", "none"):
             raise ValueError(f"reduction must be 'mean' or 'none'; got reduction={reduction!r}")
         if x.dim() != 2 or x.shape[1] < 2:
             raise ValueError(f"x must be (b, n) token ids with n >= 2; got shape {tuple(x.shape)}")
+        if lens is not None:
+            if lens.shape != (x.shape[0],):
+                raise ValueError(f"lens must be (b,) = ({x.shape[0]},); got {tuple(lens.shape)}")
+            beyond = torch.arange(x.shape[1], device=x.device) >= lens[:, None]
+            x = x.masked_fill(beyond, self.ignore_index)
         inp, target = x[:, :-1], x[:, 1:].long()
+        inp = inp.masked_fill(inp == self.ignore_index, self.pad_value)
         if mask is not None:
             if tuple(mask.shape) != tuple(x.shape):
                 raise ValueError(f"mask must be (b, n) = {tuple(x.shape)}; got {tuple(mask.shape)}")
-            target = target.masked_fill(~mask[:, 1:], self.ignore_index)
             kwargs["mask"] = mask[:, :-1]
         logits = self.net(inp, **kwargs)  # (b, n - 1, num_tokens)
         if reduction == "mean":
@@ -145,69 +196,139 @@ class AutoregressiveWrapper(nn.Module):
     @torch.no_grad()
     def generate(
         self,
-        prompt: torch.Tensor,
+        prompts: torch.Tensor | list[torch.Tensor],
         seq_len: int,
-        temperature: float = 1.0,
-        filter: str | None = "top_k",
-        filter_kwargs: dict | None = None,
         eos_token: int | None = None,
+        temperature: float = 1.0,
+        prompt_lens: torch.Tensor | None = None,
+        filter_logits_fn: str | Callable | None = top_k,
+        filter_kwargs: dict | None = None,
         cache_kv: bool = True,
+        *,
         mask: torch.Tensor | None = None,
         **kwargs,
     ) -> torch.Tensor:
-        """Sample `seq_len` tokens after `prompt` (b, n) (or (n,)); returns only the new tokens (b, seq_len).
+        """Sample up to `seq_len` tokens after `prompts` (b, n) (or (n,)); returns only the new tokens (b, k).
 
-        temperature 0 is greedy. filter: "top_k" (filter_kwargs k or frac_num_tokens), "top_p" (p) or None.
-        After eos_token a row is filled with pad_value. mask (b, n): key-padding mask of the prompt.
-        kwargs (context, context_mask) go to the net. cache_kv: decode with a KV cache while the sequence fits
-        in max_seq_len; beyond it, a sliding window recomputed without the cache (see the module docstring).
+        x-transformers' signature, order and semantics:
+        - eos_token: a row ends at its first eos (kept); what it samples after is replaced by pad_value, and
+          generation stops once every row has ended, so k < seq_len then; k = seq_len otherwise. Only generated
+          tokens count: an eos inside the prompt ends nothing.
+        - temperature: 0 is greedy. filter_logits_fn: "top_k" (filter_kwargs k or frac_num_tokens), "top_p"
+          (thres), "min_p" (min_p), any callable (logits, **filter_kwargs) -> logits, or None; it filters the raw
+          logits, then the temperature divides them (see sampling.py).
+        - prompts of different lengths: prompt_lens (b,) with each row's prompt at its start, prompts[r, :len_r]
+          (or prompts as a list of 1-D tensors). Rows are right-aligned, left-padded; the padding is masked and
+          positions count from each row's first real token (seq_start_pos), so every row gets the tokens it would
+          get alone, under absolute, rotary and ALiBi positions alike. mask (b, n), keyword only, instead says the
+          prompts are left-padded already: each row False then True.
+        - cache_kv: decode with a KV cache while the sequence fits in max_seq_len (each step feeds the net only
+          the new token; never the whole sequence with the cache); beyond it, a sliding window recomputed without
+          the cache (see the module docstring). A net that is not causal has no valid cache: it recomputes.
+        kwargs (context, context_mask) go to the net.
         """
-        check_sampling_args(temperature, filter, filter_kwargs)
+        if "filter" in kwargs:
+            raise TypeError(
+                "generate() takes filter_logits_fn= (x-transformers' name), not filter=; e.g. "
+                "filter_logits_fn='top_p', filter_kwargs={'thres': 0.9}"
+            )
+        if eos_token is not None and (isinstance(eos_token, bool) or not isinstance(eos_token, int)):
+            raise ValueError(
+                f"eos_token must be an integer token id or None; got eos_token={eos_token!r} (the third positional "
+                "argument is eos_token, as in x-transformers: pass temperature= by keyword)"
+            )
+        filter_fn = check_sampling_args(temperature, filter_logits_fn, filter_kwargs)
         if not isinstance(seq_len, int) or seq_len < 1:
             raise ValueError(f"seq_len must be a positive integer; got seq_len={seq_len!r}")
-        squeeze = prompt.dim() == 1
+        if isinstance(prompts, (list, tuple)):
+            if prompt_lens is not None or mask is not None:
+                raise ValueError("prompts given as a list carry their own lengths: pass neither prompt_lens nor mask")
+            if not prompts or any(not isinstance(p, torch.Tensor) or p.dim() != 1 or len(p) < 1 for p in prompts):
+                raise ValueError("prompts given as a list must be a non-empty list of non-empty 1-D tensors")
+            prompt_lens = torch.tensor([len(p) for p in prompts], device=prompts[0].device)
+            prompts = pad_sequence(list(prompts), batch_first=True)
+        squeeze = prompts.dim() == 1
         if squeeze:
-            prompt = prompt[None]
+            prompts = prompts[None]
             mask = mask[None] if mask is not None else None
-        if prompt.dim() != 2 or prompt.shape[1] < 1:
-            raise ValueError(f"prompt must be (b, n) or (n,) with n >= 1; got shape {tuple(prompt.shape)}")
-        if mask is not None and tuple(mask.shape) != tuple(prompt.shape):
-            raise ValueError(f"mask must match the prompt {tuple(prompt.shape)}; got {tuple(mask.shape)}")
-        if cache_kv and not self.net.causal:
-            raise ValueError("cache_kv=True needs causal attn_layers (a Decoder); pass cache_kv=False")
+        if prompts.dim() != 2 or prompts.shape[1] < 1:
+            raise ValueError(f"prompts must be (b, n) or (n,) with n >= 1; got shape {tuple(prompts.shape)}")
+        out, seq_start_pos = _left_pad(prompts, prompt_lens, mask)
+        # a bidirectional net's earlier keys change with every new token: x-transformers then quietly recomputes
+        cache_kv = cache_kv and self.net.causal
 
         was_training = self.net.training
         self.net.eval()
-        b, window = prompt.shape[0], self.max_seq_len
-        out = prompt
-        done = torch.zeros(b, dtype=torch.bool, device=prompt.device)
+        window = self.max_seq_len
+        ended = torch.zeros(out.shape[0], dtype=torch.bool, device=out.device)
         generated = []
-        cache = None
+        # reserve every position the cache will hold: the prompt and the tokens fed back, up to max_seq_len
+        cache = KVCache(capacity=min(out.shape[1] + seq_len - 1, window)) if cache_kv else None
         for _ in range(seq_len):
-            if cache_kv and out.shape[1] <= window:
-                # the cache feeds only the tokens it has not seen: the whole prompt first, then one per step
-                new = out if cache is None else out[:, cache.length :]
-                logits, cache = self.net(new, mask=mask, cache=cache, return_cache=True, **kwargs)
+            if cache is not None and out.shape[1] <= window:
+                # the cache is fed only the tokens it has not seen: the whole prompt first, then one per step
+                logits = self.net(out[:, cache.length :], cache=cache, seq_start_pos=seq_start_pos, **kwargs)
             else:
                 cache = None
-                step_mask = mask[:, -window:] if mask is not None else None
-                logits = self.net(out[:, -window:], mask=step_mask, **kwargs)
-            token = sample_next(logits[:, -1], temperature=temperature, filter=filter, filter_kwargs=filter_kwargs)
-            # finished rows still feed their sampled token (pad_value need not be a valid token id)
+                start = seq_start_pos
+                if start is not None and out.shape[1] > window:
+                    start = (start - (out.shape[1] - window)).clamp(min=0)  # the padding left in the window
+                logits = self.net(out[:, -window:], seq_start_pos=start, **kwargs)
+            token = sample_next(
+                logits[:, -1], temperature=temperature, filter_logits_fn=filter_fn, filter_kwargs=filter_kwargs
+            )
+            # rows that ended still feed their sampled tokens (pad_value need not be a valid token id); the
+            # tokens after each row's first eos are masked once, at the end
             out = torch.cat((out, token[:, None]), dim=1)
-            if eos_token is not None:
-                token = token.masked_fill(done, self.pad_value)
-                done = done | (token == eos_token)
             generated.append(token)
-            if mask is not None:
-                mask = torch.cat((mask, mask.new_ones(b, 1)), dim=1)
-            if eos_token is not None and bool(done.all()):
-                break
+            if eos_token is not None:
+                ended |= token == eos_token
+                if bool(ended.all()):
+                    break
         self.net.train(was_training)
-        tokens = torch.stack(generated, dim=1)
-        if tokens.shape[1] < seq_len:
-            tokens = F.pad(tokens, (0, seq_len - tokens.shape[1]), value=self.pad_value)
+        tokens = torch.stack(generated, dim=1)  # (b, k), k <= seq_len: shorter when every row ended early
+        if eos_token is not None:
+            after_eos = F.pad(tokens == eos_token, (1, -1)).cumsum(dim=1) > 0
+            tokens = tokens.masked_fill(after_eos, self.pad_value)
         return tokens[0] if squeeze else tokens
+
+
+def _left_pad(
+    prompts: torch.Tensor, prompt_lens: torch.Tensor | None, mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Prompts (b, n) -> right-aligned prompts and seq_start_pos (b,), each row's count of padding tokens (None
+    when no row is padded). prompt_lens: row r's prompt is prompts[r, :prompt_lens[r]] (x-transformers'
+    align_right moves it to the end); mask: the prompts are left-padded already (False then True per row). The
+    padding fed is token 0 (a valid id; nothing attends to it), and padding all rows share is cut off."""
+    b, n = prompts.shape
+    if prompt_lens is not None and mask is not None:
+        raise ValueError("give prompt_lens (prompts at the start of each row) or mask (left-padded), not both")
+    if prompt_lens is not None:
+        if not isinstance(prompt_lens, torch.Tensor) or tuple(prompt_lens.shape) != (b,):
+            shape = tuple(prompt_lens.shape) if isinstance(prompt_lens, torch.Tensor) else type(prompt_lens).__name__
+            raise ValueError(f"prompt_lens must be a (b,) = ({b},) tensor of lengths; got {shape}")
+        lens = prompt_lens.to(prompts.device)
+        if lens.dtype.is_floating_point or lens.dtype == torch.bool or bool(((lens < 1) | (lens > n)).any()):
+            raise ValueError(f"prompt_lens must be integers in [1, n={n}]; got {prompt_lens.tolist()}")
+        start = (n - lens).long()
+        source = torch.arange(n, device=prompts.device) - start[:, None]  # where each position's token comes from
+        prompts = prompts.gather(1, source.clamp(min=0)).masked_fill(source < 0, 0)
+    elif mask is not None:
+        if mask.dtype != torch.bool or tuple(mask.shape) != (b, n):
+            raise ValueError(f"mask must be a bool tensor shaped like the prompts {(b, n)}; got {mask.dtype} "
+                             f"{tuple(mask.shape)}")  # fmt: skip
+        if not bool(mask[:, -1].all()) or bool((mask[:, 1:] < mask[:, :-1]).any()):
+            raise ValueError(
+                "mask must mark left padding (each row False, then True up to its last token); for prompts at "
+                "the start of each row pass prompt_lens"
+            )
+        start = (~mask).sum(dim=1)
+        prompts = prompts.masked_fill(~mask, 0)
+    else:
+        return prompts, None
+    shared = int(start.min())
+    prompts, start = prompts[:, shared:], start - shared
+    return prompts, (start if bool(start.any()) else None)
 
 
 def _split_by_prefix(kwargs: dict, prefixes: tuple[str, ...]) -> tuple[dict, ...]:
@@ -293,8 +414,9 @@ class XTransformer(nn.Module):
         mask: torch.Tensor | None = None,
         **kwargs,
     ) -> torch.Tensor:
-        """Encode seq_in (b, n_src), then sample seq_len tokens after seq_out_start (b, n); kwargs as in
-        `AutoregressiveWrapper.generate`. Returns (b, seq_len)."""
+        """Encode seq_in (b, n_src) with its mask, then sample up to seq_len tokens after seq_out_start (b, n),
+        cross-attending to the encoding (x-transformers' signature); kwargs as in `AutoregressiveWrapper.generate`.
+        Returns the new tokens (b, k), k = seq_len unless every row produced eos_token earlier."""
         was_training = self.encoder.training
         self.encoder.eval()
         enc = self.encoder(seq_in, mask=mask, return_embeddings=True)

@@ -40,7 +40,9 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.manual_seed(args.seed)
     prompt = encode(args.prompt).to(args.device)
-    filter_args = {"filter": "top_k", "filter_kwargs": {"k": args.top_k}} if args.top_k else {"filter": None}
+    filter_args = {"filter_logits_fn": None}  # --top_k 0: the model's own distribution
+    if args.top_k:
+        filter_args = {"filter_logits_fn": "top_k", "filter_kwargs": {"k": args.top_k}}
     tokens = model.generate(prompt, args.length, temperature=args.temperature, **filter_args)
     print(args.prompt + decode(tokens.tolist()))
     return 0

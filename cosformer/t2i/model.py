@@ -13,6 +13,8 @@ in nothing else.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -108,7 +110,7 @@ class TextToImage(nn.Module):
         text: torch.Tensor,
         text_mask: torch.Tensor,
         temperature: float = 1.0,
-        filter: str | None = None,
+        filter_logits_fn: str | Callable | None = None,
         filter_kwargs: dict | None = None,
         return_tokens: bool = False,
     ) -> torch.Tensor:
@@ -125,7 +127,7 @@ class TextToImage(nn.Module):
             bos,
             self.image_size**2,
             temperature=temperature,
-            filter=filter,
+            filter_logits_fn=filter_logits_fn,
             filter_kwargs=filter_kwargs,
             cache_kv=True,
             context=context,

@@ -93,7 +93,7 @@ class LMTask:
         prompt = self._prompt().to(accelerator.device)
         with fork_rng(accelerator.device), accelerator.autocast():
             torch.manual_seed(self.cfg.train.seed + step)
-            tokens = net.generate(prompt[None], self.cfg.train.sample_length, temperature=1.0, filter="top_k")
+            tokens = net.generate(prompt[None], self.cfg.train.sample_length, temperature=1.0, filter_logits_fn="top_k")
         return {"sample": decode(prompt.tolist()) + " ⟶ " + decode(tokens[0].tolist())}
 
     def split_loss(self, model, accelerator, split: str) -> float:
