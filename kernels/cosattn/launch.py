@@ -1,8 +1,8 @@
 """Kernel launches with less host time per call.
 
 `kernel[grid](...)` runs Triton's JIT dispatcher on every call: it binds and specialises each argument, builds a
-cache key from them and the options, checks the kernel's globals, and only then calls the compiled launcher. On the
-GPU machines' CPUs that is 15–30 µs per launch, as much as a whole forward at 1024 keys. `Launcher` keeps the
+cache key from them and the options, checks the kernel's globals, and only then calls the compiled launcher: host
+time comparable to a whole forward at 1024 keys (measured: docs/benchmarks/NOTES.md, row 15). `Launcher` keeps the
 compiled kernel of each specialisation it has seen and calls it directly (`CompiledKernel[grid](*args)`), keyed by
 what Triton specialises on, refined: each tensor's dtype and address mod 16, each integer's value (or its class:
 the value 1, its residue mod 16, its width), each descriptor's dtype, address, shape, strides and block shape,
