@@ -2,7 +2,7 @@
 
 `kernel[grid](...)` runs Triton's JIT dispatcher on every call: it binds and specialises each argument, builds a
 cache key from them and the options, checks the kernel's globals, and only then calls the compiled launcher: host
-time comparable to a whole forward at 1024 keys (measured: docs/benchmarks/NOTES.md, row 15). `Launcher` keeps the
+time comparable to a whole forward at 1024 keys (measured: docs/benchmarks/NOTES.md). `Launcher` keeps the
 compiled kernel of each specialisation it has seen and calls it directly (`CompiledKernel[grid](*args)`), keyed by
 what Triton specialises on, refined: each tensor's dtype and address mod 16, each integer's value (or its class:
 the value 1, its residue mod 16, its width), each descriptor's dtype, address, shape, strides and block shape,
