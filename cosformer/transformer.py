@@ -162,8 +162,6 @@ class Transformer(nn.Module):
             raise ValueError("rotary=True and alibi=True both encode positions; choose one")
         if (rotary or alibi) and only_cross:
             raise ValueError("rotary/alibi act on self-attention; cross-attention-only blocks have none")
-        if alibi and cross_attend:
-            raise ValueError("alibi=True with cross_attend=True: ALiBi is defined for self-attention positions only")
         if rotary and (dim_head // groups) % 2 != 0:
             raise ValueError(
                 f"rotary=True needs an even l2norm group size (dim_head / groups); got dim_head={dim_head}, "

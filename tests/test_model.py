@@ -133,6 +133,7 @@ CASES = {
     "cosine-gqa": dict(kv_heads=1),
     "cosine-groups-rotary": dict(groups=2, rotary=True),
     "cosine-alibi": dict(alibi=True),
+    "cosine-alibi-cross": dict(alibi=True, cross=True),  # ALiBi on the self-attention of a cross-attending stack
     "cosine-glu-scale": dict(ff_glu=True, scale=7.5),
     "cosine-cross": dict(cross=True),
     "regular": dict(attn="regular"),
@@ -296,7 +297,6 @@ INVALID = [
     (dict(heads=4, kv_heads=3), "kv_heads"),
     (dict(groups=3), "groups"),
     (dict(rotary=True, alibi=True), "rotary"),
-    (dict(alibi=True, cross_attend=True), "alibi"),
     (dict(dim_head=8), "dim_head"),
     (dict(attn="regular", groups=2), "groups"),
     (dict(attn="regular", scale=5.0), "scale"),
