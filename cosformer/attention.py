@@ -176,9 +176,14 @@ def check_attention_args(*, attn, heads, kv_heads, dim_head, groups, scale, drop
         check_attention_config(dim_head, heads, kv_heads, DEFAULT_SCALE if scale is None else scale, groups)
         return
     if scale is not None:
-        raise ValueError(f"scale applies to attn='cosine' only (regular uses 1/sqrt(dim_head)); got scale={scale!r}")
+        raise ValueError(
+            f"scale applies to attn='cosine' only (attn_qk_norm_scale; regular uses 1/sqrt(dim_head)); "
+            f"got scale={scale!r}"
+        )
     if groups != 1:
-        raise ValueError(f"groups (l2norm groups) applies to attn='cosine' only; got groups={groups!r}")
+        raise ValueError(
+            f"groups applies to attn='cosine' only (attn_qk_norm_groups, the l2norm groups); got groups={groups!r}"
+        )
     for name, value in (("heads", heads), ("kv_heads", kv_heads), ("dim_head", dim_head)):
         try:
             ok = not isinstance(value, bool) and operator.index(value) >= 1

@@ -15,22 +15,21 @@ a residual sublayer f. Two normalisation layouts:
 
 The output of the stack is always final-normed: in post-LN the last operation already is a LayerNorm.
 
-Options beyond the named arguments are routed by prefix, x-transformers style: `attn_dropout`, `attn_qkv_bias`,
-`attn_out_bias` go to every `Attention`; `ff_dropout`, `ff_bias` to every `FeedForward`.
+Options beyond the named arguments are routed by prefix, x-transformers style (see options.py): `attn_*` to every
+`Attention`, `cross_attn_*` to cross-attention only, `ff_*` to every `FeedForward`.
 """
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from .attention import Attention
+from .options import resolve_stack_options
 from .positional import RotaryEmbedding
-
-ATTN_PREFIXED = ("dropout", "qkv_bias", "out_bias")
-FF_PREFIXED = ("dropout", "bias")
 
 
 @dataclass
@@ -43,9 +42,19 @@ class KVCache:
 
 
 class FeedForward(nn.Module):
-    """Linear → GELU (or GEGLU when `glu`) → dropout → Linear, inner width dim · mult."""
+    """Linear → activation → dropout → Linear, inner width dim · mult. The activation is GELU, or SiLU with `swish`;
+    `glu` gates it (GEGLU, or SwiGLU with `swish`): the first half of the projection times act(second half)."""
 
-    def __init__(self, dim: int, *, mult: float = 4, glu: bool = False, dropout: float = 0.0, bias: bool = True):
+    def __init__(
+        self,
+        dim: int,
+        *,
+        mult: float = 4,
+        glu: bool = False,
+        swish: bool = False,
+        dropout: float = 0.0,
+        bias: bool = True,
+    ):
         super().__init__()
         if mult <= 0:
             raise ValueError(f"ff_mult must be positive; got {mult!r}")
@@ -54,7 +63,7 @@ class FeedForward(nn.Module):
         inner = int(dim * mult)
         self.glu = glu
         self.proj_in = nn.Linear(dim, inner * 2 if glu else inner, bias=bias)
-        self.act = nn.GELU()
+        self.act = nn.SiLU() if swish else nn.GELU()
         self.dropout = nn.Dropout(dropout)
         self.proj_out = nn.Linear(inner, dim, bias=bias)
 
@@ -71,12 +80,12 @@ class FeedForward(nn.Module):
 class Block(nn.Module):
     """One block: [self-attention], [cross-attention], feed-forward; each sublayer with its own LayerNorm."""
 
-    def __init__(self, dim, *, self_attn, cross_attn, ff, pre_norm: bool, alpha: float):
+    def __init__(self, dim, *, self_attn, cross_attn, ff, pre_norm: bool, alpha: float, norm=nn.LayerNorm):
         super().__init__()
         self.self_attn, self.cross_attn, self.ff = self_attn, cross_attn, ff
-        self.self_norm = nn.LayerNorm(dim) if self_attn is not None else None
-        self.cross_norm = nn.LayerNorm(dim) if cross_attn is not None else None
-        self.ff_norm = nn.LayerNorm(dim)
+        self.self_norm = norm(dim) if self_attn is not None else None
+        self.cross_norm = norm(dim) if cross_attn is not None else None
+        self.ff_norm = norm(dim)
         self.pre_norm = pre_norm
         self.alpha = alpha
 
@@ -101,55 +110,56 @@ class Block(nn.Module):
         return x, (self_kv, cross_kv)
 
 
-def _route_prefixed(kwargs: dict) -> tuple[dict, dict]:
-    attn_kwargs, ff_kwargs = {}, {}
-    for key, value in kwargs.items():
-        if key.startswith("attn_") and key[5:] in ATTN_PREFIXED:
-            attn_kwargs[key[5:]] = value
-        elif key.startswith("ff_") and key[3:] in FF_PREFIXED:
-            ff_kwargs[key[3:]] = value
-        else:
-            allowed = [f"attn_{k}" for k in ATTN_PREFIXED] + [f"ff_{k}" for k in FF_PREFIXED]
-            raise TypeError(f"Transformer got an unexpected keyword argument {key!r} (prefixed options: {allowed})")
-    return attn_kwargs, ff_kwargs
-
-
 class Transformer(nn.Module):
-    """The stack of blocks on (b, n, dim).
+    """The stack of blocks on (b, n, dim), in x-transformers' vocabulary (`AttentionLayers` there).
 
-    attn: "cosine" (fused cosine-similarity attention, `scale`, l2norm `groups`) or "regular" (SDPA, 1/sqrt(d)).
-    kv_heads: grouped-query attention (heads % kv_heads == 0). rotary / alibi: relative positions (not both).
+    Unlike x-transformers, blocks are **post-LN** by default (`pre_norm=False`, with DeepNet's residual scaling;
+    see the module docstring) and attention is **cosine similarity at scale 10** (x-transformers'
+    `attn_qk_norm=True, attn_qk_norm_scale=10`). `pre_norm=True` and `attn="regular"` (or `attn_qk_norm=False`)
+    give x-transformers' defaults: pre-LN with softmax attention at 1/sqrt(dim_head).
+
+    heads: attention heads (default 8). attn: "cosine" (default) or "regular". use_rmsnorm: RMSNorm instead of
+    LayerNorm everywhere in the stack. rotary_pos_emb / alibi_pos_bias: relative positions (at most one).
     cross_attend: add cross-attention to `context` (b, m, dim_context or dim) in every block; only_cross: blocks
-    without self-attention (see `CrossAttender`).
+    without self-attention (see `CrossAttender`). dropout: default of `attn_dropout` and `ff_dropout`.
+
+    Routed by prefix (options.py lists every spelling): `attn_dim_head` (64), `attn_kv_heads` / `attn_one_kv_head`
+    (grouped-query attention), `attn_qk_norm` (True = cosine, False = regular), `attn_qk_norm_scale` (10),
+    `attn_qk_norm_groups` (l2norm groups), `attn_dropout` (on the attention output: the fused op has none on the
+    weights), `attn_qkv_bias`, `attn_out_bias`; `ff_mult` (4), `ff_glu`, `ff_swish`, `ff_no_bias`, `ff_dropout`;
+    `cross_attn_*` overrides `attn_*` for cross-attention. The first spellings of this project stay accepted:
+    `rotary`, `alibi`, `dim_head`, `kv_heads`, `scale`, `groups`, `ff_bias`.
     """
 
     def __init__(
         self,
         dim: int,
         depth: int,
-        heads: int,
+        heads: int = 8,
         *,
         causal: bool = False,
         cross_attend: bool = False,
         only_cross: bool = False,
-        attn: str = "cosine",
-        scale: float | None = None,
-        groups: int = 1,
-        kv_heads: int | None = None,
-        dim_head: int = 64,
-        dim_context: int | None = None,
+        attn: str | None = None,
         pre_norm: bool = False,
-        ff_mult: float = 4,
-        ff_glu: bool = False,
-        dropout: float = 0.0,
-        rotary: bool = False,
+        use_rmsnorm: bool = False,
+        rotary_pos_emb: bool | None = None,
         rotary_theta: float = 10000.0,
-        alibi: bool = False,
+        alibi_pos_bias: bool | None = None,
+        dropout: float = 0.0,
+        dim_context: int | None = None,
         **kwargs,
     ):
         super().__init__()
-        attn_kwargs, ff_kwargs = _route_prefixed(kwargs)
-        kv_heads = heads if kv_heads is None else kv_heads
+        opts = resolve_stack_options(
+            kwargs | {"attn": attn},
+            rotary_pos_emb=rotary_pos_emb,
+            alibi_pos_bias=alibi_pos_bias,
+            dropout=dropout,
+            named=_NAMED,
+        )
+        rotary, alibi = opts.rotary, opts.alibi
+        dim_head, groups = opts.attn.get("dim_head", 64), opts.attn.get("groups", 1)
         if not isinstance(dim, int) or dim < 1:
             raise ValueError(f"dim must be a positive integer; got dim={dim!r}")
         if not isinstance(depth, int) or depth < 1:
@@ -159,13 +169,13 @@ class Transformer(nn.Module):
         if only_cross and causal:
             raise ValueError("causal=True has no meaning for cross-attention-only blocks (only_cross=True)")
         if rotary and alibi:
-            raise ValueError("rotary=True and alibi=True both encode positions; choose one")
+            raise ValueError("rotary_pos_emb (rotary) and alibi_pos_bias (alibi) both encode positions; choose one")
         if (rotary or alibi) and only_cross:
             raise ValueError("rotary/alibi act on self-attention; cross-attention-only blocks have none")
         if rotary and (dim_head // groups) % 2 != 0:
             raise ValueError(
-                f"rotary=True needs an even l2norm group size (dim_head / groups); got dim_head={dim_head}, "
-                f"groups={groups}"
+                f"rotary=True needs an even l2norm group size (dim_head / groups, rotary_pos_emb); got "
+                f"dim_head={dim_head}, groups={groups}"
             )
         if dim_context is not None and not cross_attend:
             raise ValueError(f"dim_context={dim_context} needs cross_attend=True")
@@ -174,31 +184,29 @@ class Transformer(nn.Module):
         self.causal = causal
         self.cross_attend, self.only_cross = cross_attend, only_cross
         self.dim_context = dim_context if dim_context is not None else dim
-        self.attn, self.pre_norm = attn, pre_norm
+        self.attn = (opts.cross_attn if only_cross else opts.attn).get("attn", "cosine")
+        self.pre_norm = pre_norm
         self.uses_relative_positions = rotary or alibi
         self.alpha = 1.0 if pre_norm else (2 * depth) ** 0.25
         self.beta = 1.0 if pre_norm else (8 * depth) ** -0.25
 
-        common = (
-            dict(dim_head=dim_head, kv_heads=kv_heads, attn=attn, scale=scale, groups=groups, dropout=dropout)
-            | attn_kwargs
-        )
-        ff_kwargs = dict(mult=ff_mult, glu=ff_glu, dropout=dropout) | ff_kwargs
+        norm = nn.RMSNorm if use_rmsnorm else nn.LayerNorm
         self.rotary = RotaryEmbedding(dim_head, theta=rotary_theta) if rotary else None
         self.layers = nn.ModuleList(
             Block(
                 dim,
-                self_attn=None if only_cross else Attention(dim, heads, causal=causal, alibi=alibi, **common),
-                cross_attn=Attention(dim, heads, cross=True, dim_context=dim_context, **common)
+                self_attn=None if only_cross else Attention(dim, heads, causal=causal, alibi=alibi, **opts.attn),
+                cross_attn=Attention(dim, heads, cross=True, dim_context=dim_context, **opts.cross_attn)
                 if cross_attend
                 else None,
-                ff=FeedForward(dim, **ff_kwargs),
+                ff=FeedForward(dim, **opts.ff),
                 pre_norm=pre_norm,
                 alpha=self.alpha,
+                norm=norm,
             )
             for _ in range(depth)
         )
-        self.final_norm = nn.LayerNorm(dim) if pre_norm else nn.Identity()
+        self.final_norm = norm(dim) if pre_norm else nn.Identity()
         self._init_weights()
 
     @torch.no_grad()
@@ -284,6 +292,10 @@ class Transformer(nn.Module):
         return x
 
 
+# the constructor's own parameters, for the did-you-mean hint on an unknown option
+_NAMED = tuple(p for p in inspect.signature(Transformer.__init__).parameters if p not in ("self", "kwargs"))
+
+
 def _reject(kwargs: dict, names: tuple[str, ...], cls: str) -> None:
     for name in names:
         if name in kwargs:
@@ -293,7 +305,7 @@ def _reject(kwargs: dict, names: tuple[str, ...], cls: str) -> None:
 class Encoder(Transformer):
     """Bidirectional stack (causal=False)."""
 
-    def __init__(self, dim: int, depth: int, heads: int, **kwargs):
+    def __init__(self, dim: int, depth: int, heads: int = 8, **kwargs):
         _reject(kwargs, ("causal",), "Encoder")
         super().__init__(dim, depth, heads, causal=False, **kwargs)
 
@@ -301,7 +313,7 @@ class Encoder(Transformer):
 class Decoder(Transformer):
     """Causal stack (causal=True); `cross_attend=True` adds cross-attention to an encoder's output."""
 
-    def __init__(self, dim: int, depth: int, heads: int, **kwargs):
+    def __init__(self, dim: int, depth: int, heads: int = 8, **kwargs):
         _reject(kwargs, ("causal",), "Decoder")
         super().__init__(dim, depth, heads, causal=True, **kwargs)
 
@@ -309,6 +321,6 @@ class Decoder(Transformer):
 class CrossAttender(Transformer):
     """Blocks of cross-attention and feed-forward only (no self-attention), as in x-transformers."""
 
-    def __init__(self, dim: int, depth: int, heads: int, **kwargs):
+    def __init__(self, dim: int, depth: int, heads: int = 8, **kwargs):
         _reject(kwargs, ("causal", "cross_attend", "only_cross"), "CrossAttender")
         super().__init__(dim, depth, heads, causal=False, cross_attend=True, only_cross=True, **kwargs)

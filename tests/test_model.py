@@ -26,6 +26,9 @@ def _lin(x, layer):
 
 
 def _ln(x, norm):
+    if isinstance(norm, torch.nn.RMSNorm):
+        eps = norm.eps if norm.eps is not None else torch.finfo(torch.float32).eps
+        return x * (x.pow(2).mean(dim=-1, keepdim=True) + eps).rsqrt() * norm.weight.double()
     return F.layer_norm(x, x.shape[-1:], norm.weight.double(), norm.bias.double(), norm.eps)
 
 
@@ -79,13 +82,14 @@ def ref_attention(mod, x, src, *, key_mask, cfg, rotary):
     return _lin(out, mod.to_out)
 
 
-def ref_ff(ff, x, glu):
+def ref_ff(ff, x, glu, swish=False):
+    act = F.silu if swish else F.gelu
     hid = _lin(x, ff.proj_in)
     if glu:
         a, gate = hid.chunk(2, dim=-1)
-        hid = a * F.gelu(gate)
+        hid = a * act(gate)
     else:
-        hid = F.gelu(hid)
+        hid = act(hid)
     return _lin(hid, ff.proj_out)
 
 
@@ -114,7 +118,7 @@ def ref_wrapper(model, x, cfg, mask=None, context=None, context_mask=None, retur
                 blk.cross_norm,
                 lambda t, blk=blk: ref_attention(blk.cross_attn, t, ctx, key_mask=context_mask, cfg=cfg, rotary=False),
             )
-        h = sublayer(h, blk.ff_norm, lambda t, blk=blk: ref_ff(blk.ff, t, cfg["ff_glu"]))
+        h = sublayer(h, blk.ff_norm, lambda t, blk=blk: ref_ff(blk.ff, t, cfg["ff_glu"], cfg["ff_swish"]))
     if pre_norm:
         h = _ln(h, layers.final_norm)
     if return_embeddings:
@@ -125,7 +129,10 @@ def ref_wrapper(model, x, cfg, mask=None, context=None, context_mask=None, retur
 
 # ---------------------------------------------------------------------------------------------------------------
 
-BASE = dict(attn="cosine", pre_norm=False, kv_heads=None, groups=1, rotary=False, alibi=False, ff_glu=False, scale=None)
+BASE = dict(
+    attn="cosine", pre_norm=False, kv_heads=None, groups=1, rotary=False, alibi=False, ff_glu=False, scale=None,
+    ff_swish=False, ff_no_bias=False, use_rmsnorm=False,
+)  # fmt: skip
 
 CASES = {
     "cosine": {},
@@ -141,6 +148,9 @@ CASES = {
     "regular-rotary": dict(attn="regular", rotary=True),
     "regular-alibi": dict(attn="regular", alibi=True),
     "regular-glu-cross": dict(attn="regular", ff_glu=True, cross=True),
+    "cosine-rmsnorm-swiglu": dict(use_rmsnorm=True, ff_glu=True, ff_swish=True),
+    "cosine-prenorm-rmsnorm-cross": dict(pre_norm=True, use_rmsnorm=True, cross=True),
+    "regular-swish-nobias": dict(attn="regular", ff_swish=True, ff_no_bias=True),
 }
 
 
