@@ -25,11 +25,16 @@ from .transformer import Decoder, Encoder, KVCache, Transformer
 
 
 class TransformerWrapper(nn.Module):
-    """Embeddings and logits around `attn_layers` (a `Transformer`).
+    """Embeddings and logits around `attn_layers` (a `Transformer`), as x-transformers' `TransformerWrapper`.
 
+    emb_dim: width of the token and absolute-position embeddings (default: the layers' dim); when it differs, a
+    linear map takes them to dim. post_emb_norm: a LayerNorm on the summed embeddings. emb_dropout: dropout on them.
     use_abs_pos_emb: None (default) means learned absolute positions unless the layers already encode positions
     (rotary or alibi); True / False force them on / off, so both kinds together remain possible.
-    tie_embedding: the logits reuse the token-embedding matrix.
+    tie_embedding: the logits reuse the token-embedding matrix, h @ Eᵀ (without the dim^-0.5 factor recent
+    x-transformers applies). logits_dim: width of the logits (default num_tokens). return_only_embed: no logits
+    layer at all; forward returns the final-normed embeddings (an encoder whose logits are never used keeps no
+    parameter without a gradient, which DDP would reject).
     """
 
     def __init__(
@@ -38,30 +43,47 @@ class TransformerWrapper(nn.Module):
         max_seq_len: int,
         attn_layers: Transformer,
         *,
+        emb_dim: int | None = None,
         emb_dropout: float = 0.0,
+        post_emb_norm: bool = False,
         tie_embedding: bool = False,
+        logits_dim: int | None = None,
+        return_only_embed: bool = False,
         use_abs_pos_emb: bool | None = None,
     ):
         super().__init__()
         if not isinstance(attn_layers, Transformer):
             raise ValueError(f"attn_layers must be a cosformer Transformer; got {type(attn_layers).__name__}")
-        if not isinstance(num_tokens, int) or num_tokens < 1:
-            raise ValueError(f"num_tokens must be a positive integer; got num_tokens={num_tokens!r}")
-        if not isinstance(max_seq_len, int) or max_seq_len < 1:
-            raise ValueError(f"max_seq_len must be a positive integer; got max_seq_len={max_seq_len!r}")
+        for name, value in (("num_tokens", num_tokens), ("max_seq_len", max_seq_len)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer; got {name}={value!r}")
+        for name, value in (("emb_dim", emb_dim), ("logits_dim", logits_dim)):
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer or None; got {name}={value!r}")
         if not 0.0 <= emb_dropout < 1.0:
             raise ValueError(f"emb_dropout must be in [0, 1); got emb_dropout={emb_dropout!r}")
         dim = attn_layers.dim
+        emb_dim = dim if emb_dim is None else emb_dim
+        if tie_embedding and emb_dim != dim:
+            raise ValueError(f"tie_embedding=True needs emb_dim == dim; got emb_dim={emb_dim}, dim={dim}")
+        if tie_embedding and logits_dim not in (None, num_tokens):
+            raise ValueError(f"tie_embedding=True gives num_tokens={num_tokens} logits; got logits_dim={logits_dim}")
+        if return_only_embed and logits_dim is not None:
+            raise ValueError(f"return_only_embed=True has no logits; got logits_dim={logits_dim}")
         self.num_tokens, self.max_seq_len = num_tokens, max_seq_len
         self.attn_layers = attn_layers
         if use_abs_pos_emb is None:
             use_abs_pos_emb = not attn_layers.uses_relative_positions
-        self.token_emb = nn.Embedding(num_tokens, dim)
+        self.token_emb = nn.Embedding(num_tokens, emb_dim)
         nn.init.normal_(self.token_emb.weight, std=0.02)
-        self.pos_emb = AbsolutePositionalEmbedding(dim, max_seq_len) if use_abs_pos_emb else None
+        self.pos_emb = AbsolutePositionalEmbedding(emb_dim, max_seq_len) if use_abs_pos_emb else None
+        self.post_emb_norm = nn.LayerNorm(emb_dim) if post_emb_norm else nn.Identity()
         self.emb_dropout = nn.Dropout(emb_dropout)
-        self.to_logits = None if tie_embedding else nn.Linear(dim, num_tokens, bias=False)
-        if self.to_logits is not None:
+        self.project_emb = nn.Linear(emb_dim, dim) if emb_dim != dim else nn.Identity()
+        self.tie_embedding, self.return_only_embed = tie_embedding, return_only_embed
+        self.to_logits = None
+        if not (tie_embedding or return_only_embed):
+            self.to_logits = nn.Linear(dim, num_tokens if logits_dim is None else logits_dim, bias=False)
             nn.init.normal_(self.to_logits.weight, std=dim**-0.5)
 
     @property
@@ -91,17 +113,18 @@ class TransformerWrapper(nn.Module):
         h = self.token_emb(x)
         if self.pos_emb is not None:
             h = h + self.pos_emb(n, offset)
-        h = self.emb_dropout(h)
+        h = self.emb_dropout(self.post_emb_norm(h))
+        h = self.project_emb(h)
         h = self.attn_layers(
             h, mask=mask, context=context, context_mask=context_mask, cache=cache, return_cache=return_cache
         )
         if return_cache:
             h, new_cache = h
-        out = h if return_embeddings else self._logits(h)
+        out = h if return_embeddings or self.return_only_embed else self._logits(h)
         return (out, new_cache) if return_cache else out
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
-        if self.to_logits is None:
+        if self.tie_embedding:
             return h @ self.token_emb.weight.t()
         return self.to_logits(h)
 
@@ -221,7 +244,7 @@ def _split_by_prefix(kwargs: dict, prefixes: tuple[str, ...]) -> tuple[dict, ...
 
 
 # TransformerWrapper options that wrap a stack rather than configure it (routed apart by XTransformer, TextToImage)
-WRAPPER_KEYS = ("emb_dropout", "tie_embedding", "use_abs_pos_emb")
+WRAPPER_KEYS = ("emb_dropout", "tie_embedding", "use_abs_pos_emb", "emb_dim", "post_emb_norm")
 
 
 def _split_wrapper(kwargs: dict) -> tuple[dict, dict]:
@@ -231,20 +254,22 @@ def _split_wrapper(kwargs: dict) -> tuple[dict, dict]:
 
 class XTransformer(nn.Module):
     """Encoder-decoder. kwargs are routed by prefix: `enc_*` to the encoder, `dec_*` to the decoder (wrapper
-    options emb_dropout / tie_embedding / use_abs_pos_emb, or any `Transformer` option); unprefixed kwargs go to
-    both. The decoder cross-attends to the encoder embeddings, with the source mask as its context mask."""
+    options such as emb_dropout / tie_embedding / use_abs_pos_emb, or any `Transformer` option); unprefixed kwargs go
+    to both. The decoder cross-attends to the encoder embeddings, with the source mask as its context mask. The
+    encoder has no logits layer (`return_only_embed`): every parameter gets a gradient, as DDP requires."""
 
     def __init__(
         self,
         dim: int,
+        *,
         enc_num_tokens: int,
         enc_depth: int,
-        enc_heads: int,
         enc_max_seq_len: int,
         dec_num_tokens: int,
         dec_depth: int,
-        dec_heads: int,
         dec_max_seq_len: int,
+        enc_heads: int = 8,
+        dec_heads: int = 8,
         tie_token_emb: bool = False,
         ignore_index: int = -100,
         pad_value: int = 0,
@@ -256,10 +281,12 @@ class XTransformer(nn.Module):
         dec_wrapper, dec_layers = _split_wrapper(dec_kwargs)
         if "dim_context" in dec_layers:
             raise ValueError("XTransformer sets the decoder's dim_context to the encoder's dim")
+        enc_wrapper.pop("tie_embedding", None)  # the encoder has no logits to tie
         self.encoder = TransformerWrapper(
             num_tokens=enc_num_tokens,
             max_seq_len=enc_max_seq_len,
             attn_layers=Encoder(dim, enc_depth, enc_heads, **enc_layers),
+            return_only_embed=True,
             **enc_wrapper,
         )
         self.decoder = AutoregressiveWrapper(

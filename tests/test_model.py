@@ -100,6 +100,10 @@ def ref_wrapper(model, x, cfg, mask=None, context=None, context_mask=None, retur
     h = model.token_emb.weight.double()[x]
     if model.pos_emb is not None:
         h = h + model.pos_emb.emb.weight.double()[: x.shape[1]]
+    if isinstance(model.post_emb_norm, torch.nn.LayerNorm):
+        h = _ln(h, model.post_emb_norm)
+    if isinstance(model.project_emb, torch.nn.Linear):
+        h = _lin(h, model.project_emb)
     ctx = context.double() if context is not None else None
 
     def sublayer(h, norm, f):
@@ -123,7 +127,7 @@ def ref_wrapper(model, x, cfg, mask=None, context=None, context_mask=None, retur
         h = _ln(h, layers.final_norm)
     if return_embeddings:
         return h
-    w = model.token_emb.weight if model.to_logits is None else model.to_logits.weight
+    w = model.token_emb.weight if model.tie_embedding else model.to_logits.weight
     return h @ w.double().t()
 
 
@@ -211,6 +215,38 @@ def test_matches_reference(case, causal, seed, torch_attention_path):
     torch.testing.assert_close(
         emb.double(), ref_wrapper(model, x, cfg, return_embeddings=True, **kwargs), atol=2e-4, rtol=1e-4
     )
+
+
+WRAPPER_CASES = {
+    "emb_dim-post_emb_norm-logits_dim": dict(emb_dim=16, post_emb_norm=True, logits_dim=11),
+    "tied-post_emb_norm": dict(tie_embedding=True, post_emb_norm=True),
+}
+
+
+@pytest.mark.parametrize("case", list(WRAPPER_CASES))
+def test_wrapper_options_match_reference(case, seed, torch_attention_path):
+    layers = Decoder(dim=24, depth=2, heads=3, attn_dim_head=16, ff_mult=2)
+    model = TransformerWrapper(num_tokens=29, max_seq_len=16, attn_layers=layers, **WRAPPER_CASES[case])
+    x = torch.randint(0, 29, (2, 13))
+    logits = model(x)
+    expected = ref_wrapper(model, x, BASE)
+    assert logits.shape == (2, 13, WRAPPER_CASES[case].get("logits_dim", 29))
+    torch.testing.assert_close(logits.double(), expected, atol=2e-4, rtol=1e-4)
+    logits.sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_return_only_embed_has_no_logits_layer(seed, torch_attention_path):
+    layers = Encoder(dim=24, depth=1, heads=3, attn_dim_head=16)
+    model = TransformerWrapper(num_tokens=29, max_seq_len=16, attn_layers=layers, return_only_embed=True)
+    assert model.to_logits is None
+    x = torch.randint(0, 29, (2, 9))
+    out = model(x)
+    torch.testing.assert_close(out.double(), ref_wrapper(model, x, BASE, return_embeddings=True), atol=2e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="logits_dim"):
+        TransformerWrapper(num_tokens=29, max_seq_len=16, attn_layers=layers, return_only_embed=True, logits_dim=3)
+    with pytest.raises(ValueError, match="emb_dim"):
+        TransformerWrapper(num_tokens=29, max_seq_len=16, attn_layers=layers, tie_embedding=True, emb_dim=8)
 
 
 @pytest.mark.parametrize("attn", ["cosine", "regular"])
@@ -441,6 +477,20 @@ def test_xtransformer_loss_and_routing(seed, torch_attention_path):
     loss.backward()
     assert loss.ndim == 0 and torch.isfinite(loss)
     assert model.encoder.token_emb.weight.grad is not None
+
+
+@pytest.mark.parametrize("tie_token_emb", [False, True], ids=["untied", "tied"])
+def test_xtransformer_every_parameter_gets_a_gradient(tie_token_emb, seed, torch_attention_path):
+    """DDP refuses a parameter without a gradient: the encoder must keep no logits layer it never uses."""
+    model = XTransformer(
+        dim=32, enc_num_tokens=20, enc_depth=1, enc_max_seq_len=12, dec_num_tokens=20, dec_depth=1,
+        dec_max_seq_len=10, attn_dim_head=16, tie_token_emb=tie_token_emb,
+    )  # fmt: skip
+    assert model.encoder.to_logits is None and model.encoder.attn_layers.heads == 8
+    src, tgt = torch.randint(0, 20, (2, 12)), torch.randint(0, 20, (2, 10))
+    model(src, tgt).backward()
+    unused = [name for name, p in model.named_parameters() if p.grad is None]
+    assert not unused
 
 
 def test_triton_interpreter_matches_torch_path(seed, monkeypatch):
