@@ -27,8 +27,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .attention import Attention
+from .attention import Attention, AttentionIntermediates
 from .options import resolve_stack_options
+from .position_bias import DynamicPositionBias, RelativePositionBias
 from .positional import RotaryEmbedding
 
 
@@ -39,6 +40,21 @@ class KVCache:
 
     layers: list
     length: int
+
+
+@dataclass
+class LayerIntermediates:
+    """What `Transformer.forward(return_intermediates=True)` returns besides its output (x-transformers' names).
+
+    hiddens: the input of every block, (b, n, dim) each, in order. attn_intermediates: one `AttentionIntermediates`
+    per attention sublayer that ran, self before cross within a block, with the attention maps. last_hidden: the
+    stack's (final-normed) output. memory_tokens: the wrappers' memory tokens after the stack, (b, m, dim).
+    """
+
+    hiddens: list[torch.Tensor]
+    attn_intermediates: list[AttentionIntermediates]
+    last_hidden: torch.Tensor
+    memory_tokens: torch.Tensor | None = None
 
 
 class FeedForward(nn.Module):
@@ -95,19 +111,33 @@ class Block(nn.Module):
     def _out(self, x, h, norm):
         return x + h if self.pre_norm else norm(self.alpha * x + h)
 
-    def forward(self, x, *, mask, context, context_mask, rotary, cache):
+    def forward(self, x, *, mask, context, context_mask, rotary, cache, attn_bias, value_residuals, return_attn):
+        """Returns x, the (self, cross) key/values a cache keeps and the (self, cross) AttentionIntermediates."""
         self_cache, cross_cache = cache if cache is not None else (None, None)
-        self_kv = cross_kv = None
+        self_kv = cross_kv = self_inter = cross_inter = None
         if self.self_attn is not None:
-            h, self_kv = self.self_attn(self._in(x, self.self_norm), mask=mask, rotary=rotary, kv_cache=self_cache)
+            h, self_kv, self_inter = self.self_attn(
+                self._in(x, self.self_norm),
+                mask=mask,
+                rotary=rotary,
+                kv_cache=self_cache,
+                attn_bias=attn_bias,
+                value_residual=value_residuals[0],
+                return_attn=return_attn,
+            )
             x = self._out(x, h, self.self_norm)
         if self.cross_attn is not None:
-            h, cross_kv = self.cross_attn(
-                self._in(x, self.cross_norm), context=context, mask=context_mask, kv_cache=cross_cache
+            h, cross_kv, cross_inter = self.cross_attn(
+                self._in(x, self.cross_norm),
+                context=context,
+                mask=context_mask,
+                kv_cache=cross_cache,
+                value_residual=value_residuals[1],
+                return_attn=return_attn,
             )
             x = self._out(x, h, self.cross_norm)
         x = self._out(x, self.ff(self._in(x, self.ff_norm)), self.ff_norm)
-        return x, (self_kv, cross_kv)
+        return x, (self_kv, cross_kv), (self_inter, cross_inter)
 
 
 class Transformer(nn.Module):
@@ -119,9 +149,19 @@ class Transformer(nn.Module):
     give x-transformers' defaults: pre-LN with softmax attention at 1/sqrt(dim_head).
 
     heads: attention heads (default 8). attn: "cosine" (default) or "regular". use_rmsnorm: RMSNorm instead of
-    LayerNorm everywhere in the stack. rotary_pos_emb / alibi_pos_bias: relative positions (at most one).
-    cross_attend: add cross-attention to `context` (b, m, dim_context or dim) in every block; only_cross: blocks
-    without self-attention (see `CrossAttender`). dropout: default of `attn_dropout` and `ff_dropout`.
+    LayerNorm everywhere in the stack. cross_attend: add cross-attention to `context` (b, m, dim_context or dim) in
+    every block; only_cross: blocks without self-attention (see `CrossAttender`). dropout: default of
+    `attn_dropout` and `ff_dropout`.
+
+    Relative positions of self-attention, at most one scheme: rotary_pos_emb (rotary_theta), alibi_pos_bias,
+    rel_pos_bias (T5's bucketed bias: rel_pos_num_buckets, rel_pos_max_distance), dynamic_pos_bias (an MLP of the
+    distance: dynamic_pos_bias_mlp_depth, dynamic_pos_bias_log_distance, dynamic_pos_bias_norm). The biases reach
+    the fused op as its `attn_bias`; see position_bias.py.
+
+    layer_dropout: stochastic depth; in training each block is skipped with this probability (x-transformers skips
+    each sublayer on its own). add_value_residual: every attention after the first of its kind (self, cross) mixes
+    in that first attention's values, with a learned per-token mix (learned_value_residual_mix, self-attention
+    only, as in x-transformers) or 0.5.
 
     Routed by prefix (options.py lists every spelling): `attn_dim_head` (64), `attn_kv_heads` / `attn_one_kv_head`
     (grouped-query attention), `attn_qk_norm` (True = cosine, False = regular), `attn_qk_norm_scale` (10),
@@ -146,6 +186,16 @@ class Transformer(nn.Module):
         rotary_pos_emb: bool | None = None,
         rotary_theta: float = 10000.0,
         alibi_pos_bias: bool | None = None,
+        rel_pos_bias: bool = False,
+        rel_pos_num_buckets: int = 32,
+        rel_pos_max_distance: int = 128,
+        dynamic_pos_bias: bool = False,
+        dynamic_pos_bias_mlp_depth: int = 2,
+        dynamic_pos_bias_log_distance: bool = False,
+        dynamic_pos_bias_norm: bool = False,
+        layer_dropout: float = 0.0,
+        add_value_residual: bool = False,
+        learned_value_residual_mix: bool = True,
         dropout: float = 0.0,
         dim_context: int | None = None,
         **kwargs,
@@ -168,10 +218,17 @@ class Transformer(nn.Module):
             raise ValueError("only_cross=True needs cross_attend=True")
         if only_cross and causal:
             raise ValueError("causal=True has no meaning for cross-attention-only blocks (only_cross=True)")
-        if rotary and alibi:
-            raise ValueError("rotary_pos_emb (rotary) and alibi_pos_bias (alibi) both encode positions; choose one")
-        if (rotary or alibi) and only_cross:
-            raise ValueError("rotary/alibi act on self-attention; cross-attention-only blocks have none")
+        schemes = dict(rotary=rotary, alibi=alibi, rel_pos_bias=rel_pos_bias, dynamic_pos_bias=dynamic_pos_bias)
+        chosen = [name for name, on in schemes.items() if on]
+        if len(chosen) > 1:
+            raise ValueError(
+                f"{' and '.join(f'{name}=True' for name in chosen)} all encode positions; choose one "
+                "(rotary = rotary_pos_emb, alibi = alibi_pos_bias)"
+            )
+        if chosen and only_cross:
+            raise ValueError(f"{chosen[0]} acts on self-attention; cross-attention-only blocks have none")
+        if not (isinstance(layer_dropout, (int, float)) and 0.0 <= layer_dropout < 1.0):
+            raise ValueError(f"layer_dropout must be in [0, 1); got layer_dropout={layer_dropout!r}")
         if rotary and (dim_head // groups) % 2 != 0:
             raise ValueError(
                 f"rotary=True needs an even l2norm group size (dim_head / groups, rotary_pos_emb); got "
@@ -186,17 +243,42 @@ class Transformer(nn.Module):
         self.dim_context = dim_context if dim_context is not None else dim
         self.attn = (opts.cross_attn if only_cross else opts.attn).get("attn", "cosine")
         self.pre_norm = pre_norm
-        self.uses_relative_positions = rotary or alibi
+        self.uses_relative_positions = bool(chosen)
+        self.layer_dropout = float(layer_dropout)
+        self.add_value_residual = add_value_residual
         self.alpha = 1.0 if pre_norm else (2 * depth) ** 0.25
         self.beta = 1.0 if pre_norm else (8 * depth) ** -0.25
 
         norm = nn.RMSNorm if use_rmsnorm else nn.LayerNorm
         self.rotary = RotaryEmbedding(dim_head, theta=rotary_theta) if rotary else None
+        self.rel_pos = None
+        if rel_pos_bias:
+            self.rel_pos = RelativePositionBias(
+                heads,
+                causal=causal,
+                scale=dim_head**0.5,
+                num_buckets=rel_pos_num_buckets,
+                max_distance=rel_pos_max_distance,
+            )
+        elif dynamic_pos_bias:
+            self.rel_pos = DynamicPositionBias(
+                max(dim // 4, 1),
+                heads=heads,
+                depth=dynamic_pos_bias_mlp_depth,
+                log_distance=dynamic_pos_bias_log_distance,
+                norm=dynamic_pos_bias_norm,
+            )
+
+        def attention(first: bool, **kwargs):
+            # the first attention of its kind is the source of the value residual; the others mix it in
+            learned_mix = add_value_residual and learned_value_residual_mix and not first and not kwargs.get("cross")
+            return Attention(dim, heads, learned_value_residual_mix=learned_mix, **kwargs)
+
         self.layers = nn.ModuleList(
             Block(
                 dim,
-                self_attn=None if only_cross else Attention(dim, heads, causal=causal, alibi=alibi, **opts.attn),
-                cross_attn=Attention(dim, heads, cross=True, dim_context=dim_context, **opts.cross_attn)
+                self_attn=None if only_cross else attention(index == 0, causal=causal, alibi=alibi, **opts.attn),
+                cross_attn=attention(index == 0, cross=True, dim_context=dim_context, **opts.cross_attn)
                 if cross_attend
                 else None,
                 ff=FeedForward(dim, **opts.ff),
@@ -204,7 +286,7 @@ class Transformer(nn.Module):
                 alpha=self.alpha,
                 norm=norm,
             )
-            for _ in range(depth)
+            for index in range(depth)
         )
         self.final_norm = norm(dim) if pre_norm else nn.Identity()
         self._init_weights()
@@ -270,6 +352,7 @@ class Transformer(nn.Module):
         context_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
         return_cache: bool = False,
+        return_intermediates: bool = False,
     ):
         """x (b, n, dim) -> (b, n, dim), final-normed.
 
@@ -277,18 +360,46 @@ class Transformer(nn.Module):
         context (b, m, dim_context) and context_mask (b, m) for cross-attention. cache: a `KVCache` from an
         earlier call with return_cache=True; only the new tokens are fed, and cross-attention reuses the context's
         keys and values cached by the first call (context may then be omitted). return_cache: also return the cache.
+        return_intermediates: also return a `LayerIntermediates` with every attention map, computed by a non-fused
+        path (slow, O(n²) memory: for inspection, not training); not together with a cache.
         """
         self._check_inputs(x, mask, context, context_mask, cache)
+        if return_intermediates and (cache is not None or return_cache):
+            raise ValueError("return_intermediates=True does not combine with a KV cache (cache / return_cache)")
         offset = cache.length if cache is not None else 0
         rotary = self.rotary(x.shape[1], offset) if self.rotary is not None else None
+        attn_bias = self.rel_pos(x.shape[1], offset + x.shape[1]) if self.rel_pos is not None else None
+        # stochastic depth only where no cache is built: a skipped block would leave a hole in it
+        drop = self.training and self.layer_dropout > 0 and cache is None and not return_cache
         layer_caches = cache.layers if cache is not None else [None] * self.depth
-        new_caches = []
+        new_caches, hiddens, attn_intermediates = [], [], []
+        first_values = [None, None]  # (self, cross): the value residual's source, once its first attention ran
         for block, layer_cache in zip(self.layers, layer_caches):
-            x, kv = block(x, mask=mask, context=context, context_mask=context_mask, rotary=rotary, cache=layer_cache)
+            if drop and torch.rand(()).item() < self.layer_dropout:
+                continue
+            hiddens.append(x)
+            x, kv, inters = block(
+                x,
+                mask=mask,
+                context=context,
+                context_mask=context_mask,
+                rotary=rotary,
+                cache=layer_cache,
+                attn_bias=attn_bias,
+                value_residuals=first_values if self.add_value_residual else (None, None),
+                return_attn=return_intermediates,
+            )
             new_caches.append(kv)
+            for kind, inter in enumerate(inters):
+                if inter is not None:
+                    attn_intermediates.append(inter)
+                    if first_values[kind] is None:
+                        first_values[kind] = inter.values
         x = self.final_norm(x)
         if return_cache:
             return x, KVCache(layers=new_caches, length=offset + x.shape[1])
+        if return_intermediates:
+            return x, LayerIntermediates(hiddens=hiddens, attn_intermediates=attn_intermediates, last_hidden=x)
         return x
 
 
