@@ -7,7 +7,7 @@ Vocabulary of x-transformers: `TransformerWrapper(num_tokens, max_seq_len, attn_
 from cosattn import cosine_sim_attention, l2norm_tensors
 
 from .compiling import compile_model
-from .transformer import CrossAttender, Decoder, Encoder, KVCache, Transformer
+from .transformer import CrossAttender, Decoder, Encoder, KVCache, LayerIntermediates, Transformer
 from .wrappers import AutoregressiveWrapper, TransformerWrapper, XTransformer
 
 __version__ = "0.1.0"
@@ -20,6 +20,7 @@ __all__ = [
     "Decoder",
     "CrossAttender",
     "KVCache",
+    "LayerIntermediates",
     "TransformerWrapper",
     "AutoregressiveWrapper",
     "XTransformer",

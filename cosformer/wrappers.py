@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from einops import repeat
 from torch import nn
 
 from .positional import AbsolutePositionalEmbedding
@@ -24,7 +25,66 @@ from .sampling import check_sampling_args, sample_next
 from .transformer import Decoder, Encoder, KVCache, Transformer
 
 
-class TransformerWrapper(nn.Module):
+class StackWrapper(nn.Module):
+    """What `TransformerWrapper` and `ContinuousTransformerWrapper` share around their `attn_layers`: memory tokens
+    and the extra outputs of a forward (a KV cache, intermediates, attention maps).
+
+    Memory tokens (Burtsev et al., 2020, "Memory Transformer", arXiv:2006.11527): `num_memory_tokens` learned
+    vectors prepended to every sequence after the embeddings (they take no absolute position; with rotary they
+    take the first positions), unmasked, and cut off again after the stack. As in x-transformers, a wrapper with
+    memory tokens decodes without a KV cache (`generate(..., cache_kv=False)`).
+    """
+
+    def _init_memory_tokens(self, num_memory_tokens: int | None, dim: int) -> None:
+        num_memory_tokens = 0 if num_memory_tokens is None else num_memory_tokens
+        if isinstance(num_memory_tokens, bool) or not isinstance(num_memory_tokens, int) or num_memory_tokens < 0:
+            raise ValueError(f"num_memory_tokens must be an integer >= 0; got num_memory_tokens={num_memory_tokens!r}")
+        self.num_memory_tokens = num_memory_tokens
+        self.memory_tokens = nn.Parameter(torch.randn(num_memory_tokens, dim)) if num_memory_tokens else None
+
+    @property
+    def can_cache_kv(self) -> bool:
+        """Whether this wrapper can decode with a KV cache (x-transformers' name)."""
+        return self.num_memory_tokens == 0 and self.attn_layers.causal
+
+    def _check_returns(self, cache, return_cache: bool, return_intermediates: bool, return_attn: bool) -> None:
+        caching = cache is not None or return_cache
+        if caching and (return_intermediates or return_attn):
+            raise ValueError("return_intermediates / return_attn do not combine with a KV cache (cache, return_cache)")
+        if caching and self.num_memory_tokens:
+            raise ValueError(
+                f"num_memory_tokens={self.num_memory_tokens}: memory tokens are not cached, so this wrapper decodes "
+                "without a KV cache (generate(..., cache_kv=False))"
+            )
+
+    def _run_layers(self, h, *, mask, cache, return_cache: bool, intermediates: bool, **layer_kwargs):
+        """Memory tokens in, attn_layers, memory tokens out: (h (b, n, dim), the cache or intermediates or None)."""
+        n_mem = self.num_memory_tokens
+        if n_mem:
+            h = torch.cat((repeat(self.memory_tokens, "m d -> b m d", b=h.shape[0]).to(h.dtype), h), dim=1)
+            mask = F.pad(mask, (n_mem, 0), value=True) if mask is not None else None
+        out = self.attn_layers(
+            h, mask=mask, cache=cache, return_cache=return_cache, return_intermediates=intermediates, **layer_kwargs
+        )
+        extra = None
+        if return_cache or intermediates:
+            out, extra = out
+        if n_mem:
+            if intermediates:
+                extra.memory_tokens = out[:, :n_mem]
+            out = out[:, n_mem:]
+        return out, extra
+
+    @staticmethod
+    def _outputs(out, extra, return_cache: bool, return_intermediates: bool, return_attn: bool):
+        if return_cache or return_intermediates:
+            return out, extra
+        if return_attn:
+            return out, [inter.post_softmax_attn for inter in extra.attn_intermediates]
+        return out
+
+
+class TransformerWrapper(StackWrapper):
     """Embeddings and logits around `attn_layers` (a `Transformer`), as x-transformers' `TransformerWrapper`.
 
     emb_dim: width of the token and absolute-position embeddings (default: the layers' dim); when it differs, a
@@ -34,7 +94,10 @@ class TransformerWrapper(nn.Module):
     tie_embedding: the logits reuse the token-embedding matrix, h @ Eᵀ (without the dim^-0.5 factor recent
     x-transformers applies). logits_dim: width of the logits (default num_tokens). return_only_embed: no logits
     layer at all; forward returns the final-normed embeddings (an encoder whose logits are never used keeps no
-    parameter without a gradient, which DDP would reject).
+    parameter without a gradient, which DDP would reject). num_memory_tokens: see `StackWrapper`.
+
+    The layers are post-LN with cosine attention by default (see `Transformer`): x-transformers' defaults are
+    `Decoder(..., pre_norm=True, attn="regular")`.
     """
 
     def __init__(
@@ -50,6 +113,7 @@ class TransformerWrapper(nn.Module):
         logits_dim: int | None = None,
         return_only_embed: bool = False,
         use_abs_pos_emb: bool | None = None,
+        num_memory_tokens: int | None = 0,
     ):
         super().__init__()
         if not isinstance(attn_layers, Transformer):
@@ -85,6 +149,7 @@ class TransformerWrapper(nn.Module):
         if not (tie_embedding or return_only_embed):
             self.to_logits = nn.Linear(dim, num_tokens if logits_dim is None else logits_dim, bias=False)
             nn.init.normal_(self.to_logits.weight, std=dim**-0.5)
+        self._init_memory_tokens(num_memory_tokens, dim)
 
     @property
     def causal(self) -> bool:
@@ -99,11 +164,17 @@ class TransformerWrapper(nn.Module):
         return_embeddings: bool = False,
         cache: KVCache | None = None,
         return_cache: bool = False,
+        return_intermediates: bool = False,
+        return_attn: bool = False,
     ):
         """x (b, n) token ids -> logits (b, n, num_tokens), or embeddings (b, n, dim) with return_embeddings.
-        With return_cache, returns (output, cache). See `Transformer.forward` for mask, context and cache."""
+        With return_cache, returns (output, cache). See `Transformer.forward` for mask, context and cache.
+        return_intermediates: returns (output, `LayerIntermediates`); return_attn: returns (output, [post-softmax
+        attention maps (b, h, i, j), one per attention sublayer]). Both run the attention through a non-fused path
+        that materialises the maps: slow, O(n²) memory, for inspection."""
         if x.dim() != 2 or x.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"x must be (b, n) integer token ids; got shape {tuple(x.shape)}, dtype {x.dtype}")
+        self._check_returns(cache, return_cache, return_intermediates, return_attn)
         n = x.shape[1]
         offset = cache.length if cache is not None else 0
         if offset + n > self.max_seq_len:
@@ -115,13 +186,17 @@ class TransformerWrapper(nn.Module):
             h = h + self.pos_emb(n, offset)
         h = self.emb_dropout(self.post_emb_norm(h))
         h = self.project_emb(h)
-        h = self.attn_layers(
-            h, mask=mask, context=context, context_mask=context_mask, cache=cache, return_cache=return_cache
+        h, extra = self._run_layers(
+            h,
+            mask=mask,
+            context=context,
+            context_mask=context_mask,
+            cache=cache,
+            return_cache=return_cache,
+            intermediates=return_intermediates or return_attn,
         )
-        if return_cache:
-            h, new_cache = h
         out = h if return_embeddings or self.return_only_embed else self._logits(h)
-        return (out, new_cache) if return_cache else out
+        return self._outputs(out, extra, return_cache, return_intermediates, return_attn)
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         if self.tie_embedding:
@@ -244,7 +319,7 @@ def _split_by_prefix(kwargs: dict, prefixes: tuple[str, ...]) -> tuple[dict, ...
 
 
 # TransformerWrapper options that wrap a stack rather than configure it (routed apart by XTransformer, TextToImage)
-WRAPPER_KEYS = ("emb_dropout", "tie_embedding", "use_abs_pos_emb", "emb_dim", "post_emb_norm")
+WRAPPER_KEYS = ("emb_dropout", "tie_embedding", "use_abs_pos_emb", "emb_dim", "post_emb_norm", "num_memory_tokens")
 
 
 def _split_wrapper(kwargs: dict) -> tuple[dict, dict]:

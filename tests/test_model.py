@@ -194,6 +194,15 @@ def ref_layers(layers, h, cfg, mask=None, context=None, context_mask=None, maps=
     return h
 
 
+def ref_memory_tokens(model, h, mask):
+    """Prepends the wrapper's memory tokens (unmasked) to h and, if given, to the mask."""
+    n_mem = model.num_memory_tokens
+    if n_mem:
+        h = torch.cat((model.memory_tokens.double()[None].expand(h.shape[0], -1, -1), h), dim=1)
+        mask = F.pad(mask, (n_mem, 0), value=True) if mask is not None else None
+    return h, mask
+
+
 def ref_wrapper(model, x, cfg, mask=None, context=None, context_mask=None, return_embeddings=False, maps=None):
     """The token wrapper's logits (or embeddings) in float64."""
     h = model.token_emb.weight.double()[x]
@@ -203,7 +212,8 @@ def ref_wrapper(model, x, cfg, mask=None, context=None, context_mask=None, retur
         h = _ln(h, model.post_emb_norm)
     if isinstance(model.project_emb, torch.nn.Linear):
         h = _lin(h, model.project_emb)
-    h = ref_layers(model.attn_layers, h, cfg, mask, context, context_mask, maps)
+    h, mask = ref_memory_tokens(model, h, mask)
+    h = ref_layers(model.attn_layers, h, cfg, mask, context, context_mask, maps)[:, model.num_memory_tokens :]
     if return_embeddings:
         return h
     w = model.token_emb.weight if model.tie_embedding else model.to_logits.weight
