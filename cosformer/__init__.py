@@ -1,12 +1,14 @@
 """cosformer: transformers whose attention is fixed-scale cosine similarity, computed by fused Triton kernels.
 
 Vocabulary of x-transformers: `TransformerWrapper(num_tokens, max_seq_len, attn_layers=Decoder(dim, depth, heads))`,
-`AutoregressiveWrapper(net)` for the loss and `.generate`, `XTransformer` for encoder-decoder models.
+`AutoregressiveWrapper(net)` for the loss and `.generate`, `XTransformer` for encoder-decoder models,
+`ContinuousTransformerWrapper` for sequences of vectors.
 """
 
 from cosattn import cosine_sim_attention, l2norm_tensors
 
 from .compiling import compile_model
+from .continuous import ContinuousTransformerWrapper
 from .transformer import CrossAttender, Decoder, Encoder, KVCache, LayerIntermediates, Transformer
 from .wrappers import AutoregressiveWrapper, TransformerWrapper, XTransformer
 
@@ -22,6 +24,7 @@ __all__ = [
     "KVCache",
     "LayerIntermediates",
     "TransformerWrapper",
+    "ContinuousTransformerWrapper",
     "AutoregressiveWrapper",
     "XTransformer",
     "compile_model",

@@ -1,6 +1,6 @@
 """x-transformers' features beyond the block options (those are in test_model.py's reference cases): memory tokens,
-intermediates and attention maps, stochastic depth and the KV cache under the new attention options, each against
-test_model.py's float64 reference."""
+intermediates and attention maps, stochastic depth, the KV cache under the new attention options, and
+`ContinuousTransformerWrapper`, each against test_model.py's float64 reference."""
 
 import pytest
 import torch
@@ -8,6 +8,7 @@ from torch import nn
 
 from cosformer import (
     AutoregressiveWrapper,
+    ContinuousTransformerWrapper,
     Decoder,
     Encoder,
     LayerIntermediates,
@@ -15,7 +16,7 @@ from cosformer import (
     TransformerWrapper,
     XTransformer,
 )
-from tests.test_model import BASE, DPB, T5, build, ref_wrapper
+from tests.test_model import BASE, DPB, T5, _lin, _ln, build, ref_layers, ref_memory_tokens, ref_wrapper
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -201,3 +202,54 @@ def test_cached_logits_equal_full_forward(attn, variant, cross, seed, torch_atte
         logits, cache = net(x[:, start:stop], cache=cache, return_cache=True, **kwargs)
         pieces.append(logits)
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ContinuousTransformerWrapper
+
+
+def ref_continuous(model, x, cfg, mask=None):
+    h = _lin(x.double(), model.project_in) if isinstance(model.project_in, nn.Linear) else x.double()
+    if model.pos_emb is not None:
+        h = h + model.pos_emb.emb.weight.double()[: x.shape[1]]
+    if isinstance(model.post_emb_norm, nn.LayerNorm):
+        h = _ln(h, model.post_emb_norm)
+    h, mask = ref_memory_tokens(model, h, mask)
+    h = ref_layers(model.attn_layers, h, cfg, mask)[:, model.num_memory_tokens :]
+    return _lin(h, model.project_out) if isinstance(model.project_out, nn.Linear) else h
+
+
+@pytest.mark.parametrize(
+    "opts",
+    [dict(dim_in=5, dim_out=3), dict(dim_in=5, post_emb_norm=True, num_memory_tokens=2), dict(dim_out=7)],
+    ids=["in-out", "in-norm-memory", "out"],
+)
+@pytest.mark.parametrize("causal", [False, True], ids=["enc", "dec"])
+def test_continuous_wrapper_matches_reference(causal, opts, seed, torch_attention_path):
+    layers = Transformer(24, 2, 3, causal=causal, attn_dim_head=16, ff_mult=2)
+    model = ContinuousTransformerWrapper(max_seq_len=16, attn_layers=layers, **opts)
+    x = torch.randn(2, 11, opts.get("dim_in", 24))
+    mask = torch.rand(2, 11) > 0.3
+    out = model(x, mask=mask)
+    assert out.shape == (2, 11, opts.get("dim_out", 24))
+    torch.testing.assert_close(out.double(), ref_continuous(model, x, BASE, mask), **TOL)
+    out.sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_continuous_wrapper_positional_form_and_checks(seed, torch_attention_path):
+    layers = Decoder(dim=24, depth=1, heads=3, attn_dim_head=16, rotary_pos_emb=True)
+    model = ContinuousTransformerWrapper(4, 6, 32, layers)  # (dim_in, dim_out, max_seq_len, attn_layers)
+    assert model.pos_emb is None  # the layers encode positions
+    x = torch.randn(2, 9, 4)
+    _, cache = model(x[:, :5], return_cache=True)
+    step, _ = model(x[:, 5:], cache=cache, return_cache=True)
+    torch.testing.assert_close(step, model(x)[:, 5:], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="dim_in"):
+        model(torch.randn(2, 9, 5))
+    with pytest.raises(ValueError, match="max_seq_len"):
+        model(torch.randn(2, 33, 4))
+    with pytest.raises(ValueError, match="use_abs_pos_emb"):
+        ContinuousTransformerWrapper(attn_layers=layers, use_abs_pos_emb=True)
+    with pytest.raises(ValueError, match="attn_layers"):
+        ContinuousTransformerWrapper(4, 6, 32)
