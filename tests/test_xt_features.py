@@ -253,3 +253,37 @@ def test_continuous_wrapper_positional_form_and_checks(seed, torch_attention_pat
         ContinuousTransformerWrapper(attn_layers=layers, use_abs_pos_emb=True)
     with pytest.raises(ValueError, match="attn_layers"):
         ContinuousTransformerWrapper(4, 6, 32)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# mixed precision and torch.compile under the new options
+
+NEW_OPTIONS = dict(
+    attn_num_mem_kv=2, attn_gate_values=True, attn_gate_value_heads=True, add_value_residual=True,
+    rel_pos_bias=True, use_rmsnorm=True, ff_glu=True, ff_swish=True,
+)  # fmt: skip
+
+
+@pytest.mark.parametrize("attn", ["cosine", "regular"])
+def test_new_options_under_bf16_autocast(attn, seed, torch_attention_path):
+    layers = Decoder(dim=64, depth=2, heads=4, attn_dim_head=16, attn_kv_heads=2, attn=attn, cross_attend=True,
+                     **NEW_OPTIONS)  # fmt: skip
+    model = AutoregressiveWrapper(TransformerWrapper(num_tokens=40, max_seq_len=32, attn_layers=layers))
+    x, context = torch.randint(0, 40, (2, 20)), torch.randn(2, 5, 64)
+    loss32 = model(x, context=context)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss16 = model(x, context=context)
+    loss16.backward()
+    assert torch.isfinite(loss16) and abs(loss16.item() - loss32.item()) < 0.05
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("attn", ["cosine", "regular"])
+def test_new_options_compile_without_graph_breaks(attn, seed, torch_attention_path):
+    layers = Decoder(dim=32, depth=2, heads=2, attn_dim_head=16, attn=attn, cross_attend=True, **NEW_OPTIONS)
+    model = AutoregressiveWrapper(TransformerWrapper(num_tokens=30, max_seq_len=16, attn_layers=layers))
+    x, context = torch.randint(0, 30, (2, 16)), torch.randn(2, 5, 32)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    loss = compiled(x, context=context)
+    loss.backward()
+    torch.testing.assert_close(loss, model(x, context=context))
