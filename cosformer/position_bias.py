@@ -3,7 +3,8 @@ their gradient): T5's bucketed bias and the dynamic position bias (an MLP of the
 
 Both return (h, i, j) for i queries against j keys with queries aligned bottom-right (query r sits at position
 r + j − i), like the causal mask and ALiBi, so a KV cache sees the same biases. One module serves every
-self-attention layer of a stack, as in x-transformers.
+self-attention layer of a stack, as in x-transformers. The bias is a dense (h, i, j) tensor, computed once per
+forward: O(h·n²) memory, where ALiBi's in-kernel slopes need none.
 
 References: Raffel et al., 2020, "Exploring the Limits of Transfer Learning with a Unified Text-to-Text
 Transformer" (T5, arXiv:1910.10683), section 2.1; Wang et al., 2021, "CrossFormer" (arXiv:2108.00154), the

@@ -13,7 +13,8 @@ a residual sublayer f. Two normalisation layouts:
 - pre-LN (`pre_norm=True`): x_{l+1} = x_l + f(LN(x_l)), a final LN after the last block, no DeepNet scaling
   (all gains 1).
 
-The output of the stack is always final-normed: in post-LN the last operation already is a LayerNorm.
+LN is a LayerNorm, or an RMSNorm with `use_rmsnorm=True`. The output of the stack is always final-normed: in
+post-LN the last operation already is a norm.
 
 Options beyond the named arguments are routed by prefix, x-transformers style (see options.py): `attn_*` to every
 `Attention`, `cross_attn_*` to cross-attention only, `ff_*` to every `FeedForward`.
@@ -231,7 +232,7 @@ class Transformer(nn.Module):
             raise ValueError(f"layer_dropout must be in [0, 1); got layer_dropout={layer_dropout!r}")
         if rotary and (dim_head // groups) % 2 != 0:
             raise ValueError(
-                f"rotary=True needs an even l2norm group size (dim_head / groups, rotary_pos_emb); got "
+                f"rotary=True needs an even l2norm group size, attn_dim_head / attn_qk_norm_groups; got "
                 f"dim_head={dim_head}, groups={groups}"
             )
         if dim_context is not None and not cross_attend:
