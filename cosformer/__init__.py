@@ -1,13 +1,15 @@
 """cosformer: transformers whose attention is fixed-scale cosine similarity, computed by fused Triton kernels.
 
 Vocabulary of x-transformers: `TransformerWrapper(num_tokens, max_seq_len, attn_layers=Decoder(dim, depth, heads))`,
-`AutoregressiveWrapper(net)` for the loss and `.generate`, `XTransformer` for encoder-decoder models.
+`AutoregressiveWrapper(net)` for the loss and `.generate`, `XTransformer` for encoder-decoder models,
+`ContinuousTransformerWrapper` for sequences of vectors.
 """
 
 from cosattn import cosine_sim_attention, l2norm_tensors
 
 from .compiling import compile_model
-from .transformer import CrossAttender, Decoder, Encoder, KVCache, Transformer
+from .continuous import ContinuousTransformerWrapper
+from .transformer import CrossAttender, Decoder, Encoder, KVCache, LayerIntermediates, Transformer
 from .wrappers import AutoregressiveWrapper, TransformerWrapper, XTransformer
 
 __version__ = "0.1.0"
@@ -20,7 +22,9 @@ __all__ = [
     "Decoder",
     "CrossAttender",
     "KVCache",
+    "LayerIntermediates",
     "TransformerWrapper",
+    "ContinuousTransformerWrapper",
     "AutoregressiveWrapper",
     "XTransformer",
     "compile_model",

@@ -8,18 +8,34 @@ regular: `F.scaled_dot_product_attention` with the usual 1/sqrt(dim_head): the b
 Everything else is shared, so the two differ only in the similarity: projections, grouped-query attention
 (`kv_heads`), key-padding masks, causal masking aligned bottom-right (query r sees key c iff c <= r + (j − i),
 so a KV cache can feed only the new queries), rotary (applied after the l2norm for cosine, see positional.py),
-ALiBi (in-kernel slopes for cosine, an additive float bias for regular), and dropout on the attention output
-(the fused op has no dropout on attention probabilities, so neither backend uses one). A query row with no
-visible key returns zeros in both backends.
+ALiBi (in-kernel slopes for cosine, an additive float bias for regular), relative position biases (`attn_bias`,
+through the op's bias argument, which returns its gradient), and dropout on the attention output (the fused op has
+no dropout on attention probabilities, so neither backend uses one). A query row with no visible key returns zeros
+in both backends.
+
+x-transformers' extras, with its semantics:
+- memory key/values (`num_mem_kv`): learned (k, v) per kv head, prepended to the keys of every call. They are
+  concatenated to k and v before the op, so under cosine attention they are l2-normalised with the other keys;
+  never rotated, never cached, visible to every query (also under the causal mask: bottom-right alignment puts
+  them before every query), with no position bias (zeros, also for ALiBi: then the bias is explicit, not in-kernel).
+- value residual (Zhou et al., 2024, "Value Residual Learning", arXiv:2410.17897): a layer mixes the values of
+  the stack's first attention into its own, v ← lerp(v_first, v, λ), λ = 0.5 or learned per token and kv head
+  (sigmoid of a linear map of the attention's input).
+- gated values: `gate_values` multiplies the merged heads by sigmoid(W x) (W: dim → heads · dim_head, no bias,
+  zero-initialised, so every gate starts at 0.5); `gate_value_heads` multiplies each head by sigmoid(w_h · x + b_h)
+  (initialised w = 0, b = 10: gates start open), from "Attend to nothing" (arXiv:2306.12929).
+- attention maps (`return_attn=True`): the forward runs a non-fused path that materialises the (b, h, i, j)
+  logits and weights. Slow, with O(n²) memory: for inspection, not training.
 """
 
 from __future__ import annotations
 
 import operator
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
+from einops import rearrange, repeat
 from torch import nn
 
 from cosattn import check_attention_config, cosine_sim_attention, l2norm_tensors
@@ -28,6 +44,21 @@ from .positional import alibi_bias, alibi_slopes, apply_rotary
 
 ATTN_KINDS = ("cosine", "regular")
 DEFAULT_SCALE = 10.0  # of cosine attention; regular attention takes no scale (1/sqrt(dim_head))
+VALUE_HEAD_GATE_BIAS = 10.0  # x-transformers' init: sigmoid(10) ≈ 1, the per-head gates start open
+
+
+@dataclass
+class AttentionIntermediates:
+    """What one attention call exposes besides its output (x-transformers' names).
+
+    values: (b, kv_heads, j_new, dim_head), this call's own values before any value-residual mix.
+    pre_softmax_attn / post_softmax_attn: (b, h, i, j) logits (−inf where masked) and weights over every key the
+    call read (memory key/values first); only with `return_attn=True`.
+    """
+
+    values: torch.Tensor
+    pre_softmax_attn: torch.Tensor | None = None
+    post_softmax_attn: torch.Tensor | None = None
 
 
 class KVBuffer:
@@ -70,8 +101,9 @@ class Attention(nn.Module):
     """Self- or cross-attention on (b, n, dim).
 
     Self-attention: keys and values come from x. Cross-attention (`cross=True`): from `context`
-    (b, m, dim_context); never causal. A KV cache keeps keys and values as the attention read them:
-    post-projection, and for rotary post-norm/post-rotation.
+    (b, m, dim_context); never causal. `forward` returns the output, the (k, v) the attention read (post-projection,
+    and for rotary post-norm/post-rotation; no memory key/values) and the call's `AttentionIntermediates`. A KV cache
+    (`KVBuffer`) keeps exactly those keys and values.
     """
 
     def __init__(
@@ -91,6 +123,10 @@ class Attention(nn.Module):
         dropout: float = 0.0,
         qkv_bias: bool = False,
         out_bias: bool = False,
+        num_mem_kv: int = 0,
+        gate_values: bool = False,
+        gate_value_heads: bool = False,
+        learned_value_residual_mix: bool = False,
     ):
         super().__init__()
         kv_heads = heads if kv_heads is None else kv_heads
@@ -101,6 +137,8 @@ class Attention(nn.Module):
             raise ValueError("alibi=True is for self-attention; cross-attention has no relative positions")
         if dim_context is not None and not cross:
             raise ValueError(f"dim_context={dim_context} is only meaningful for cross-attention")
+        if isinstance(num_mem_kv, bool) or not isinstance(num_mem_kv, int) or num_mem_kv < 0:
+            raise ValueError(f"num_mem_kv (attn_num_mem_kv) must be an integer >= 0; got num_mem_kv={num_mem_kv!r}")
         self.kind = attn
         self.heads, self.kv_heads, self.dim_head = heads, kv_heads, dim_head
         self.causal = causal and not cross
@@ -116,6 +154,19 @@ class Attention(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.register_buffer("alibi_slopes", alibi_slopes(heads) if alibi else None, persistent=False)
 
+        self.num_mem_kv = num_mem_kv
+        self.mem_k = nn.Parameter(torch.randn(kv_heads, num_mem_kv, dim_head)) if num_mem_kv else None
+        self.mem_v = nn.Parameter(torch.randn(kv_heads, num_mem_kv, dim_head)) if num_mem_kv else None
+        self.to_v_gate = nn.Linear(dim, heads * dim_head, bias=False) if gate_values else None
+        if self.to_v_gate is not None:
+            nn.init.zeros_(self.to_v_gate.weight)
+        self.to_v_head_gate = nn.Linear(dim, heads) if gate_value_heads else None
+        if self.to_v_head_gate is not None:
+            nn.init.zeros_(self.to_v_head_gate.weight)
+            nn.init.constant_(self.to_v_head_gate.bias, VALUE_HEAD_GATE_BIAS)
+        # values live per kv head, so the learned mix has one logit per kv head (x-transformers: per query head)
+        self.to_value_residual_mix = nn.Linear(dim, kv_heads) if learned_value_residual_mix else None
+
     @staticmethod
     def _split_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
         return rearrange(t, "b n (h d) -> b h n d", h=heads)
@@ -128,20 +179,33 @@ class Attention(nn.Module):
         mask: torch.Tensor | None = None,
         rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
         kv_cache: KVBuffer | None = None,
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        attn_bias: torch.Tensor | None = None,
+        value_residual: torch.Tensor | None = None,
+        return_attn: bool = False,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor], AttentionIntermediates]:
         """x (b, i, dim); context (b, m, dim_context) for cross-attention; mask (b, j) bool over all keys
-        (True = may attend); rotary (cos, sin) of the new positions (self-attention only). kv_cache: this layer's
-        `KVBuffer`; self-attention appends the new keys and values to it and attends to everything it holds;
-        cross-attention fills it with the context's once and reuses them afterwards (the context is then
-        ignored). Returns (out (b, i, dim), (k, v) each (b, kv_heads, j, dim_head), what the attention read)."""
+        (True = may attend; memory key/values are added to it); rotary (cos, sin) of the new positions
+        (self-attention only). kv_cache: this layer's `KVBuffer`; self-attention appends the new keys and values to
+        it and attends to everything it holds; cross-attention fills it with the context's once and reuses them
+        afterwards (the context is then ignored). attn_bias (h, i, j) float added to the logits over the cached and
+        new keys (relative position biases); value_residual (b, kv_heads, j_new, dim_head): the values of the
+        stack's first attention, mixed into this call's; return_attn: compute the attention maps (slow, see the
+        module docstring).
+        Returns (out (b, i, dim), (k, v) each (b, kv_heads, j, dim_head), AttentionIntermediates)."""
         q = self._split_heads(self.to_q(x), self.heads)  # (b, h, i, d)
         reuse = self.cross and kv_cache is not None and kv_cache.length > 0
         if reuse:
             k, v = kv_cache.filled()  # the context does not change between decoding steps
+            values = v
         else:
             src = context if self.cross else x
             k = self._split_heads(self.to_k(src), self.kv_heads)  # (b, hk, j_new, d)
-            v = self._split_heads(self.to_v(src), self.kv_heads)
+            v = values = self._split_heads(self.to_v(src), self.kv_heads)
+            if value_residual is not None:
+                mix = 0.5
+                if self.to_value_residual_mix is not None:
+                    mix = rearrange(self.to_value_residual_mix(x).sigmoid(), "b n h -> b h n 1")
+                v = value_residual.to(v.dtype).lerp(v, mix)
 
         # Under autocast the projections give the autocast dtype, while the norm and the rotation may give fp32:
         # the op takes one dtype, that of v (of the cache's v once there is a cache).
@@ -155,42 +219,95 @@ class Attention(nn.Module):
         if kv_cache is not None and not reuse:
             k, v = kv_cache.append(k, v)  # views of the filled prefix: no copy of what was cached
         q = q.to(v.dtype)
+        kv = (k, v)
 
-        if self.kind == "cosine":
+        bias, slopes = attn_bias, self.alibi_slopes
+        if slopes is not None and (self.kind == "regular" or self.num_mem_kv or return_attn):
+            bias, slopes = alibi_bias(slopes, q.shape[-2], k.shape[-2])[0], None  # (h, i, j), explicit
+        if self.num_mem_kv:
+            k, v, mask, bias = self._add_memory_kv(k, v, mask, bias, prenormed)
+
+        inter = AttentionIntermediates(values=values)
+        if return_attn:
+            out, inter.pre_softmax_attn, inter.post_softmax_attn = self._explicit(q, k, v, mask, bias, prenormed)
+        elif self.kind == "cosine":
             out = cosine_sim_attention(
                 q,
                 k,
                 v,
                 mask=mask,
+                attn_bias=bias,
                 causal=self.causal,
                 scale=self.scale,
                 l2norm_qk=not prenormed,
                 groups=self.groups,
-                alibi_slopes=self.alibi_slopes,
+                alibi_slopes=slopes,
             )
         else:
-            out = self._regular(q, k, v, mask)
+            out = self._regular(q, k, v, mask, bias)
+        if self.to_v_head_gate is not None:
+            out = out * rearrange(self.to_v_head_gate(x).sigmoid(), "b n h -> b h n 1").to(out.dtype)
         out = rearrange(out, "b h i d -> b i (h d)")
-        return self.dropout(self.to_out(out)), (k, v)
+        if self.to_v_gate is not None:
+            out = out * self.to_v_gate(x).sigmoid().to(out.dtype)
+        return self.dropout(self.to_out(out)), kv, inter
 
-    def _regular(self, q, k, v, mask):
+    def _add_memory_kv(self, k, v, mask, bias, prenormed):
+        b, n_mem = k.shape[0], self.num_mem_kv
+        mem_k = repeat(self.mem_k, "h n d -> b h n d", b=b).to(k.dtype)
+        mem_v = repeat(self.mem_v, "h n d -> b h n d", b=b).to(v.dtype)
+        if prenormed:  # the other keys were normalised before the rotation; the op will not normalise again
+            mem_k = l2norm_tensors(mem_k, groups=self.groups)
+        k, v = torch.cat((mem_k, k), dim=-2), torch.cat((mem_v, v), dim=-2)
+        if mask is not None:
+            mask = F.pad(mask, (n_mem, 0), value=True)
+        if bias is not None:
+            bias = F.pad(bias, (n_mem, 0), value=0.0)
+        return k, v, mask, bias
+
+    def _visibility(self, q, k, mask):
+        """Bool broadcastable to (b, h, i, j), True = may attend; None when every key is visible."""
         i, j = q.shape[-2], k.shape[-2]
-        vis = None  # bool, broadcastable to (b, h, i, j): True = may attend
-        if self.causal and (i != j or mask is not None or self.alibi_slopes is not None):
-            # SDPA's is_causal aligns top-left; build the bottom-right mask the op uses
-            rows = torch.arange(i, device=q.device)[:, None] + (j - i)
+        vis = None
+        if self.causal:
+            rows = torch.arange(i, device=q.device)[:, None] + (j - i)  # bottom-right aligned, as the op
             vis = (torch.arange(j, device=q.device)[None, :] <= rows)[None, None]
         if mask is not None:
             key_mask = mask[:, None, None, :]
             vis = key_mask if vis is None else vis & key_mask
+        return vis
+
+    def _explicit(self, q, k, v, mask, bias, prenormed):
+        """The attention written out, returning (out, logits, weights): what `return_attn` exposes."""
+        if self.kind == "cosine" and not prenormed:
+            q, k = l2norm_tensors(q, k, groups=self.groups)
+        groups_per_kv = self.heads // self.kv_heads
+        k, v = k.repeat_interleave(groups_per_kv, dim=1), v.repeat_interleave(groups_per_kv, dim=1)
+        scale = self.scale if self.kind == "cosine" else self.dim_head**-0.5
+        logits = scale * (q.float() @ k.float().transpose(-1, -2))  # (b, h, i, j)
+        if bias is not None:
+            logits = logits + bias.float()
+        vis = self._visibility(q, k, mask)
+        if vis is not None:
+            logits = logits.masked_fill(~vis, float("-inf"))
+        # a row with no visible key gives zero weights (and a zero output), as the op does
+        has_key = (logits != float("-inf")).any(dim=-1, keepdim=True)
+        weights = torch.where(has_key, logits, torch.zeros_like(logits)).softmax(dim=-1) * has_key
+        out = (weights.to(v.dtype) @ v).to(q.dtype)
+        return out, logits, weights
+
+    def _regular(self, q, k, v, mask, bias):
+        # SDPA's is_causal aligns top-left: with i != j, a mask or a bias, build the bottom-right mask the op uses
+        needs_vis = q.shape[-2] != k.shape[-2] or mask is not None or bias is not None
+        vis = self._visibility(q, k, mask) if needs_vis else None
         has_key = None
         if vis is not None:
             # SDPA returns NaN on a row with no visible key; open such rows, then zero them like the op does
             has_key = vis.any(dim=-1, keepdim=True)
             vis = vis | ~has_key
         attn_mask = vis
-        if self.alibi_slopes is not None:
-            bias = alibi_bias(self.alibi_slopes, i, j).to(q.dtype)
+        if bias is not None:
+            bias = bias.to(q.dtype)
             attn_mask = bias if vis is None else bias.masked_fill(~vis, float("-inf"))
         out = F.scaled_dot_product_attention(
             q,
@@ -214,9 +331,14 @@ def check_attention_args(*, attn, heads, kv_heads, dim_head, groups, scale, drop
         check_attention_config(dim_head, heads, kv_heads, DEFAULT_SCALE if scale is None else scale, groups)
         return
     if scale is not None:
-        raise ValueError(f"scale applies to attn='cosine' only (regular uses 1/sqrt(dim_head)); got scale={scale!r}")
+        raise ValueError(
+            f"scale applies to attn='cosine' only (attn_qk_norm_scale; regular uses 1/sqrt(dim_head)); "
+            f"got scale={scale!r}"
+        )
     if groups != 1:
-        raise ValueError(f"groups (l2norm groups) applies to attn='cosine' only; got groups={groups!r}")
+        raise ValueError(
+            f"groups applies to attn='cosine' only (attn_qk_norm_groups, the l2norm groups); got groups={groups!r}"
+        )
     for name, value in (("heads", heads), ("kv_heads", kv_heads), ("dim_head", dim_head)):
         try:
             ok = not isinstance(value, bool) and operator.index(value) >= 1

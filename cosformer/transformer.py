@@ -13,22 +13,25 @@ a residual sublayer f. Two normalisation layouts:
 - pre-LN (`pre_norm=True`): x_{l+1} = x_l + f(LN(x_l)), a final LN after the last block, no DeepNet scaling
   (all gains 1).
 
-The output of the stack is always final-normed: in post-LN the last operation already is a LayerNorm.
+LN is a LayerNorm, or an RMSNorm with `use_rmsnorm=True`. The output of the stack is always final-normed: in
+post-LN the last operation already is a norm.
 
-Options beyond the named arguments are routed by prefix, x-transformers style: `attn_dropout`, `attn_qkv_bias`,
-`attn_out_bias` go to every `Attention`; `ff_dropout`, `ff_bias` to every `FeedForward`.
+Options beyond the named arguments are routed by prefix, x-transformers style (see options.py): `attn_*` to every
+`Attention`, `cross_attn_*` to cross-attention only, `ff_*` to every `FeedForward`.
 """
 
 from __future__ import annotations
 
+import inspect
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
-from .attention import Attention, KVBuffer
+from .attention import Attention, AttentionIntermediates, KVBuffer
+from .options import resolve_stack_options
+from .position_bias import DynamicPositionBias, RelativePositionBias
 from .positional import RotaryEmbedding, check_seq_start_pos
-
-ATTN_PREFIXED = ("dropout", "qkv_bias", "out_bias")
-FF_PREFIXED = ("dropout", "bias")
 
 
 class KVCache:
@@ -77,10 +80,35 @@ class KVCache:
         ]
 
 
-class FeedForward(nn.Module):
-    """Linear → GELU (or GEGLU when `glu`) → dropout → Linear, inner width dim · mult."""
+@dataclass
+class LayerIntermediates:
+    """What `Transformer.forward(return_intermediates=True)` returns besides its output (x-transformers' names).
 
-    def __init__(self, dim: int, *, mult: float = 4, glu: bool = False, dropout: float = 0.0, bias: bool = True):
+    hiddens: the input of every block, (b, n, dim) each, in order. attn_intermediates: one `AttentionIntermediates`
+    per attention sublayer that ran, self before cross within a block, with the attention maps. last_hidden: the
+    stack's (final-normed) output. memory_tokens: the wrappers' memory tokens after the stack, (b, m, dim).
+    """
+
+    hiddens: list[torch.Tensor]
+    attn_intermediates: list[AttentionIntermediates]
+    last_hidden: torch.Tensor
+    memory_tokens: torch.Tensor | None = None
+
+
+class FeedForward(nn.Module):
+    """Linear → activation → dropout → Linear, inner width dim · mult. The activation is GELU, or SiLU with `swish`;
+    `glu` gates it (GEGLU, or SwiGLU with `swish`): the first half of the projection times act(second half)."""
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        mult: float = 4,
+        glu: bool = False,
+        swish: bool = False,
+        dropout: float = 0.0,
+        bias: bool = True,
+    ):
         super().__init__()
         if mult <= 0:
             raise ValueError(f"ff_mult must be positive; got {mult!r}")
@@ -89,7 +117,7 @@ class FeedForward(nn.Module):
         inner = int(dim * mult)
         self.glu = glu
         self.proj_in = nn.Linear(dim, inner * 2 if glu else inner, bias=bias)
-        self.act = nn.GELU()
+        self.act = nn.SiLU() if swish else nn.GELU()
         self.dropout = nn.Dropout(dropout)
         self.proj_out = nn.Linear(inner, dim, bias=bias)
 
@@ -106,12 +134,12 @@ class FeedForward(nn.Module):
 class Block(nn.Module):
     """One block: [self-attention], [cross-attention], feed-forward; each sublayer with its own LayerNorm."""
 
-    def __init__(self, dim, *, self_attn, cross_attn, ff, pre_norm: bool, alpha: float):
+    def __init__(self, dim, *, self_attn, cross_attn, ff, pre_norm: bool, alpha: float, norm=nn.LayerNorm):
         super().__init__()
         self.self_attn, self.cross_attn, self.ff = self_attn, cross_attn, ff
-        self.self_norm = nn.LayerNorm(dim) if self_attn is not None else None
-        self.cross_norm = nn.LayerNorm(dim) if cross_attn is not None else None
-        self.ff_norm = nn.LayerNorm(dim)
+        self.self_norm = norm(dim) if self_attn is not None else None
+        self.cross_norm = norm(dim) if cross_attn is not None else None
+        self.ff_norm = norm(dim)
         self.pre_norm = pre_norm
         self.alpha = alpha
 
@@ -121,66 +149,105 @@ class Block(nn.Module):
     def _out(self, x, h, norm):
         return x + h if self.pre_norm else norm(self.alpha * x + h)
 
-    def forward(self, x, *, mask, context, context_mask, rotary, cache):
-        self_kv, cross_kv = cache if cache is not None else (None, None)
+    def forward(self, x, *, mask, context, context_mask, rotary, cache, attn_bias, value_residuals, return_attn):
+        """Returns x, the (self, cross) key/values a cache keeps and the (self, cross) AttentionIntermediates."""
+        self_cache, cross_cache = cache if cache is not None else (None, None)
+        self_kv = cross_kv = self_inter = cross_inter = None
         if self.self_attn is not None:
-            h, _ = self.self_attn(self._in(x, self.self_norm), mask=mask, rotary=rotary, kv_cache=self_kv)
+            h, self_kv, self_inter = self.self_attn(
+                self._in(x, self.self_norm),
+                mask=mask,
+                rotary=rotary,
+                kv_cache=self_cache,
+                attn_bias=attn_bias,
+                value_residual=value_residuals[0],
+                return_attn=return_attn,
+            )
             x = self._out(x, h, self.self_norm)
         if self.cross_attn is not None:
-            h, _ = self.cross_attn(self._in(x, self.cross_norm), context=context, mask=context_mask, kv_cache=cross_kv)
+            h, cross_kv, cross_inter = self.cross_attn(
+                self._in(x, self.cross_norm),
+                context=context,
+                mask=context_mask,
+                kv_cache=cross_cache,
+                value_residual=value_residuals[1],
+                return_attn=return_attn,
+            )
             x = self._out(x, h, self.cross_norm)
-        return self._out(x, self.ff(self._in(x, self.ff_norm)), self.ff_norm)
-
-
-def _route_prefixed(kwargs: dict) -> tuple[dict, dict]:
-    attn_kwargs, ff_kwargs = {}, {}
-    for key, value in kwargs.items():
-        if key.startswith("attn_") and key[5:] in ATTN_PREFIXED:
-            attn_kwargs[key[5:]] = value
-        elif key.startswith("ff_") and key[3:] in FF_PREFIXED:
-            ff_kwargs[key[3:]] = value
-        else:
-            allowed = [f"attn_{k}" for k in ATTN_PREFIXED] + [f"ff_{k}" for k in FF_PREFIXED]
-            raise TypeError(f"Transformer got an unexpected keyword argument {key!r} (prefixed options: {allowed})")
-    return attn_kwargs, ff_kwargs
+        x = self._out(x, self.ff(self._in(x, self.ff_norm)), self.ff_norm)
+        return x, (self_kv, cross_kv), (self_inter, cross_inter)
 
 
 class Transformer(nn.Module):
-    """The stack of blocks on (b, n, dim).
+    """The stack of blocks on (b, n, dim), in x-transformers' vocabulary (`AttentionLayers` there).
 
-    attn: "cosine" (fused cosine-similarity attention, `scale`, l2norm `groups`) or "regular" (SDPA, 1/sqrt(d)).
-    kv_heads: grouped-query attention (heads % kv_heads == 0). rotary / alibi: relative positions (not both).
-    cross_attend: add cross-attention to `context` (b, m, dim_context or dim) in every block; only_cross: blocks
-    without self-attention (see `CrossAttender`).
+    Unlike x-transformers, blocks are **post-LN** by default (`pre_norm=False`, with DeepNet's residual scaling;
+    see the module docstring) and attention is **cosine similarity at scale 10** (x-transformers'
+    `attn_qk_norm=True, attn_qk_norm_scale=10`). `pre_norm=True` and `attn="regular"` (or `attn_qk_norm=False`)
+    give x-transformers' defaults: pre-LN with softmax attention at 1/sqrt(dim_head).
+
+    heads: attention heads (default 8). attn: "cosine" (default) or "regular". use_rmsnorm: RMSNorm instead of
+    LayerNorm everywhere in the stack. cross_attend: add cross-attention to `context` (b, m, dim_context or dim) in
+    every block; only_cross: blocks without self-attention (see `CrossAttender`). dropout: default of
+    `attn_dropout` and `ff_dropout`.
+
+    Relative positions of self-attention, at most one scheme: rotary_pos_emb (rotary_theta), alibi_pos_bias,
+    rel_pos_bias (T5's bucketed bias: rel_pos_num_buckets, rel_pos_max_distance), dynamic_pos_bias (an MLP of the
+    distance: dynamic_pos_bias_mlp_depth, dynamic_pos_bias_log_distance, dynamic_pos_bias_norm). The biases reach
+    the fused op as its `attn_bias`; see position_bias.py.
+
+    layer_dropout: stochastic depth; in training each block is skipped with this probability (x-transformers skips
+    each sublayer on its own). add_value_residual: every attention after the first of its kind (self, cross) mixes
+    in that first attention's values, with a learned per-token mix (learned_value_residual_mix, self-attention
+    only, as in x-transformers) or 0.5.
+
+    Routed by prefix (options.py lists every spelling): `attn_dim_head` (64), `attn_kv_heads` / `attn_one_kv_head`
+    (grouped-query attention), `attn_qk_norm` (True = cosine, False = regular), `attn_qk_norm_scale` (10),
+    `attn_qk_norm_groups` (l2norm groups), `attn_dropout` (on the attention output: the fused op has none on the
+    weights), `attn_qkv_bias`, `attn_out_bias`; `ff_mult` (4), `ff_glu`, `ff_swish`, `ff_no_bias`, `ff_dropout`;
+    `cross_attn_*` overrides `attn_*` for cross-attention. The first spellings of this project stay accepted:
+    `rotary`, `alibi`, `dim_head`, `kv_heads`, `scale`, `groups`, `ff_bias`.
     """
 
     def __init__(
         self,
         dim: int,
         depth: int,
-        heads: int,
+        heads: int = 8,
         *,
         causal: bool = False,
         cross_attend: bool = False,
         only_cross: bool = False,
-        attn: str = "cosine",
-        scale: float | None = None,
-        groups: int = 1,
-        kv_heads: int | None = None,
-        dim_head: int = 64,
-        dim_context: int | None = None,
+        attn: str | None = None,
         pre_norm: bool = False,
-        ff_mult: float = 4,
-        ff_glu: bool = False,
-        dropout: float = 0.0,
-        rotary: bool = False,
+        use_rmsnorm: bool = False,
+        rotary_pos_emb: bool | None = None,
         rotary_theta: float = 10000.0,
-        alibi: bool = False,
+        alibi_pos_bias: bool | None = None,
+        rel_pos_bias: bool = False,
+        rel_pos_num_buckets: int = 32,
+        rel_pos_max_distance: int = 128,
+        dynamic_pos_bias: bool = False,
+        dynamic_pos_bias_mlp_depth: int = 2,
+        dynamic_pos_bias_log_distance: bool = False,
+        dynamic_pos_bias_norm: bool = False,
+        layer_dropout: float = 0.0,
+        add_value_residual: bool = False,
+        learned_value_residual_mix: bool = True,
+        dropout: float = 0.0,
+        dim_context: int | None = None,
         **kwargs,
     ):
         super().__init__()
-        attn_kwargs, ff_kwargs = _route_prefixed(kwargs)
-        kv_heads = heads if kv_heads is None else kv_heads
+        opts = resolve_stack_options(
+            kwargs | {"attn": attn},
+            rotary_pos_emb=rotary_pos_emb,
+            alibi_pos_bias=alibi_pos_bias,
+            dropout=dropout,
+            named=_NAMED,
+        )
+        rotary, alibi = opts.rotary, opts.alibi
+        dim_head, groups = opts.attn.get("dim_head", 64), opts.attn.get("groups", 1)
         if not isinstance(dim, int) or dim < 1:
             raise ValueError(f"dim must be a positive integer; got dim={dim!r}")
         if not isinstance(depth, int) or depth < 1:
@@ -189,16 +256,21 @@ class Transformer(nn.Module):
             raise ValueError("only_cross=True needs cross_attend=True")
         if only_cross and causal:
             raise ValueError("causal=True has no meaning for cross-attention-only blocks (only_cross=True)")
-        if rotary and alibi:
-            raise ValueError("rotary=True and alibi=True both encode positions; choose one")
-        if (rotary or alibi) and only_cross:
-            raise ValueError("rotary/alibi act on self-attention; cross-attention-only blocks have none")
-        if alibi and cross_attend:
-            raise ValueError("alibi=True with cross_attend=True: ALiBi is defined for self-attention positions only")
+        schemes = dict(rotary=rotary, alibi=alibi, rel_pos_bias=rel_pos_bias, dynamic_pos_bias=dynamic_pos_bias)
+        chosen = [name for name, on in schemes.items() if on]
+        if len(chosen) > 1:
+            raise ValueError(
+                f"{' and '.join(f'{name}=True' for name in chosen)} all encode positions; choose one "
+                "(rotary = rotary_pos_emb, alibi = alibi_pos_bias)"
+            )
+        if chosen and only_cross:
+            raise ValueError(f"{chosen[0]} acts on self-attention; cross-attention-only blocks have none")
+        if not (isinstance(layer_dropout, (int, float)) and 0.0 <= layer_dropout < 1.0):
+            raise ValueError(f"layer_dropout must be in [0, 1); got layer_dropout={layer_dropout!r}")
         if rotary and (dim_head // groups) % 2 != 0:
             raise ValueError(
-                f"rotary=True needs an even l2norm group size (dim_head / groups); got dim_head={dim_head}, "
-                f"groups={groups}"
+                f"rotary=True needs an even l2norm group size, attn_dim_head / attn_qk_norm_groups; got "
+                f"dim_head={dim_head}, groups={groups}"
             )
         if dim_context is not None and not cross_attend:
             raise ValueError(f"dim_context={dim_context} needs cross_attend=True")
@@ -207,31 +279,54 @@ class Transformer(nn.Module):
         self.causal = causal
         self.cross_attend, self.only_cross = cross_attend, only_cross
         self.dim_context = dim_context if dim_context is not None else dim
-        self.attn, self.pre_norm = attn, pre_norm
-        self.uses_relative_positions = rotary or alibi
+        self.attn = (opts.cross_attn if only_cross else opts.attn).get("attn", "cosine")
+        self.pre_norm = pre_norm
+        self.uses_relative_positions = bool(chosen)
+        self.layer_dropout = float(layer_dropout)
+        self.add_value_residual = add_value_residual
         self.alpha = 1.0 if pre_norm else (2 * depth) ** 0.25
         self.beta = 1.0 if pre_norm else (8 * depth) ** -0.25
 
-        common = (
-            dict(dim_head=dim_head, kv_heads=kv_heads, attn=attn, scale=scale, groups=groups, dropout=dropout)
-            | attn_kwargs
-        )
-        ff_kwargs = dict(mult=ff_mult, glu=ff_glu, dropout=dropout) | ff_kwargs
+        norm = nn.RMSNorm if use_rmsnorm else nn.LayerNorm
         self.rotary = RotaryEmbedding(dim_head, theta=rotary_theta) if rotary else None
+        self.rel_pos = None
+        if rel_pos_bias:
+            self.rel_pos = RelativePositionBias(
+                heads,
+                causal=causal,
+                scale=dim_head**0.5,
+                num_buckets=rel_pos_num_buckets,
+                max_distance=rel_pos_max_distance,
+            )
+        elif dynamic_pos_bias:
+            self.rel_pos = DynamicPositionBias(
+                max(dim // 4, 1),
+                heads=heads,
+                depth=dynamic_pos_bias_mlp_depth,
+                log_distance=dynamic_pos_bias_log_distance,
+                norm=dynamic_pos_bias_norm,
+            )
+
+        def attention(first: bool, **kwargs):
+            # the first attention of its kind is the source of the value residual; the others mix it in
+            learned_mix = add_value_residual and learned_value_residual_mix and not first and not kwargs.get("cross")
+            return Attention(dim, heads, learned_value_residual_mix=learned_mix, **kwargs)
+
         self.layers = nn.ModuleList(
             Block(
                 dim,
-                self_attn=None if only_cross else Attention(dim, heads, causal=causal, alibi=alibi, **common),
-                cross_attn=Attention(dim, heads, cross=True, dim_context=dim_context, **common)
+                self_attn=None if only_cross else attention(index == 0, causal=causal, alibi=alibi, **opts.attn),
+                cross_attn=attention(index == 0, cross=True, dim_context=dim_context, **opts.cross_attn)
                 if cross_attend
                 else None,
-                ff=FeedForward(dim, **ff_kwargs),
+                ff=FeedForward(dim, **opts.ff),
                 pre_norm=pre_norm,
                 alpha=self.alpha,
+                norm=norm,
             )
-            for _ in range(depth)
+            for index in range(depth)
         )
-        self.final_norm = nn.LayerNorm(dim) if pre_norm else nn.Identity()
+        self.final_norm = norm(dim) if pre_norm else nn.Identity()
         self._init_weights()
 
     @torch.no_grad()
@@ -301,6 +396,7 @@ class Transformer(nn.Module):
         cache: KVCache | None = None,
         return_cache: bool = False,
         seq_start_pos: torch.Tensor | None = None,
+        return_intermediates: bool = False,
     ):
         """x (b, n, dim) -> (b, n, dim), final-normed.
 
@@ -312,8 +408,12 @@ class Transformer(nn.Module):
         the cache has not seen (never the whole sequence again), and cross-attention reuses the context's keys and
         values and its mask cached by the first call (context and context_mask may then be omitted).
         return_cache: also return the cache (a new one when none was given).
+        return_intermediates: also return a `LayerIntermediates` with every attention map, computed by a non-fused
+        path (slow, O(n²) memory: for inspection, not training); not together with a cache.
         """
         self._check_inputs(x, mask, context, context_mask, cache, seq_start_pos)
+        if return_intermediates and (cache is not None or return_cache):
+            raise ValueError("return_intermediates=True does not combine with a KV cache (cache / return_cache)")
         if cache is None and return_cache:
             cache = KVCache()
         offset = cache.length if cache is not None else 0
@@ -334,13 +434,44 @@ class Transformer(nn.Module):
             left_pad = torch.arange(offset + n, device=x.device) >= seq_start_pos.to(x.device)[:, None]  # (b, j)
             mask = left_pad if mask is None else mask & left_pad
         rotary = self.rotary(n, offset, seq_start_pos) if self.rotary is not None else None
+        attn_bias = self.rel_pos(n, offset + n) if self.rel_pos is not None else None
+        # stochastic depth only where no cache is built: a skipped block would leave a hole in it
+        drop = self.training and self.layer_dropout > 0 and cache is None
         layer_caches = cache.layers if cache is not None else [None] * self.depth
+        hiddens, attn_intermediates = [], []
+        first_values = [None, None]  # (self, cross): the value residual's source, once its first attention ran
         for block, layer_cache in zip(self.layers, layer_caches):
-            x = block(x, mask=mask, context=context, context_mask=context_mask, rotary=rotary, cache=layer_cache)
+            if drop and torch.rand(()).item() < self.layer_dropout:
+                continue
+            hiddens.append(x)
+            x, _, inters = block(
+                x,
+                mask=mask,
+                context=context,
+                context_mask=context_mask,
+                rotary=rotary,
+                cache=layer_cache,
+                attn_bias=attn_bias,
+                value_residuals=first_values if self.add_value_residual else (None, None),
+                return_attn=return_intermediates,
+            )
+            for kind, inter in enumerate(inters):
+                if inter is not None:
+                    attn_intermediates.append(inter)
+                    if first_values[kind] is None:
+                        first_values[kind] = inter.values
         x = self.final_norm(x)
         if cache is not None:
             cache.length = offset + n
-        return (x, cache) if return_cache else x
+        if return_cache:
+            return x, cache
+        if return_intermediates:
+            return x, LayerIntermediates(hiddens=hiddens, attn_intermediates=attn_intermediates, last_hidden=x)
+        return x
+
+
+# the constructor's own parameters, for the did-you-mean hint on an unknown option
+_NAMED = tuple(p for p in inspect.signature(Transformer.__init__).parameters if p not in ("self", "kwargs"))
 
 
 def _reject(kwargs: dict, names: tuple[str, ...], cls: str) -> None:
@@ -352,7 +483,7 @@ def _reject(kwargs: dict, names: tuple[str, ...], cls: str) -> None:
 class Encoder(Transformer):
     """Bidirectional stack (causal=False)."""
 
-    def __init__(self, dim: int, depth: int, heads: int, **kwargs):
+    def __init__(self, dim: int, depth: int, heads: int = 8, **kwargs):
         _reject(kwargs, ("causal",), "Encoder")
         super().__init__(dim, depth, heads, causal=False, **kwargs)
 
@@ -360,7 +491,7 @@ class Encoder(Transformer):
 class Decoder(Transformer):
     """Causal stack (causal=True); `cross_attend=True` adds cross-attention to an encoder's output."""
 
-    def __init__(self, dim: int, depth: int, heads: int, **kwargs):
+    def __init__(self, dim: int, depth: int, heads: int = 8, **kwargs):
         _reject(kwargs, ("causal",), "Decoder")
         super().__init__(dim, depth, heads, causal=True, **kwargs)
 
@@ -368,6 +499,6 @@ class Decoder(Transformer):
 class CrossAttender(Transformer):
     """Blocks of cross-attention and feed-forward only (no self-attention), as in x-transformers."""
 
-    def __init__(self, dim: int, depth: int, heads: int, **kwargs):
+    def __init__(self, dim: int, depth: int, heads: int = 8, **kwargs):
         _reject(kwargs, ("causal", "cross_attend", "only_cross"), "CrossAttender")
         super().__init__(dim, depth, heads, causal=False, cross_attend=True, only_cross=True, **kwargs)

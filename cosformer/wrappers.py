@@ -20,6 +20,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from einops import repeat
 from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 
@@ -29,12 +30,82 @@ from .sampling import check_sampling_args, sample_next, top_k
 from .transformer import Decoder, Encoder, KVCache, Transformer
 
 
-class TransformerWrapper(nn.Module):
-    """Embeddings and logits around `attn_layers` (a `Transformer`).
+class StackWrapper(nn.Module):
+    """What `TransformerWrapper` and `ContinuousTransformerWrapper` share around their `attn_layers`: memory tokens
+    and the extra outputs of a forward (a KV cache, intermediates, attention maps).
 
+    Memory tokens (Burtsev et al., 2020, "Memory Transformer", arXiv:2006.11527): `num_memory_tokens` learned
+    vectors prepended to every sequence after the embeddings (they take no absolute position; with rotary they
+    take the first positions), unmasked, and cut off again after the stack. As in x-transformers, a wrapper with
+    memory tokens decodes without a KV cache (`generate(..., cache_kv=False)`).
+    """
+
+    def _init_memory_tokens(self, num_memory_tokens: int | None, dim: int) -> None:
+        num_memory_tokens = 0 if num_memory_tokens is None else num_memory_tokens
+        if isinstance(num_memory_tokens, bool) or not isinstance(num_memory_tokens, int) or num_memory_tokens < 0:
+            raise ValueError(f"num_memory_tokens must be an integer >= 0; got num_memory_tokens={num_memory_tokens!r}")
+        self.num_memory_tokens = num_memory_tokens
+        self.memory_tokens = nn.Parameter(torch.randn(num_memory_tokens, dim)) if num_memory_tokens else None
+
+    @property
+    def can_cache_kv(self) -> bool:
+        """Whether this wrapper can decode with a KV cache (x-transformers' name)."""
+        return self.num_memory_tokens == 0 and self.attn_layers.causal
+
+    def _check_returns(self, cache, return_cache: bool, return_intermediates: bool, return_attn: bool) -> None:
+        caching = cache is not None or return_cache
+        if caching and (return_intermediates or return_attn):
+            raise ValueError("return_intermediates / return_attn do not combine with a KV cache (cache, return_cache)")
+        if caching and self.num_memory_tokens:
+            raise ValueError(
+                f"num_memory_tokens={self.num_memory_tokens}: memory tokens are not cached, so this wrapper decodes "
+                "without a KV cache (generate(..., cache_kv=False))"
+            )
+
+    def _run_layers(self, h, *, mask, cache, return_cache: bool, intermediates: bool, **layer_kwargs):
+        """Memory tokens in, attn_layers, memory tokens out: (h (b, n, dim), the cache or intermediates or None)."""
+        n_mem = self.num_memory_tokens
+        if n_mem and layer_kwargs.get("seq_start_pos") is not None:
+            # left padding is counted from position 0, which memory tokens would occupy
+            raise ValueError("seq_start_pos (left-padded rows) is not supported with num_memory_tokens > 0")
+        if n_mem:
+            h = torch.cat((repeat(self.memory_tokens, "m d -> b m d", b=h.shape[0]).to(h.dtype), h), dim=1)
+            mask = F.pad(mask, (n_mem, 0), value=True) if mask is not None else None
+        out = self.attn_layers(
+            h, mask=mask, cache=cache, return_cache=return_cache, return_intermediates=intermediates, **layer_kwargs
+        )
+        extra = None
+        if return_cache or intermediates:
+            out, extra = out
+        if n_mem:
+            if intermediates:
+                extra.memory_tokens = out[:, :n_mem]
+            out = out[:, n_mem:]
+        return out, extra
+
+    @staticmethod
+    def _outputs(out, extra, return_cache: bool, return_intermediates: bool, return_attn: bool):
+        if return_cache or return_intermediates:
+            return out, extra
+        if return_attn:
+            return out, [inter.post_softmax_attn for inter in extra.attn_intermediates]
+        return out
+
+
+class TransformerWrapper(StackWrapper):
+    """Embeddings and logits around `attn_layers` (a `Transformer`), as x-transformers' `TransformerWrapper`.
+
+    emb_dim: width of the token and absolute-position embeddings (default: the layers' dim); when it differs, a
+    linear map takes them to dim. post_emb_norm: a LayerNorm on the summed embeddings. emb_dropout: dropout on them.
     use_abs_pos_emb: None (default) means learned absolute positions unless the layers already encode positions
     (rotary or alibi); True / False force them on / off, so both kinds together remain possible.
-    tie_embedding: the logits reuse the token-embedding matrix.
+    tie_embedding: the logits reuse the token-embedding matrix, h @ Eᵀ (without the dim^-0.5 factor recent
+    x-transformers applies). logits_dim: width of the logits (default num_tokens). return_only_embed: no logits
+    layer at all; forward returns the final-normed embeddings (an encoder whose logits are never used keeps no
+    parameter without a gradient, which DDP would reject). num_memory_tokens: see `StackWrapper`.
+
+    The layers are post-LN with cosine attention by default (see `Transformer`): x-transformers' defaults are
+    `Decoder(..., pre_norm=True, attn="regular")`.
     """
 
     def __init__(
@@ -43,31 +114,50 @@ class TransformerWrapper(nn.Module):
         max_seq_len: int,
         attn_layers: Transformer,
         *,
+        emb_dim: int | None = None,
         emb_dropout: float = 0.0,
+        post_emb_norm: bool = False,
         tie_embedding: bool = False,
+        logits_dim: int | None = None,
+        return_only_embed: bool = False,
         use_abs_pos_emb: bool | None = None,
+        num_memory_tokens: int | None = 0,
     ):
         super().__init__()
         if not isinstance(attn_layers, Transformer):
             raise ValueError(f"attn_layers must be a cosformer Transformer; got {type(attn_layers).__name__}")
-        if not isinstance(num_tokens, int) or num_tokens < 1:
-            raise ValueError(f"num_tokens must be a positive integer; got num_tokens={num_tokens!r}")
-        if not isinstance(max_seq_len, int) or max_seq_len < 1:
-            raise ValueError(f"max_seq_len must be a positive integer; got max_seq_len={max_seq_len!r}")
+        for name, value in (("num_tokens", num_tokens), ("max_seq_len", max_seq_len)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer; got {name}={value!r}")
+        for name, value in (("emb_dim", emb_dim), ("logits_dim", logits_dim)):
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer or None; got {name}={value!r}")
         if not 0.0 <= emb_dropout < 1.0:
             raise ValueError(f"emb_dropout must be in [0, 1); got emb_dropout={emb_dropout!r}")
         dim = attn_layers.dim
+        emb_dim = dim if emb_dim is None else emb_dim
+        if tie_embedding and emb_dim != dim:
+            raise ValueError(f"tie_embedding=True needs emb_dim == dim; got emb_dim={emb_dim}, dim={dim}")
+        if tie_embedding and logits_dim not in (None, num_tokens):
+            raise ValueError(f"tie_embedding=True gives num_tokens={num_tokens} logits; got logits_dim={logits_dim}")
+        if return_only_embed and logits_dim is not None:
+            raise ValueError(f"return_only_embed=True has no logits; got logits_dim={logits_dim}")
         self.num_tokens, self.max_seq_len = num_tokens, max_seq_len
         self.attn_layers = attn_layers
         if use_abs_pos_emb is None:
             use_abs_pos_emb = not attn_layers.uses_relative_positions
-        self.token_emb = nn.Embedding(num_tokens, dim)
+        self.token_emb = nn.Embedding(num_tokens, emb_dim)
         nn.init.normal_(self.token_emb.weight, std=0.02)
-        self.pos_emb = AbsolutePositionalEmbedding(dim, max_seq_len) if use_abs_pos_emb else None
+        self.pos_emb = AbsolutePositionalEmbedding(emb_dim, max_seq_len) if use_abs_pos_emb else None
+        self.post_emb_norm = nn.LayerNorm(emb_dim) if post_emb_norm else nn.Identity()
         self.emb_dropout = nn.Dropout(emb_dropout)
-        self.to_logits = None if tie_embedding else nn.Linear(dim, num_tokens, bias=False)
-        if self.to_logits is not None:
+        self.project_emb = nn.Linear(emb_dim, dim) if emb_dim != dim else nn.Identity()
+        self.tie_embedding, self.return_only_embed = tie_embedding, return_only_embed
+        self.to_logits = None
+        if not (tie_embedding or return_only_embed):
+            self.to_logits = nn.Linear(dim, num_tokens if logits_dim is None else logits_dim, bias=False)
             nn.init.normal_(self.to_logits.weight, std=dim**-0.5)
+        self._init_memory_tokens(num_memory_tokens, dim)
 
     @property
     def causal(self) -> bool:
@@ -83,6 +173,8 @@ class TransformerWrapper(nn.Module):
         cache: KVCache | None = None,
         return_cache: bool = False,
         seq_start_pos: torch.Tensor | None = None,
+        return_intermediates: bool = False,
+        return_attn: bool = False,
     ):
         """x (b, n) token ids -> logits (b, n, num_tokens), or embeddings (b, n, dim) with return_embeddings.
         With return_cache, returns (output, cache). See `Transformer.forward` for mask, context and cache: with a
@@ -90,9 +182,13 @@ class TransformerWrapper(nn.Module):
         x-transformers' habit of feeding the whole sequence again is rejected (see `_check_only_new_tokens`).
         seq_start_pos (b,): rows left-padded by that many tokens (x-transformers' name): the padding is masked and
         every position scheme counts from each row's first real token, so a padded row gives the logits it gives
-        alone. (A mask alone hides the padding but leaves absolute positions shifted.)"""
+        alone. (A mask alone hides the padding but leaves absolute positions shifted.)
+        return_intermediates: returns (output, `LayerIntermediates`); return_attn: returns (output, [post-softmax
+        attention maps (b, h, i, j), one per attention sublayer]). Both run the attention through a non-fused path
+        that materialises the maps: slow, O(n²) memory, for inspection."""
         if x.dim() != 2 or x.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"x must be (b, n) integer token ids; got shape {tuple(x.shape)}, dtype {x.dtype}")
+        self._check_returns(cache, return_cache, return_intermediates, return_attn)
         n = x.shape[1]
         if cache is None and return_cache:
             cache = KVCache()
@@ -108,20 +204,28 @@ class TransformerWrapper(nn.Module):
         h = self.token_emb(x)
         if self.pos_emb is not None:
             h = h + self.pos_emb(n, offset, seq_start_pos)
-        h = self.emb_dropout(h)
-        h = self.attn_layers(
-            h, mask=mask, context=context, context_mask=context_mask, cache=cache, seq_start_pos=seq_start_pos
+        h = self.emb_dropout(self.post_emb_norm(h))
+        h = self.project_emb(h)
+        h, extra = self._run_layers(
+            h,
+            mask=mask,
+            context=context,
+            context_mask=context_mask,
+            cache=cache,
+            return_cache=return_cache,
+            intermediates=return_intermediates or return_attn,
+            seq_start_pos=seq_start_pos,
         )
         if cache is not None:
             if cache.tokens is None and offset == 0:
                 cache.tokens = KVBuffer(cache.capacity)
             if cache.tokens is not None and cache.tokens.length == offset:
                 cache.tokens.append(x.long()[..., None])  # (b, n, 1): the buffer appends along dim -2
-        out = h if return_embeddings else self._logits(h)
-        return (out, cache) if return_cache else out
+        out = h if return_embeddings or self.return_only_embed else self._logits(h)
+        return self._outputs(out, extra, return_cache, return_intermediates, return_attn)
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
-        if self.to_logits is None:
+        if self.tie_embedding:
             return h @ self.token_emb.weight.t()
         return self.to_logits(h)
 
@@ -255,7 +359,7 @@ class AutoregressiveWrapper(nn.Module):
             raise ValueError(f"prompts must be (b, n) or (n,) with n >= 1; got shape {tuple(prompts.shape)}")
         out, seq_start_pos = _left_pad(prompts, prompt_lens, mask)
         # a bidirectional net's earlier keys change with every new token: x-transformers then quietly recomputes
-        cache_kv = cache_kv and self.net.causal
+        cache_kv = cache_kv and self.net.causal and self.net.can_cache_kv  # (memory tokens are not cached either)
 
         was_training = self.net.training
         self.net.eval()
@@ -342,7 +446,7 @@ def _split_by_prefix(kwargs: dict, prefixes: tuple[str, ...]) -> tuple[dict, ...
 
 
 # TransformerWrapper options that wrap a stack rather than configure it (routed apart by XTransformer, TextToImage)
-WRAPPER_KEYS = ("emb_dropout", "tie_embedding", "use_abs_pos_emb")
+WRAPPER_KEYS = ("emb_dropout", "tie_embedding", "use_abs_pos_emb", "emb_dim", "post_emb_norm", "num_memory_tokens")
 
 
 def _split_wrapper(kwargs: dict) -> tuple[dict, dict]:
@@ -352,20 +456,22 @@ def _split_wrapper(kwargs: dict) -> tuple[dict, dict]:
 
 class XTransformer(nn.Module):
     """Encoder-decoder. kwargs are routed by prefix: `enc_*` to the encoder, `dec_*` to the decoder (wrapper
-    options emb_dropout / tie_embedding / use_abs_pos_emb, or any `Transformer` option); unprefixed kwargs go to
-    both. The decoder cross-attends to the encoder embeddings, with the source mask as its context mask."""
+    options such as emb_dropout / tie_embedding / use_abs_pos_emb, or any `Transformer` option); unprefixed kwargs go
+    to both. The decoder cross-attends to the encoder embeddings, with the source mask as its context mask. The
+    encoder has no logits layer (`return_only_embed`): every parameter gets a gradient, as DDP requires."""
 
     def __init__(
         self,
         dim: int,
+        *,
         enc_num_tokens: int,
         enc_depth: int,
-        enc_heads: int,
         enc_max_seq_len: int,
         dec_num_tokens: int,
         dec_depth: int,
-        dec_heads: int,
         dec_max_seq_len: int,
+        enc_heads: int = 8,
+        dec_heads: int = 8,
         tie_token_emb: bool = False,
         ignore_index: int = -100,
         pad_value: int = 0,
@@ -377,10 +483,12 @@ class XTransformer(nn.Module):
         dec_wrapper, dec_layers = _split_wrapper(dec_kwargs)
         if "dim_context" in dec_layers:
             raise ValueError("XTransformer sets the decoder's dim_context to the encoder's dim")
+        enc_wrapper.pop("tie_embedding", None)  # the encoder has no logits to tie
         self.encoder = TransformerWrapper(
             num_tokens=enc_num_tokens,
             max_seq_len=enc_max_seq_len,
             attn_layers=Encoder(dim, enc_depth, enc_heads, **enc_layers),
+            return_only_embed=True,
             **enc_wrapper,
         )
         self.decoder = AutoregressiveWrapper(

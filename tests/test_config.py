@@ -306,7 +306,7 @@ def test_scale_bound_is_the_kernels():
         (["model.dim_head=8"], "dim_head (the head dim) must be in [16, 256]; got dim_head=8"),
         (["model.dim_head=512"], "dim_head (the head dim) must be in [16, 256]; got dim_head=512"),
         (["model.rotary=true", "model.dim_head=36", "model.groups=4"], "rotary=True needs an even l2norm group size"),
-        (["data.name=shapes", "model.alibi=true"], "alibi=True with cross_attend=True"),
+        (["data.name=shapes", "model.alibi=true"], "model.alibi does not apply to data.name=shapes"),
         (["data.name=text"], "data.name=text needs data.path"),
         (["data.name=hf"], "data.name=hf needs t2i.hf_dataset"),
     ],

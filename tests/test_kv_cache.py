@@ -97,9 +97,9 @@ def test_decoding_writes_in_place_and_attends_to_views(attn, seed, torch_attenti
     else:
         regular = Attention._regular
 
-        def spy(self, q, k, v, mask):
+        def spy(self, q, k, v, *args):
             seen.append((k.data_ptr(), v.data_ptr(), k.shape[-2]))
-            return regular(self, q, k, v, mask)
+            return regular(self, q, k, v, *args)
 
         monkeypatch.setattr(Attention, "_regular", spy)
 

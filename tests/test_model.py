@@ -26,6 +26,9 @@ def _lin(x, layer):
 
 
 def _ln(x, norm):
+    if isinstance(norm, torch.nn.RMSNorm):
+        eps = norm.eps if norm.eps is not None else torch.finfo(torch.float32).eps
+        return x * (x.pow(2).mean(dim=-1, keepdim=True) + eps).rsqrt() * norm.weight.double()
     return F.layer_norm(x, x.shape[-1:], norm.weight.double(), norm.bias.double(), norm.eps)
 
 
@@ -52,80 +55,185 @@ def _slopes(h):
     return torch.tensor(s, dtype=torch.float64)
 
 
-def ref_attention(mod, x, src, *, key_mask, cfg, rotary):
+def ref_t5_bias(rel_pos, i, j, causal):
+    """T5's bucketed bias, element by element: (h, i, j)."""
+    buckets, max_distance = rel_pos.num_buckets, rel_pos.max_distance
+    idx = torch.zeros(i, j, dtype=torch.long)
+    for r in range(i):
+        for c in range(j):
+            rel = c - (r + j - i)  # key position − query position
+            if causal:
+                offset, n, nb = 0, max(-rel, 0), buckets
+            else:
+                nb = buckets // 2
+                offset, n = (nb if rel > 0 else 0), abs(rel)
+            exact = nb // 2
+            if n < exact:
+                idx[r, c] = offset + n
+            else:
+                far = exact + int(math.log(n / exact) / math.log(max_distance / exact) * (nb - exact))
+                idx[r, c] = offset + min(far, nb - 1)
+    return rel_pos.relative_attention_bias.weight.double()[idx].permute(2, 0, 1) * rel_pos.scale
+
+
+def ref_dynamic_bias(rel_pos, i, j):
+    """The dynamic position bias' MLP applied to every (query, key) distance: (h, i, j)."""
+    dist = (torch.arange(i)[:, None] + (j - i) - torch.arange(j)[None]).double()[..., None]  # (i, j, 1)
+    if rel_pos.log_distance:
+        dist = torch.sign(dist) * torch.log(dist.abs() + 1)
+    t = dist
+    for layer in rel_pos.mlp:
+        if isinstance(layer, torch.nn.Linear):
+            t = _lin(t, layer)
+        elif isinstance(layer, torch.nn.LayerNorm):
+            t = _ln(t, layer)
+        elif isinstance(layer, torch.nn.SiLU):
+            t = F.silu(t)
+    return t.permute(2, 0, 1)
+
+
+def ref_attention(mod, x, src, *, key_mask, cfg, rotary, bias=None, value_residual=None):
+    """Returns (output, this layer's own values (b, hk, j, d), attention weights (b, h, i, mem + j))."""
     h, hk, d = mod.heads, mod.kv_heads, mod.dim_head
     b, i, j = x.shape[0], x.shape[1], src.shape[1]
+    cosine = mod.kind == "cosine"
     q = _lin(x, mod.to_q).view(b, i, h, d).transpose(1, 2)
-    k = _lin(src, mod.to_k).view(b, j, hk, d).transpose(1, 2).repeat_interleave(h // hk, dim=1)
-    v = _lin(src, mod.to_v).view(b, j, hk, d).transpose(1, 2).repeat_interleave(h // hk, dim=1)
-    if cfg["attn"] == "cosine":
-        q, k = _group_l2norm(q, cfg["groups"]), _group_l2norm(k, cfg["groups"])
+    k = _lin(src, mod.to_k).view(b, j, hk, d).transpose(1, 2)
+    v = values = _lin(src, mod.to_v).view(b, j, hk, d).transpose(1, 2)
+    if value_residual is not None:
+        mix = 0.5
+        if mod.to_value_residual_mix is not None:
+            mix = torch.sigmoid(_lin(x, mod.to_value_residual_mix)).transpose(1, 2)[..., None]  # (b, hk, i, 1)
+        v = (1 - mix) * value_residual + mix * v
+    if cosine:
+        q, k = _group_l2norm(q, mod.groups), _group_l2norm(k, mod.groups)
     if rotary:
         q, k = _rotate_interleaved(q, 10000.0), _rotate_interleaved(k, 10000.0)
-    if cfg["attn"] == "cosine":
-        s = (10.0 if cfg["scale"] is None else cfg["scale"]) * q @ k.transpose(-1, -2)  # the zoo's default
-    else:
-        s = q @ k.transpose(-1, -2) / math.sqrt(d)
     if cfg["alibi"] and not mod.cross:
         dist = (torch.arange(i)[:, None] + (j - i) - torch.arange(j)[None]).abs().double()
-        s = s - _slopes(h)[:, None, None] * dist
-    vis = torch.ones(b, 1, i, j, dtype=torch.bool)
+        bias = -_slopes(h)[:, None, None] * dist
+    n_mem = mod.num_mem_kv
+    if n_mem:  # learned keys first: normalised like the others under cosine, never rotated, no position bias
+        mem_k = mod.mem_k.double()[None].expand(b, -1, -1, -1)
+        k = torch.cat((_group_l2norm(mem_k, mod.groups) if cosine else mem_k, k), dim=2)
+        v = torch.cat((mod.mem_v.double()[None].expand(b, -1, -1, -1), v), dim=2)
+        if bias is not None:
+            bias = F.pad(bias, (n_mem, 0))
+    k, v = k.repeat_interleave(h // hk, dim=1), v.repeat_interleave(h // hk, dim=1)
+    s = (mod.scale * q @ k.transpose(-1, -2)) if cosine else (q @ k.transpose(-1, -2) / math.sqrt(d))
+    if bias is not None:
+        s = s + bias
+    jt = j + n_mem
+    vis = torch.ones(b, 1, i, jt, dtype=torch.bool)
     if mod.causal:
-        vis = vis & (torch.arange(j)[None] <= torch.arange(i)[:, None] + (j - i))
+        vis = vis & (torch.arange(jt)[None] <= torch.arange(i)[:, None] + (jt - i))
     if key_mask is not None:
-        vis = vis & key_mask[:, None, None, :]
+        vis = vis & F.pad(key_mask, (n_mem, 0), value=True)[:, None, None, :]
     p = s.masked_fill(~vis, float("-inf")).softmax(dim=-1).nan_to_num(0.0)  # rows with no key: zeros
-    out = (p @ v).transpose(1, 2).reshape(b, i, h * d)
-    return _lin(out, mod.to_out)
+    out = p @ v  # (b, h, i, d)
+    if mod.to_v_head_gate is not None:
+        out = out * torch.sigmoid(_lin(x, mod.to_v_head_gate)).transpose(1, 2)[..., None]
+    out = out.transpose(1, 2).reshape(b, i, h * d)
+    if mod.to_v_gate is not None:
+        out = out * torch.sigmoid(_lin(x, mod.to_v_gate))
+    return _lin(out, mod.to_out), values, p
 
 
-def ref_ff(ff, x, glu):
+def ref_ff(ff, x, glu, swish=False):
+    act = F.silu if swish else F.gelu
     hid = _lin(x, ff.proj_in)
     if glu:
         a, gate = hid.chunk(2, dim=-1)
-        hid = a * F.gelu(gate)
+        hid = a * act(gate)
     else:
-        hid = F.gelu(hid)
+        hid = act(hid)
     return _lin(hid, ff.proj_out)
 
 
-def ref_wrapper(model, x, cfg, mask=None, context=None, context_mask=None, return_embeddings=False):
-    layers = model.attn_layers
-    depth, pre_norm = len(layers.layers), cfg["pre_norm"]
+def ref_layers(layers, h, cfg, mask=None, context=None, context_mask=None, maps=None):
+    """The stack on float64 embeddings h (b, n, dim); appends every attention's weights to `maps` if given."""
+    depth, pre_norm = len(layers.layers), layers.pre_norm
     alpha = (2 * depth) ** 0.25  # DeepNet, post-LN
-    h = model.token_emb.weight.double()[x]
-    if model.pos_emb is not None:
-        h = h + model.pos_emb.emb.weight.double()[: x.shape[1]]
     ctx = context.double() if context is not None else None
+    n = h.shape[1]
+    bias = None
+    if cfg.get("rel_pos") == "t5":
+        bias = ref_t5_bias(layers.rel_pos, n, n, layers.causal)
+    elif cfg.get("rel_pos") == "dynamic":
+        bias = ref_dynamic_bias(layers.rel_pos, n, n)
 
     def sublayer(h, norm, f):
         return h + f(_ln(h, norm)) if pre_norm else _ln(alpha * h + f(h), norm)
 
+    first = {}  # the value residual's sources: the first self- and cross-attention's values
+
+    def attend(mod, t, src, kind, **kwargs):
+        vr = first.get(kind) if layers.add_value_residual else None
+        out, values, p = ref_attention(mod, t, src, cfg=cfg, value_residual=vr, **kwargs)
+        first.setdefault(kind, values)
+        if maps is not None:
+            maps.append(p)
+        return out
+
     for blk in layers.layers:
         if blk.self_attn is not None:
+            a = blk.self_attn
             h = sublayer(
                 h,
                 blk.self_norm,
-                lambda t, blk=blk: ref_attention(blk.self_attn, t, t, key_mask=mask, cfg=cfg, rotary=cfg["rotary"]),
+                lambda t, a=a: attend(a, t, t, "self", key_mask=mask, rotary=layers.rotary is not None, bias=bias),
             )
         if blk.cross_attn is not None:
+            a = blk.cross_attn
             h = sublayer(
-                h,
-                blk.cross_norm,
-                lambda t, blk=blk: ref_attention(blk.cross_attn, t, ctx, key_mask=context_mask, cfg=cfg, rotary=False),
+                h, blk.cross_norm, lambda t, a=a: attend(a, t, ctx, "cross", key_mask=context_mask, rotary=False)
             )
-        h = sublayer(h, blk.ff_norm, lambda t, blk=blk: ref_ff(blk.ff, t, cfg["ff_glu"]))
+        h = sublayer(h, blk.ff_norm, lambda t, blk=blk: ref_ff(blk.ff, t, cfg["ff_glu"], cfg["ff_swish"]))
     if pre_norm:
         h = _ln(h, layers.final_norm)
+    return h
+
+
+def ref_memory_tokens(model, h, mask):
+    """Prepends the wrapper's memory tokens (unmasked) to h and, if given, to the mask."""
+    n_mem = model.num_memory_tokens
+    if n_mem:
+        h = torch.cat((model.memory_tokens.double()[None].expand(h.shape[0], -1, -1), h), dim=1)
+        mask = F.pad(mask, (n_mem, 0), value=True) if mask is not None else None
+    return h, mask
+
+
+def ref_wrapper(model, x, cfg, mask=None, context=None, context_mask=None, return_embeddings=False, maps=None):
+    """The token wrapper's logits (or embeddings) in float64."""
+    h = model.token_emb.weight.double()[x]
+    if model.pos_emb is not None:
+        h = h + model.pos_emb.emb.weight.double()[: x.shape[1]]
+    if isinstance(model.post_emb_norm, torch.nn.LayerNorm):
+        h = _ln(h, model.post_emb_norm)
+    if isinstance(model.project_emb, torch.nn.Linear):
+        h = _lin(h, model.project_emb)
+    h, mask = ref_memory_tokens(model, h, mask)
+    h = ref_layers(model.attn_layers, h, cfg, mask, context, context_mask, maps)[:, model.num_memory_tokens :]
     if return_embeddings:
         return h
-    w = model.token_emb.weight if model.to_logits is None else model.to_logits.weight
+    w = model.token_emb.weight if model.tie_embedding else model.to_logits.weight
     return h @ w.double().t()
 
 
 # ---------------------------------------------------------------------------------------------------------------
 
-BASE = dict(attn="cosine", pre_norm=False, kv_heads=None, groups=1, rotary=False, alibi=False, ff_glu=False, scale=None)
+BASE = dict(
+    attn="cosine", pre_norm=False, kv_heads=None, groups=1, rotary=False, alibi=False, ff_glu=False, scale=None,
+    ff_swish=False, ff_no_bias=False, use_rmsnorm=False,
+)  # fmt: skip
+# options the reference reads from the module (or from `rel_pos` / `add_value_residual` in the case)
+EXTRA = (
+    "attn_num_mem_kv", "attn_gate_values", "attn_gate_value_heads", "add_value_residual", "learned_value_residual_mix",
+    "rel_pos_bias", "rel_pos_num_buckets", "rel_pos_max_distance", "dynamic_pos_bias", "dynamic_pos_bias_log_distance",
+    "dynamic_pos_bias_norm", "dynamic_pos_bias_mlp_depth",
+)  # fmt: skip
+T5 = dict(rel_pos="t5", rel_pos_bias=True, rel_pos_num_buckets=8, rel_pos_max_distance=10)  # log buckets from 2 or 4
+DPB = dict(rel_pos="dynamic", dynamic_pos_bias=True)
 
 CASES = {
     "cosine": {},
@@ -133,6 +241,7 @@ CASES = {
     "cosine-gqa": dict(kv_heads=1),
     "cosine-groups-rotary": dict(groups=2, rotary=True),
     "cosine-alibi": dict(alibi=True),
+    "cosine-alibi-cross": dict(alibi=True, cross=True),  # ALiBi on the self-attention of a cross-attending stack
     "cosine-glu-scale": dict(ff_glu=True, scale=7.5),
     "cosine-cross": dict(cross=True),
     "regular": dict(attn="regular"),
@@ -140,12 +249,24 @@ CASES = {
     "regular-rotary": dict(attn="regular", rotary=True),
     "regular-alibi": dict(attn="regular", alibi=True),
     "regular-glu-cross": dict(attn="regular", ff_glu=True, cross=True),
+    "cosine-rmsnorm-swiglu": dict(use_rmsnorm=True, ff_glu=True, ff_swish=True),
+    "cosine-prenorm-rmsnorm-cross": dict(pre_norm=True, use_rmsnorm=True, cross=True),
+    "regular-swish-nobias": dict(attn="regular", ff_swish=True, ff_no_bias=True),
+    "cosine-memkv-gates-cross": dict(attn_num_mem_kv=3, attn_gate_values=True, attn_gate_value_heads=True, cross=True),
+    "cosine-memkv-groups-rotary-gqa": dict(attn_num_mem_kv=2, groups=2, rotary=True, kv_heads=2),
+    "cosine-memkv-alibi": dict(attn_num_mem_kv=2, alibi=True),
+    "regular-memkv-gates-prenorm": dict(attn="regular", attn_num_mem_kv=2, attn_gate_values=True, pre_norm=True),
+    "cosine-value-residual-cross": dict(add_value_residual=True, cross=True, kv_heads=2),
+    "regular-value-residual-fixed": dict(attn="regular", add_value_residual=True, learned_value_residual_mix=False),
+    "cosine-t5": T5,
+    "regular-t5-cross-memkv": T5 | dict(attn="regular", cross=True, attn_num_mem_kv=2),
+    "cosine-dynamic-log-norm": DPB | dict(dynamic_pos_bias_log_distance=True, dynamic_pos_bias_norm=True),
+    "regular-dynamic-prenorm": DPB | dict(attn="regular", pre_norm=True),
 }
 
 
-def build(cfg, *, causal, heads=3, dim=24, dim_head=16, depth=2, num_tokens=29, max_seq_len=32, dim_context=None):
-    kw = {k: v for k, v in cfg.items() if k in BASE}
-    kw["kv_heads"] = cfg["kv_heads"]
+def build(cfg, *, causal, heads=3, dim=24, dim_head=16, depth=3, num_tokens=29, max_seq_len=32, dim_context=None):
+    kw = {k: v for k, v in cfg.items() if k in BASE or k in EXTRA}
     if cfg.get("kv_heads"):
         heads = 4
     cross = cfg.get("cross", False)
@@ -160,6 +281,10 @@ def build(cfg, *, causal, heads=3, dim=24, dim_head=16, depth=2, num_tokens=29, 
         ff_mult=2,
         **kw,
     )
+    with torch.no_grad():  # gates and mixes start constant (zero weights): make them depend on their input
+        for name, p in layers.named_parameters():
+            if "gate" in name or "value_residual_mix" in name:
+                p.normal_(0.0, 0.5)
     return TransformerWrapper(num_tokens=num_tokens, max_seq_len=max_seq_len, attn_layers=layers, use_abs_pos_emb=True)
 
 
@@ -200,6 +325,38 @@ def test_matches_reference(case, causal, seed, torch_attention_path):
     torch.testing.assert_close(
         emb.double(), ref_wrapper(model, x, cfg, return_embeddings=True, **kwargs), atol=2e-4, rtol=1e-4
     )
+
+
+WRAPPER_CASES = {
+    "emb_dim-post_emb_norm-logits_dim": dict(emb_dim=16, post_emb_norm=True, logits_dim=11),
+    "tied-post_emb_norm": dict(tie_embedding=True, post_emb_norm=True),
+}
+
+
+@pytest.mark.parametrize("case", list(WRAPPER_CASES))
+def test_wrapper_options_match_reference(case, seed, torch_attention_path):
+    layers = Decoder(dim=24, depth=2, heads=3, attn_dim_head=16, ff_mult=2)
+    model = TransformerWrapper(num_tokens=29, max_seq_len=16, attn_layers=layers, **WRAPPER_CASES[case])
+    x = torch.randint(0, 29, (2, 13))
+    logits = model(x)
+    expected = ref_wrapper(model, x, BASE)
+    assert logits.shape == (2, 13, WRAPPER_CASES[case].get("logits_dim", 29))
+    torch.testing.assert_close(logits.double(), expected, atol=2e-4, rtol=1e-4)
+    logits.sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_return_only_embed_has_no_logits_layer(seed, torch_attention_path):
+    layers = Encoder(dim=24, depth=1, heads=3, attn_dim_head=16)
+    model = TransformerWrapper(num_tokens=29, max_seq_len=16, attn_layers=layers, return_only_embed=True)
+    assert model.to_logits is None
+    x = torch.randint(0, 29, (2, 9))
+    out = model(x)
+    torch.testing.assert_close(out.double(), ref_wrapper(model, x, BASE, return_embeddings=True), atol=2e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="logits_dim"):
+        TransformerWrapper(num_tokens=29, max_seq_len=16, attn_layers=layers, return_only_embed=True, logits_dim=3)
+    with pytest.raises(ValueError, match="emb_dim"):
+        TransformerWrapper(num_tokens=29, max_seq_len=16, attn_layers=layers, tie_embedding=True, emb_dim=8)
 
 
 @pytest.mark.parametrize("attn", ["cosine", "regular"])
@@ -296,7 +453,6 @@ INVALID = [
     (dict(heads=4, kv_heads=3), "kv_heads"),
     (dict(groups=3), "groups"),
     (dict(rotary=True, alibi=True), "rotary"),
-    (dict(alibi=True, cross_attend=True), "alibi"),
     (dict(dim_head=8), "dim_head"),
     (dict(attn="regular", groups=2), "groups"),
     (dict(attn="regular", scale=5.0), "scale"),
@@ -431,6 +587,20 @@ def test_xtransformer_loss_and_routing(seed, torch_attention_path):
     loss.backward()
     assert loss.ndim == 0 and torch.isfinite(loss)
     assert model.encoder.token_emb.weight.grad is not None
+
+
+@pytest.mark.parametrize("tie_token_emb", [False, True], ids=["untied", "tied"])
+def test_xtransformer_every_parameter_gets_a_gradient(tie_token_emb, seed, torch_attention_path):
+    """DDP refuses a parameter without a gradient: the encoder must keep no logits layer it never uses."""
+    model = XTransformer(
+        dim=32, enc_num_tokens=20, enc_depth=1, enc_max_seq_len=12, dec_num_tokens=20, dec_depth=1,
+        dec_max_seq_len=10, attn_dim_head=16, tie_token_emb=tie_token_emb,
+    )  # fmt: skip
+    assert model.encoder.to_logits is None and model.encoder.attn_layers.heads == 8
+    src, tgt = torch.randint(0, 20, (2, 12)), torch.randint(0, 20, (2, 10))
+    model(src, tgt).backward()
+    unused = [name for name, p in model.named_parameters() if p.grad is None]
+    assert not unused
 
 
 def test_triton_interpreter_matches_torch_path(seed, monkeypatch):
