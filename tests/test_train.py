@@ -18,7 +18,7 @@ from cosformer.train import checkpoint as ckpt
 from cosformer.train.config import ConfigError, load_config
 from cosformer.train.tasks import build_task, task_class
 from cosformer.train.tracking import MetricsLog, choose_wandb_mode
-from cosformer.train.trainer import NonFiniteLossError, Trainer, get_lr
+from cosformer.train.trainer import NonFiniteLossError, Trainer, get_lr, param_groups
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 COMPARED = ("loss", "lr", "grad_norm", "val_loss", "val_bpc")
@@ -260,6 +260,51 @@ def test_gradient_accumulation_matches_a_larger_batch(corpus, tmp_path, clean_ac
     la = [r["loss"] for r in records(tmp_path / "a") if "loss" in r]
     lb = [r["loss"] for r in records(tmp_path / "b") if "loss" in r]
     assert la == pytest.approx(lb, rel=1e-5)
+
+
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_gradient_clipping_matches_a_manual_step(corpus, tmp_path, clean_accelerate, grad_accum):
+    """One trainer step with train.grad_clip against a hand-written step on the same micro-batches: backward,
+    torch.nn.utils.clip_grad_norm_ over the accumulated gradients, AdamW. The gradients the optimiser receives are
+    compared, not only the weights: AdamW's first step is about lr * sign(g) wherever |g| >> eps, so the weights alone
+    show a skipped clip only where gradients are tiny."""
+    clip = 0.05
+    cfg = tiny(corpus, tmp_path / "run", f"train.grad_clip={clip}", f"train.grad_accum={grad_accum}",
+               f"train.batch_size={8 // grad_accum}", "train.eval_every=0", "train.sample_length=0")  # fmt: skip
+    trainer = Trainer(cfg)
+    net = trainer.accelerator.unwrap_model(trainer.model)
+    reference = build_task(cfg).build_model()
+    reference.load_state_dict(net.state_dict())
+    received = {}
+    inner = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # Accelerate's wrapper holds the torch one
+    inner.register_step_pre_hook(lambda *_: received.update({n: p.grad.clone() for n, p in net.named_parameters()}))
+    drawn = []
+
+    def recorded(batches):
+        for batch in batches:
+            drawn.append({k: v.clone() for k, v in batch.items()})
+            yield batch
+
+    _, grad_norm = trainer.train_step(recorded(trainer._batches()))
+    trainer.close()
+
+    t = cfg.train
+    optimizer = torch.optim.AdamW(
+        param_groups(reference, t.weight_decay), lr=trainer.lr_at(0), betas=(t.beta1, t.beta2), fused=False
+    )
+    assert len(drawn) == grad_accum
+    for batch in drawn:
+        (reference(**batch) / grad_accum).backward()
+    unclipped = {n: p.grad.clone() for n, p in reference.named_parameters()}
+    norm = torch.nn.utils.clip_grad_norm_(reference.parameters(), clip)
+    assert norm > 10 * clip  # clipping is in effect: the gradients shrink by more than 10x
+    assert grad_norm == pytest.approx(norm.item(), rel=1e-5)  # the logged norm is the one before clipping
+    optimizer.step()
+    for name, p in reference.named_parameters():
+        torch.testing.assert_close(received[name], p.grad, msg=lambda m, name=name: f"gradient of {name}: {m}")
+        assert not torch.allclose(received[name], unclipped[name]) or not unclipped[name].any()
+    for (name, got), want in zip(net.state_dict().items(), reference.state_dict().values()):
+        torch.testing.assert_close(got, want, msg=lambda m, name=name: f"{name} after the step: {m}")
 
 
 def test_sample_script_rebuilds_the_model_from_the_checkpoint(corpus, tmp_path, clean_accelerate, capsys):
