@@ -184,6 +184,78 @@ def test_signal_saves_and_resume_continues_the_identical_run(corpus, tmp_path, c
     assert sum(1 for r in records(parts) if r.get("final")) == 1
 
 
+class BumpedVal(Trainer):
+    """The measured validation loss, raised by 5 nats after step 10: the best evaluation is step 10's, not the last
+    one, whatever the run learns after it (a pure function of the step, so resumed runs see the same values)."""
+
+    def evaluate_loss(self):
+        return super().evaluate_loss() + (5.0 if self.state.step > 10 else 0.0)
+
+
+class BumpedStop(BumpedVal, StopAtStep):
+    stop_at = 12
+
+
+BEST = ("best_val_loss", "best_val_bpc", "best_step")
+
+
+def val_losses(out_dir):
+    return {r["step"]: r["val_loss"] for r in records(out_dir) if "val_loss" in r and not r.get("final")}
+
+
+def test_best_checkpoint_is_kept_and_a_resumed_run_picks_the_same_best(corpus, tmp_path, clean_accelerate, capsys):
+    full, parts = tmp_path / "full", tmp_path / "parts"
+    args = ("train.checkpoint_every=5", "train.keep_checkpoints=1", "model.dropout=0.1")
+    final = train(tiny(corpus, full, *args), BumpedVal)
+    evals = val_losses(full)
+    assert min(evals, key=evals.get) == 10 == final["best_step"]
+    assert final["best_val_loss"] == evals[10] and final["best_val_bpc"] == pytest.approx(evals[10] / math.log(2))
+    assert final["val_loss"] == evals[20]  # the final values stay the last evaluation's, reported beside the best
+    last = records(full)[-1]
+    assert last["final"] and {k: last[k] for k in BEST} == {k: final[k] for k in BEST}
+    out = capsys.readouterr().out
+    assert "best_val_loss=" in out.splitlines()[-1] and "best_step=10" in out.splitlines()[-1]
+    # kept beside the latest although keep_checkpoints=1, and named by checkpoints/best
+    assert ckpt.list_checkpoints(full) == [ckpt.checkpoint_dir(full, 10), ckpt.checkpoint_dir(full, 20)]
+    assert (full / "checkpoints" / "best").read_text() == "step_000010\n"
+    assert ckpt.best_checkpoint(full) == ckpt.checkpoint_dir(full, 10)
+    state = json.loads((ckpt.checkpoint_dir(full, 20) / ckpt.TRAINER_STATE).read_text())
+    assert (state["best_val_loss"], state["best_step"], state["evals_since_best"]) == (evals[10], 10, 2)
+
+    # interrupted after the best (step 12) and resumed: the resumed run compares against the restored best
+    assert train(tiny(corpus, parts, *args), BumpedStop) == {}
+    assert ckpt.best_checkpoint(parts) == ckpt.checkpoint_dir(parts, 10)
+    # as a crash between the two pointer writes could leave it: the restored state, not the pointer, decides
+    (parts / "checkpoints" / "best").write_text("step_000012\n")
+    resumed = train(tiny(corpus, parts, *args, "train.resume=true"), BumpedVal)
+    assert curve(parts) == curve(full)
+    assert {k: resumed[k] for k in BEST} == {k: final[k] for k in BEST}
+    assert ckpt.list_checkpoints(parts) == [ckpt.checkpoint_dir(parts, 10), ckpt.checkpoint_dir(parts, 20)]
+    assert ckpt.best_checkpoint(parts) == ckpt.checkpoint_dir(parts, 10)
+
+
+def test_best_is_saved_at_its_evaluation_step_with_that_steps_weights(corpus, tmp_path, clean_accelerate):
+    """The best checkpoint is written at the step boundary of its evaluation, through the trainer's save(): the same
+    weights a periodic checkpoint of that step holds."""
+    from safetensors.torch import load_file
+
+    reference, run = tmp_path / "reference", tmp_path / "run"
+    train(tiny(corpus, reference, "train.checkpoint_every=1", "train.keep_checkpoints=30"), BumpedVal)
+    train(tiny(corpus, run, "train.keep_checkpoints=1"), BumpedVal)
+    assert ckpt.list_checkpoints(run) == [ckpt.checkpoint_dir(run, 10), ckpt.checkpoint_dir(run, 20)]
+    got, want = (load_file(ckpt.checkpoint_dir(d, 10) / ckpt.WEIGHTS) for d in (run, reference))
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+
+
+def test_best_tracking_ignores_a_non_finite_validation_loss(corpus, tmp_path, clean_accelerate):
+    class NanAt10(Trainer):
+        def evaluate_loss(self):
+            return math.nan if self.state.step == 10 else super().evaluate_loss() + self.state.step
+
+    final = train(tiny(corpus, tmp_path / "run", "train.max_steps=15"), NanAt10)
+    assert final["best_step"] == 5
+
+
 def test_resume_from_an_explicit_checkpoint_path(corpus, tmp_path, clean_accelerate):
     first = tmp_path / "first"
     train(tiny(corpus, first, "train.checkpoint_every=10", "train.keep_checkpoints=5"))
@@ -320,6 +392,31 @@ def test_sample_script_rebuilds_the_model_from_the_checkpoint(corpus, tmp_path, 
     assert script.main([str(ckpt.latest_checkpoint(out)), "--prompt", "the quick", "--length", "20",
                         "--temperature", "0"]) == 0  # fmt: skip
     assert capsys.readouterr().out == first  # greedy: deterministic
+
+
+def test_sample_script_takes_the_best_checkpoint(corpus, tmp_path, clean_accelerate, capsys):
+    out = tmp_path / "run"
+    train(tiny(corpus, out, "train.sample_length=0", "train.keep_checkpoints=1"), BumpedVal)
+    capsys.readouterr()
+    best = ckpt.checkpoint_dir(out, 10)
+    assert ckpt.resolve_checkpoint(out, best=True) == best
+    assert ckpt.resolve_checkpoint(out / "checkpoints" / "best") == best
+    assert ckpt.resolve_checkpoint(out / "checkpoints" / "latest") == ckpt.resolve_checkpoint(out)
+    spec = importlib.util.spec_from_file_location("sample_script", ROOT / "scripts" / "sample.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    args = ["--prompt", "the quick", "--length", "20", "--temperature", "0"]
+    outputs = []
+    for where in ([str(best)], [str(out / "checkpoints" / "best")], [str(out), "--best"]):
+        assert script.main(where + args) == 0
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0] == outputs[1] == outputs[2]
+    with pytest.raises(SystemExit):
+        script.main([str(best), "--best", *args])  # --best names a run directory's best, not a checkpoint's
+    assert "--best" in capsys.readouterr().err
+    (out / "checkpoints" / "best").unlink()
+    with pytest.raises(FileNotFoundError, match="no best checkpoint"):
+        ckpt.resolve_checkpoint(out, best=True)
 
 
 # ---------------------------------------------------------------------------------------------- pieces
