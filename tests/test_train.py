@@ -247,13 +247,52 @@ def test_best_is_saved_at_its_evaluation_step_with_that_steps_weights(corpus, tm
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
 
 
+def test_patience_stops_early_and_ends_like_a_finished_run(corpus, tmp_path, clean_accelerate, capsys):
+    """Evaluations every 5 steps; the best is step 10's; patience 2: no improvement at 15 and 20, so the run stops
+    at 20 of 40, saves there, final-evaluates the last weights and reports the best beside them."""
+    out = tmp_path / "run"
+    args = ("train.max_steps=40", "train.patience=2", "train.final_eval=true")
+    final = train(tiny(corpus, out, *args), BumpedVal)
+    evals = val_losses(out)
+    assert sorted(evals) == [5, 10, 15, 20] and max(r["step"] for r in records(out)) == 20
+    assert final["stopped_early"] is True and final["best_step"] == 10 and final["best_val_loss"] == evals[10]
+    last = records(out)[-1]
+    assert last["final"] and last["stopped_early"] is True and last["step"] == 20 and "test_bpc" in last
+    assert ckpt.checkpoint_step(ckpt.latest_checkpoint(out)) == 20
+    assert ckpt.best_checkpoint(out) == ckpt.checkpoint_dir(out, 10)
+    assert "stopped early at step 20" in capsys.readouterr().out
+
+    # the sweep runner reruns with train.resume=true: a run that stopped early stays stopped, its result unchanged
+    again = train(tiny(corpus, out, *args, "train.resume=true"), BumpedVal)
+    assert max(r["step"] for r in records(out)) == 20 and sum(1 for r in records(out) if r.get("final")) == 1
+    assert {k: again[k] for k in (*BEST, "stopped_early", "test_bpc")} == {
+        k: final[k] for k in (*BEST, "stopped_early", "test_bpc")
+    }
+
+
+def test_patience_counts_evaluations_across_a_resume(corpus, tmp_path, clean_accelerate):
+    """Stopped by a signal at 17 (one evaluation without improvement so far), then resumed: it stops at 20, as the
+    uninterrupted run does, not at 25."""
+
+    class StopAt17(BumpedVal, StopAtStep):
+        stop_at = 17
+
+    full, parts = tmp_path / "full", tmp_path / "parts"
+    args = ("train.max_steps=40", "train.patience=2")
+    want = train(tiny(corpus, full, *args), BumpedVal)
+    assert train(tiny(corpus, parts, *args), StopAt17) == {}
+    got = train(tiny(corpus, parts, *args, "train.resume=true"), BumpedVal)
+    assert curve(parts) == curve(full) and max(s for s, _ in curve(full)) == 20
+    assert {k: got[k] for k in (*BEST, "stopped_early")} == {k: want[k] for k in (*BEST, "stopped_early")}
+
+
 def test_best_tracking_ignores_a_non_finite_validation_loss(corpus, tmp_path, clean_accelerate):
     class NanAt10(Trainer):
         def evaluate_loss(self):
             return math.nan if self.state.step == 10 else super().evaluate_loss() + self.state.step
 
-    final = train(tiny(corpus, tmp_path / "run", "train.max_steps=15"), NanAt10)
-    assert final["best_step"] == 5
+    final = train(tiny(corpus, tmp_path / "run", "train.max_steps=15", "train.patience=5"), NanAt10)
+    assert final["best_step"] == 5 and "stopped_early" not in final
 
 
 def test_resume_from_an_explicit_checkpoint_path(corpus, tmp_path, clean_accelerate):

@@ -23,11 +23,13 @@ and the run saves a checkpoint right there, at that evaluation's step boundary, 
 of evaluations since it are part of the trainer's state (trainer_state.json), so a resumed run compares against the
 same best and counts on from the same number. The final line (stdout and metrics.jsonl) reports the final values
 beside `best_val_loss`, `best_step` and the task's derived best (`best_val_bpc`, `best_val_bits_per_pixel`).
-The final full-split evaluation (`train.final_eval`) runs on the last weights, so "final" means one thing; the best
-weights are reported by their validation loss and are one `scripts/sample.py --best` (or
-`train.resume=runs/x/checkpoints/best`) away. Evaluating the best weights in-process would mean loading a checkpoint
-into prepared (possibly sharded) models and a second full-split pass: neither cheap nor simple to keep exact under
-every launch config.
+Early stopping: with `train.patience` = P > 0 the run stops after P evaluations in a row without a new best, at that
+evaluation's step; it saves and ends like a finished run, its final record marked `stopped_early`. The final
+full-split evaluation (`train.final_eval`) always runs on the last weights, as for a run that reached max_steps, so
+"final" means one thing; the best weights are reported by their validation loss and are one `scripts/sample.py
+--best` (or `train.resume=runs/x/checkpoints/best`) away. Evaluating the best weights in-process would mean loading
+a checkpoint into prepared (possibly sharded) models and a second full-split pass: neither cheap nor simple to keep
+exact under every launch config.
 
 Stopping:
 - first SIGINT / SIGTERM: a flag that all processes agree on at the next step (it travels in the per-step
@@ -121,7 +123,7 @@ class TrainState:
     tokens: int = 0  # tokens seen, all processes
     best_val_loss: float | None = None  # the lowest validation loss over evaluations so far
     best_step: int | None = None  # the step it was measured at (its checkpoint: checkpoints/best)
-    evals_since_best: int = 0  # evaluations since then without a lower loss
+    evals_since_best: int = 0  # evaluations since then without a lower loss (train.patience)
 
     def state_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -186,7 +188,7 @@ class Trainer:
             if not set(ckpt.BEST_KEYS) <= set(saved):
                 acc.print(
                     f"warning: {self.resumed_from / ckpt.TRAINER_STATE} predates best-checkpoint tracking: the best "
-                    f"validation loss starts again from the next evaluation"
+                    f"validation loss (and train.patience's count) starts again from the next evaluation"
                 )
             if acc.is_main_process:
                 # `best` may lag or lead the state after a crash between the two pointer writes, or name a checkpoint
@@ -330,6 +332,13 @@ class Trainer:
         self.last_saved_step = self.state.step
         return path
 
+    @property
+    def patience_exhausted(self) -> bool:
+        """`train.patience` evaluations in a row without a new best (every process holds the same gathered losses,
+        so all agree)."""
+        patience = self.cfg.train.patience
+        return bool(patience) and self.state.evals_since_best >= patience
+
     def _install_signal_handlers(self):
         if threading.current_thread() is not threading.main_thread():
             return {}
@@ -369,7 +378,8 @@ class Trainer:
         start_tokens, train_seconds = self.state.tokens, 0.0
         log_tokens, log_time = self.state.tokens, time.perf_counter()
         try:
-            while self.state.step < t.max_steps:
+            # a run that stopped early and is resumed (a sweep rerun) stays stopped: it only reports again
+            while self.state.step < t.max_steps and not self.patience_exhausted:
                 step_start = time.perf_counter()
                 loss, grad_norm = self.train_step(batches)  # returns host floats: the step has finished
                 train_seconds += time.perf_counter() - step_start
@@ -425,9 +435,15 @@ class Trainer:
 
         if self.state.step > self.last_saved_step:
             self.save()
-        if self._stop_signal is not None and self.state.step < t.max_steps:
+        stopped_early = self.state.step < t.max_steps and self.patience_exhausted
+        if self._stop_signal is not None and self.state.step < t.max_steps and not stopped_early:
             acc.print(f"stopped by {self._stop_signal} at step {self.state.step}; resume with train.resume=true")
             return {}
+        if stopped_early:
+            acc.print(
+                f"stopped early at step {self.state.step}: no lower validation loss in {t.patience} evaluations since "
+                f"step {self.state.best_step} (train.patience={t.patience})"
+            )
 
         final = dict(self.last_eval)
         if t.final_eval:
@@ -440,9 +456,10 @@ class Trainer:
             num_params=self.num_params,
         )
         final = {k: v for k, v in final.items() if isinstance(v, (int, float))}
-        self.tracker.log(final, step=self.state.step, final=True)
+        flags = {"stopped_early": True} if stopped_early else {}
+        self.tracker.log(final, step=self.state.step, final=True, **flags)
         acc.print("final: " + ", ".join(f"{k}={v:.4g}" for k, v in final.items()))
-        return final
+        return {**final, **flags}
 
     def close(self) -> None:
         self.tracker.finish()
