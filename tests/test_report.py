@@ -229,8 +229,23 @@ def test_best_is_never_a_diverged_unfinished_or_non_finite_run(tmp_path):
         "e": "finished", "f-stopped-early": "finished (stopped early)",
     }  # fmt: skip
     assert rows["a-nan"]["val bpc"] == "nan" and rows["b-diverged"]["val bpc"] == "0.1000"
+    assert "best val bpc" not in rows["d"]  # no run's final line reports a best: no column for it
     only_failed = [r for r in runs if r.path.name in ("a-nan", "b-diverged", "c-unfinished")]
     assert "*" not in markdown_table(only_failed)
+
+
+def test_best_values_beside_the_final_ones(tmp_path):
+    """A final line with the trainer's best_val_bpc and best_step: both get a column; a run without them shows –."""
+    best = {"best_val_loss": 0.7, "best_val_bpc": 1.01, "best_step": 30}
+    for name, val, extra in (("with", 1.2, best), ("without", 1.3, {})):
+        fake_run(tmp_path / name, base_config(**{"model.groups": len(name)}), final=False)
+        with open(tmp_path / name / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"step": 40, "final": True, "val_bpc": val, **extra}) + "\n")
+    rows = table_rows(markdown_table(find_runs([tmp_path / "with", tmp_path / "without"])))
+    assert [(r["val bpc"], r["best val bpc"], r["best step"]) for r in rows] == [
+        ("1.2000 *", "1.0100", "30"),
+        ("1.3000", "–", "–"),
+    ]
 
 
 def _sample_runs(tmp_path, shapes, margin=60):

@@ -44,12 +44,15 @@ PANEL_LABEL_PT = 13.0
 TITLE_PT = 15.0
 WHITE_BELOW = 0.97  # a pixel lighter than this in every channel counts as margin
 
-# (column header, how to get it from a Run); a column whose every value is missing is left out.
+# (column header, metrics key); a column whose every value is missing is left out. The best_* keys are the trainer's
+# lowest validation loss over evaluations (on its final line), beside the final values.
 _VAL_COLUMNS = (
     ("val bpc", "val_bpc"),
     ("test bpc", "test_bpc"),
+    ("best val bpc", "best_val_bpc"),
     ("val bits/pixel", "val_bits_per_pixel"),
     ("test bits/pixel", "test_bits_per_pixel"),
+    ("best val bits/pixel", "best_val_bits_per_pixel"),
 )
 
 
@@ -213,6 +216,11 @@ def _test_or_val(run: RunLog, name: str) -> float | None:
     return float(test) if _is_number(test) else run.last(f"val_{name}")
 
 
+def _final_value(key: str):
+    """A column getter: the final line's value of `key` as written (counts stay ints)."""
+    return lambda run: run.final.get(key) if _is_number(run.final.get(key)) else None
+
+
 def rank_column(header: list[str]) -> str | None:
     """The column that decides the best run: the first validation metric the table shows (lower is better)."""
     return next((name for name, key in _VAL_COLUMNS if name in header and key.startswith("val_")), None)
@@ -235,7 +243,7 @@ def result_rows(runs: list[RunLog]) -> tuple[list[str], list[list]]:
     """Header and rows of the results table (raw values; `markdown_table` formats them)."""
     columns = [(name, (lambda r, k=key: r.last(k))) for name, key in _VAL_COLUMNS]
     columns += [("FID", lambda r: _test_or_val(r, "fid")), ("fidelity", lambda r: _test_or_val(r, "fidelity"))]
-    columns += [("params", lambda r: r.final.get("num_params") if _is_number(r.final.get("num_params")) else None)]
+    columns += [("best step", _final_value("best_step")), ("params", _final_value("num_params"))]
     present = [(name, get) for name, get in columns if any(get(r) is not None for r in runs)]
     header = ["variant", "steps", *(name for name, _ in present), "tokens/s (median)", "peak memory (MiB)", "status"]
     rows = []
