@@ -66,9 +66,26 @@ def resume(corpus, out, path, *overrides):  # noqa: F811
 
 def test_counters_are_json_and_no_pickle_of_ours_is_written(corpus, tmp_path, clean_accelerate):  # noqa: F811
     path = run_with_checkpoint(corpus, tmp_path / "run")
-    assert json.loads((path / ckpt.TRAINER_STATE).read_text()) == {"step": 5, "micro_batches": 5, "tokens": 5 * 8 * 32}
+    state = json.loads((path / ckpt.TRAINER_STATE).read_text())
+    val_loss = state.pop("best_val_loss")
+    assert state == {"step": 5, "micro_batches": 5, "tokens": 5 * 8 * 32, "best_step": 5, "evals_since_best": 0}
+    assert val_loss == next(r["val_loss"] for r in records(tmp_path / "run") if "val_loss" in r)
     assert not list(path.glob("custom_checkpoint_*"))
-    assert resume(corpus, tmp_path / "again", path).state.step == 5
+    resumed = resume(corpus, tmp_path / "again", path)
+    assert (resumed.state.step, resumed.state.best_step, resumed.state.best_val_loss) == (5, 5, val_loss)
+
+
+def test_state_from_before_best_tracking_resumes_with_a_warning(corpus, tmp_path, clean_accelerate, capsys):  # noqa: F811
+    """trainer_state.json without the best keys (written before they existed): the counters restore exactly, and the
+    run says aloud that the best validation loss starts again from its next evaluation."""
+    path = run_with_checkpoint(corpus, tmp_path / "run")
+    state = json.loads((path / ckpt.TRAINER_STATE).read_text())
+    (path / ckpt.TRAINER_STATE).write_text(json.dumps({k: state[k] for k in ckpt.COUNTERS}))
+    capsys.readouterr()
+    resumed = resume(corpus, tmp_path / "again", path)
+    assert (resumed.state.step, resumed.state.best_step, resumed.state.best_val_loss) == (5, None, None)
+    out = capsys.readouterr().out
+    assert "warning:" in out and "predates best-checkpoint tracking" in out
 
 
 def test_planted_custom_checkpoint_is_refused_unread(corpus, tmp_path, clean_accelerate, marker):  # noqa: F811
@@ -97,6 +114,10 @@ def test_planted_state_pickle_is_refused(corpus, tmp_path, clean_accelerate, mar
         resume(corpus, tmp_path / "again", path)
 
 
+COUNTED = {"step": 5, "micro_batches": 5, "tokens": 1280}
+BEST = {"best_val_loss": 1.5, "best_step": 5, "evals_since_best": 0}
+
+
 @pytest.mark.parametrize(
     "state, problem",
     [
@@ -105,6 +126,13 @@ def test_planted_state_pickle_is_refused(corpus, tmp_path, clean_accelerate, mar
         ({"step": True, "micro_batches": 5, "tokens": 0}, "'step' must be a non-negative int"),
         ({"step": 5, "micro_batches": 5}, "expected exactly the keys"),
         ([5, 5, 0], "expected exactly the keys"),
+        ({**COUNTED, "best_step": 5}, "expected exactly the keys"),  # the best keys come together or not at all
+        ({**COUNTED, **BEST, "best_val_loss": float("nan")}, "'best_val_loss' must be a finite float or null"),
+        ({**COUNTED, **BEST, "best_val_loss": "1.5"}, "'best_val_loss' must be a finite float or null"),
+        ({**COUNTED, **BEST, "best_step": 6}, r"'best_step' must be an int in \[0, step\] or null"),
+        ({**COUNTED, **BEST, "best_step": None}, "'best_val_loss' and 'best_step' must both be set or both null"),
+        ({**COUNTED, **BEST, "evals_since_best": -1}, "'evals_since_best' must be a non-negative int"),
+        ({**COUNTED, **BEST, "best": 1}, "expected exactly the keys"),
         ({"step": 4, "micro_batches": 4, "tokens": 0}, "says step 4 but .*COMPLETE says 5"),
         ("{not json", "trainer_state.json: not valid JSON"),
     ],
@@ -254,11 +282,26 @@ def test_latest_pointer_cannot_leave_the_checkpoints_folder(corpus, tmp_path, cl
             ckpt.latest_checkpoint(run)
         with pytest.raises(ckpt.CheckpointError, match="refusing to follow it"):
             resume(corpus, run, True)
+    # the best pointer follows the same rules, wherever it is read: discovery, resume, sampling
+    pointer.write_text("step_000005\n")
+    best = run / "checkpoints" / "best"
+    assert ckpt.best_checkpoint(run) == ckpt.checkpoint_dir(run, 5)
+    for target in ("../../elsewhere/checkpoints/step_000005", str(elsewhere), "step_5/../x"):
+        best.write_text(target + "\n")
+        with pytest.raises(ckpt.CheckpointError, match="best names .*not a step_NNNNNN directory.*refusing"):
+            ckpt.best_checkpoint(run)
+        with pytest.raises(ckpt.CheckpointError, match="refusing to follow it"):
+            ckpt.resolve_checkpoint(run, best=True)
+        with pytest.raises(ckpt.CheckpointError, match="refusing to follow it"):
+            resume(corpus, tmp_path / "again", best)
+    best.write_text("step_000005\n")
     # a step_* name that is a link out of the folder is not a checkpoint of this run either
     pointer.write_text("step_000009\n")
     (run / "checkpoints" / "step_000009").symlink_to(elsewhere, target_is_directory=True)
     assert ckpt.list_checkpoints(run) == [ckpt.checkpoint_dir(run, 5)]
     assert ckpt.latest_checkpoint(run) == ckpt.checkpoint_dir(run, 5)
+    best.write_text("step_000009\n")
+    assert ckpt.best_checkpoint(run) is None  # no fallback: the newest is not the best
 
 
 def test_directory_without_complete_is_never_used(corpus, tmp_path, clean_accelerate):  # noqa: F811

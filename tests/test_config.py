@@ -309,6 +309,7 @@ def test_scale_bound_is_the_kernels():
         (["data.name=shapes", "model.alibi=true"], "model.alibi does not apply to data.name=shapes"),
         (["data.name=text"], "data.name=text needs data.path"),
         (["data.name=hf"], "data.name=hf needs t2i.hf_dataset"),
+        (["train.patience=3", "train.eval_every=0"], "train.patience=3 counts evaluations: it needs train.eval_every"),
     ],
 )
 def test_cross_key_checks_that_would_fail_at_build_time(overrides, message):

@@ -83,6 +83,11 @@ def fake_run(path, config, steps=40, rng=None, t2i=False, diverge_at=None, final
     return logged
 
 
+def num(cell):
+    """A table cell as a number (the best run's value carries a star)."""
+    return float(cell.removesuffix(" *").replace(",", ""))
+
+
 def table_rows(table):
     """Markdown table → list of {header: cell}."""
     lines = table.strip().splitlines()
@@ -110,16 +115,16 @@ def test_attention_norm_grid_report(tmp_path, seed):
     assert list(rows) == [r.label for r in report["runs"]]
     for name, label in zip(variants, rows):
         row, values = rows[label], logged[name]
-        assert float(row["val bpc"]) == pytest.approx(values["val"][-1], rel=1e-3)
+        assert num(row["val bpc"]) == pytest.approx(values["val"][-1], rel=1e-3)
         assert float(row["tokens/s (median)"].replace(",", "")) == pytest.approx(
             statistics.median(values["tokens_per_s"]), abs=0.51
         )
         assert float(row["peak memory (MiB)"]) == pytest.approx(max(values["memory_mib"]), rel=1e-3)
-    assert rows["regular post-LN"]["diverged"] == "yes (step 25)" and rows["regular post-LN"]["steps"] == "25"
+    assert rows["regular post-LN"]["status"] == "diverged (step 25)" and rows["regular post-LN"]["steps"] == "25"
     assert rows["regular post-LN"]["test bpc"] == rows["regular post-LN"]["params"] == "–"
     assert rows["cosine post-LN"]["params"] == f"{logged['a']['final']['num_params']:,}"
     assert float(rows["cosine pre-LN"]["test bpc"]) == pytest.approx(logged["b"]["final"]["test_bpc"], rel=1e-3)
-    assert {rows[k]["diverged"] for k in rows if k != "regular post-LN"} == {"no"}
+    assert {rows[k]["status"] for k in rows if k != "regular post-LN"} == {"finished"}
     assert "FID" not in rows["cosine pre-LN"] and "val bits/pixel" not in rows["cosine pre-LN"]
 
     assert report["curves"].read_bytes()[:8] == PNG_MAGIC
@@ -130,7 +135,13 @@ def test_attention_norm_grid_report(tmp_path, seed):
     assert markdown.startswith("# attention × norm") and "(curves.png)" in markdown and report["table"] in markdown
     assert "`data.seq_len`: `64`" in markdown and "train.out_dir" not in markdown
     records = json.loads(report["json"].read_text())
-    assert [r["variant"] for r in records] == list(rows) and records[2]["diverged"] == "yes (step 25)"
+    assert [r["variant"] for r in records] == list(rows) and records[2]["status"] == "diverged (step 25)"
+    # the best finished run is marked in the table and in the JSON, a diverged one never
+    finished = {label: logged[name]["val"][-1] for name, label in zip(variants, rows) if label != "regular post-LN"}
+    best = min(finished, key=finished.get)
+    assert [label for label, row in rows.items() if row["val bpc"].endswith(" *")] == [best]
+    assert [r["variant"] for r in records if r["best"]] == [best]
+    assert "\\* best finished run by val bpc" in markdown
 
 
 def test_labels_follow_config_differences(tmp_path):
@@ -174,7 +185,7 @@ def test_text_to_image_report_with_sample_grid(tmp_path, seed):
     assert [r["variant"] for r in rows] == ["cosine groups=1", "regular", "cosine groups=4"]
     assert "val bpc" not in rows[0]
     for row, name in zip(rows, ("cos", "reg")):
-        assert float(row["val bits/pixel"]) == pytest.approx(logged[name]["val"][-1], rel=1e-3)
+        assert num(row["val bits/pixel"]) == pytest.approx(logged[name]["val"][-1], rel=1e-3)
         assert float(row["FID"]) == pytest.approx(logged[name]["final"]["test_fid"], rel=1e-3)  # test beats val
         assert float(row["fidelity"]) == pytest.approx(logged[name]["fidelity"], abs=5e-4)
 
@@ -186,6 +197,55 @@ def test_text_to_image_report_with_sample_grid(tmp_path, seed):
     assert (np.all(pixels == [0, 0, 1], axis=1)).sum() > 50
     assert (np.all(pixels == [1, 0, 0], axis=1)).sum() == 0  # an earlier sample (step 10) is not shown
     assert "(samples.png)" in report["markdown"].read_text()
+
+
+def test_best_is_never_a_diverged_unfinished_or_non_finite_run(tmp_path):
+    """Lower val bpc is better, but only a finished run with a finite value can be marked best: not one that diverged
+    or never wrote its final line (however low its last evaluation), nor a NaN listed first."""
+    for name, val, end in (
+        ("a-nan", float("nan"), "final"),  # a non-finite result that json round-trips as NaN, first in the table
+        ("b-diverged", 0.1, "diverged"),
+        ("c-unfinished", 0.2, None),
+        ("d", 1.5, "final"),
+        ("e", 1.2, "final"),
+        ("f-stopped-early", 1.3, "stopped_early"),
+    ):
+        fake_run(tmp_path / name, base_config(**{"model.groups": len(name)}), final=False)
+        lines = [{"step": 45, "val_loss": val, "val_bpc": val}]
+        if end == "diverged":
+            lines.append({"step": 50, "diverged": True})
+        elif end:
+            flag = {"stopped_early": True} if end == "stopped_early" else {}
+            lines.append({"step": 50, "final": True, "val_bpc": val, **flag})
+        with open(tmp_path / name / "metrics.jsonl", "a") as f:
+            f.write("".join(json.dumps(line) + "\n" for line in lines))
+    runs = find_runs([tmp_path])
+    for run in runs:
+        run.label = run.path.name
+    rows = {row["variant"]: row for row in table_rows(markdown_table(runs))}
+    assert [name for name, row in rows.items() if row["val bpc"].endswith(" *")] == ["e"]
+    assert {name: row["status"] for name, row in rows.items()} == {
+        "a-nan": "finished", "b-diverged": "diverged (step 50)", "c-unfinished": "unfinished", "d": "finished",
+        "e": "finished", "f-stopped-early": "finished (stopped early)",
+    }  # fmt: skip
+    assert rows["a-nan"]["val bpc"] == "nan" and rows["b-diverged"]["val bpc"] == "0.1000"
+    assert "best val bpc" not in rows["d"]  # no run's final line reports a best: no column for it
+    only_failed = [r for r in runs if r.path.name in ("a-nan", "b-diverged", "c-unfinished")]
+    assert "*" not in markdown_table(only_failed)
+
+
+def test_best_values_beside_the_final_ones(tmp_path):
+    """A final line with the trainer's best_val_bpc and best_step: both get a column; a run without them shows –."""
+    best = {"best_val_loss": 0.7, "best_val_bpc": 1.01, "best_step": 30}
+    for name, val, extra in (("with", 1.2, best), ("without", 1.3, {})):
+        fake_run(tmp_path / name, base_config(**{"model.groups": len(name)}), final=False)
+        with open(tmp_path / name / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"step": 40, "final": True, "val_bpc": val, **extra}) + "\n")
+    rows = table_rows(markdown_table(find_runs([tmp_path / "with", tmp_path / "without"])))
+    assert [(r["val bpc"], r["best val bpc"], r["best step"]) for r in rows] == [
+        ("1.2000 *", "1.0100", "30"),
+        ("1.3000", "–", "–"),
+    ]
 
 
 def _sample_runs(tmp_path, shapes, margin=60):
@@ -242,7 +302,7 @@ def test_unfinished_run_and_torn_log(tmp_path):
         find_runs([_empty_dir(tmp_path)])
     with pytest.raises(FileNotFoundError, match="not found"):
         find_runs([tmp_path / "missing"])
-    assert "| r | 40 |" in markdown_table([run])
+    assert "| r | 40 |" in markdown_table([run]) and "| unfinished |" in markdown_table([run])
 
 
 def _empty_dir(tmp_path):

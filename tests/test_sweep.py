@@ -17,6 +17,8 @@ import yaml
 from cosformer.tools.report import load_metrics
 from cosformer.tools.sweep import (
     RUNNER_KEYS,
+    Run,
+    RunResult,
     build_command,
     config_keys,
     expand_sweep,
@@ -273,6 +275,11 @@ def test_parse_overrides():
             parse_overrides([bad])
 
 
+def starred(table: str) -> list[str]:
+    """Names of the runs a summary table marks best."""
+    return [line.split()[0] for line in table.splitlines()[2:] if line.rstrip().endswith(" *")]
+
+
 # ----------------------------------------------------------------------------- the runner, on a stub program
 
 STUB = textwrap.dedent(
@@ -290,8 +297,13 @@ STUB = textwrap.dedent(
     with open(os.path.join(out, "metrics.jsonl"), "w") as f:
         f.write(json.dumps({"step": 1, "loss": 5.0, "lr": 1e-3, "tokens_per_s": 10.0, "memory_mib": 1.0}) + "\\n")
         if depth == int(os.environ.get("STUB_DIVERGE_DEPTH", "-1")):
-            f.write(json.dumps({"step": 2, "diverged": True}) + "\\n")
+            # the best value of the sweep, logged before the run went non-finite: a diverged run is never best
+            f.write(json.dumps({"step": 2, "val_loss": 0.01, "val_bpc": 0.01}) + "\\n")
+            f.write(json.dumps({"step": 3, "diverged": True}) + "\\n")
             sys.exit(1)
+        if depth == int(os.environ.get("STUB_STOP_DEPTH", "-1")):  # stopped by a signal: exit 0, no final line
+            f.write(json.dumps({"step": 2, "val_loss": 0.01, "val_bpc": 0.01}) + "\\n")
+            sys.exit(0)
         f.write(json.dumps({"step": 2, "val_loss": 1.0, "val_bpc": depth / 10}) + "\\n")
         f.write(json.dumps({"step": 2, "final": True, "test_bpc": depth / 10 + 0.01}) + "\\n")
     """
@@ -331,21 +343,60 @@ def test_runner_runs_logs_skips_and_reports_failures(stub_sweep, tmp_path, monke
     assert call["argv"][:2] == ["--config", "none.yaml"] and "train.seed=1" in call["argv"]
     assert "log.group=stub" in call["argv"]
     table = summary_table(results, sweep.metric)
-    assert "0.2000 *" in table and "failed" in table and "diverged" in table
+    assert starred(table) == ["depth=2"] and "failed" in table and "diverged" in table
     assert any("depth=9: failed" in line and "stdout.log" in line for line in lines)
 
-    # second pass: finished and diverged runs are skipped, only the failed one runs again (and now passes)
+    # second pass: finished and diverged runs are skipped, keeping their status; only the failed one runs again
     monkeypatch.setenv("STUB_FAIL_DEPTH", "-1")
     again = run_sweep(sweep, root, {"train.seed": 1}, echo=lines.append)
-    assert {r.run.name: r.status for r in again} == {
-        "depth=5": "skipped",
-        "depth=2": "skipped",
-        "depth=9": "done",
-        "depth=4": "skipped",
+    assert {r.run.name: (r.status, r.skipped) for r in again} == {
+        "depth=5": ("done", True),
+        "depth=2": ("done", True),
+        "depth=9": ("done", False),
+        "depth=4": ("diverged", True),
     }
     assert len((root / "stub" / "depth=5" / "calls.txt").read_text().splitlines()) == 1
     assert len((root / "stub" / "depth=9" / "calls.txt").read_text().splitlines()) == 2
     assert {r.run.name: r.metric for r in again}["depth=5"] == pytest.approx(0.5)
+    # the diverged run's last value (0.01, logged before it diverged) is the lowest, and still not the best
+    assert {r.run.name: r.metric for r in again}["depth=4"] == pytest.approx(0.01)
+    table = summary_table(again, sweep.metric)
+    assert starred(table) == ["depth=2"]
+    assert "diverged (skipped)" in table and "done (skipped)" in table
+
+
+def test_runner_a_run_that_ends_without_its_final_line_is_unfinished(stub_sweep, tmp_path, monkeypatch, capsys):
+    """Exit status 0 without a final line (stopped by a signal, resumable): neither done nor best."""
+    monkeypatch.setenv("STUB_STOP_DEPTH", "5")
+    sweep = load_sweep(stub_sweep)
+    results = run_sweep(sweep, tmp_path / "runs", echo=lambda s: None)
+    assert {r.run.name: r.status for r in results}["depth=5"] == "unfinished"
+    assert starred(summary_table(results, sweep.metric)) == ["depth=2"]
+    trainer_config_class()
+    main = runpy.run_path(str(ROOT / "scripts" / "sweep.py"), run_name="sweep_script")["main"]
+    assert main([str(stub_sweep), "--out-root", str(tmp_path / "again")]) == 1  # the sweep is not complete
+    assert "1 run(s) unfinished, rerun to resume: depth=5" in capsys.readouterr().err
+
+
+def _result(name, status, metric, skipped=False):
+    return RunResult(Run(name, {}), Path(name), [], status, metric=metric, skipped=skipped)
+
+
+@pytest.mark.parametrize("goal", ["minimize", "maximize"])
+def test_summary_never_stars_a_failed_run_or_a_non_finite_metric(goal):
+    results = [
+        _result("nan-first", "done", math.nan),
+        _result("diverged", "diverged", -5.0, skipped=True),
+        _result("diverged-high", "diverged", 50.0),
+        _result("failed", "failed", -4.0),
+        _result("unfinished", "unfinished", 40.0),
+        _result("inf", "done", math.inf if goal == "maximize" else -math.inf),
+        _result("a", "done", 0.3),
+        _result("b", "done", 0.2, skipped=True),
+        _result("none", "done", None),
+    ]
+    assert starred(summary_table(results, {"name": "val_bpc", "goal": goal})) == ["a" if goal == "maximize" else "b"]
+    assert starred(summary_table(results[:6], {"name": "val_bpc", "goal": goal})) == []
 
 
 def test_runner_counts_a_launcher_that_cannot_start(tmp_path):
@@ -376,7 +427,7 @@ def test_sweep_script_exit_code_dry_run_and_key_check(stub_sweep, tmp_path, monk
     assert "1 run(s) failed: depth=2" in capsys.readouterr().err
     monkeypatch.setenv("STUB_FAIL_DEPTH", "-1")
     assert main([str(stub_sweep), "--out-root", str(root)]) == 0
-    assert "skipped" in capsys.readouterr().out
+    assert "done (skipped)" in capsys.readouterr().out
 
     with pytest.raises(SystemExit):
         main([str(stub_sweep), "model.not_a_key=1"])
@@ -439,7 +490,7 @@ def test_two_run_grid_with_real_trainer(tmp_path, seed):
         assert config["log"]["group"] == "tiny" and config["log"]["name"] == r.run.name
 
     again = run_sweep(load_sweep(sweep_file), tmp_path / "runs", extra, env=env, echo=lambda s: None)
-    assert [r.status for r in again] == ["skipped", "skipped"]
+    assert [(r.status, r.skipped) for r in again] == [("done", True), ("done", True)]
     assert [r.metric for r in again] == [r.metric for r in results] and None not in [r.metric for r in results]
 
     from cosformer.tools.report import write_report

@@ -18,7 +18,7 @@ from cosformer.train import checkpoint as ckpt
 from cosformer.train.config import ConfigError, load_config
 from cosformer.train.tasks import build_task, task_class
 from cosformer.train.tracking import MetricsLog, choose_wandb_mode
-from cosformer.train.trainer import NonFiniteLossError, Trainer, get_lr
+from cosformer.train.trainer import NonFiniteLossError, Trainer, get_lr, param_groups
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 COMPARED = ("loss", "lr", "grad_norm", "val_loss", "val_bpc")
@@ -184,6 +184,117 @@ def test_signal_saves_and_resume_continues_the_identical_run(corpus, tmp_path, c
     assert sum(1 for r in records(parts) if r.get("final")) == 1
 
 
+class BumpedVal(Trainer):
+    """The measured validation loss, raised by 5 nats after step 10: the best evaluation is step 10's, not the last
+    one, whatever the run learns after it (a pure function of the step, so resumed runs see the same values)."""
+
+    def evaluate_loss(self):
+        return super().evaluate_loss() + (5.0 if self.state.step > 10 else 0.0)
+
+
+class BumpedStop(BumpedVal, StopAtStep):
+    stop_at = 12
+
+
+BEST = ("best_val_loss", "best_val_bpc", "best_step")
+
+
+def val_losses(out_dir):
+    return {r["step"]: r["val_loss"] for r in records(out_dir) if "val_loss" in r and not r.get("final")}
+
+
+def test_best_checkpoint_is_kept_and_a_resumed_run_picks_the_same_best(corpus, tmp_path, clean_accelerate, capsys):
+    full, parts = tmp_path / "full", tmp_path / "parts"
+    args = ("train.checkpoint_every=5", "train.keep_checkpoints=1", "model.dropout=0.1")
+    final = train(tiny(corpus, full, *args), BumpedVal)
+    evals = val_losses(full)
+    assert min(evals, key=evals.get) == 10 == final["best_step"]
+    assert final["best_val_loss"] == evals[10] and final["best_val_bpc"] == pytest.approx(evals[10] / math.log(2))
+    assert final["val_loss"] == evals[20]  # the final values stay the last evaluation's, reported beside the best
+    last = records(full)[-1]
+    assert last["final"] and {k: last[k] for k in BEST} == {k: final[k] for k in BEST}
+    out = capsys.readouterr().out
+    assert "best_val_loss=" in out.splitlines()[-1] and "best_step=10" in out.splitlines()[-1]
+    # kept beside the latest although keep_checkpoints=1, and named by checkpoints/best
+    assert ckpt.list_checkpoints(full) == [ckpt.checkpoint_dir(full, 10), ckpt.checkpoint_dir(full, 20)]
+    assert (full / "checkpoints" / "best").read_text() == "step_000010\n"
+    assert ckpt.best_checkpoint(full) == ckpt.checkpoint_dir(full, 10)
+    state = json.loads((ckpt.checkpoint_dir(full, 20) / ckpt.TRAINER_STATE).read_text())
+    assert (state["best_val_loss"], state["best_step"], state["evals_since_best"]) == (evals[10], 10, 2)
+
+    # interrupted after the best (step 12) and resumed: the resumed run compares against the restored best
+    assert train(tiny(corpus, parts, *args), BumpedStop) == {}
+    assert ckpt.best_checkpoint(parts) == ckpt.checkpoint_dir(parts, 10)
+    # as a crash between the two pointer writes could leave it: the restored state, not the pointer, decides
+    (parts / "checkpoints" / "best").write_text("step_000012\n")
+    resumed = train(tiny(corpus, parts, *args, "train.resume=true"), BumpedVal)
+    assert curve(parts) == curve(full)
+    assert {k: resumed[k] for k in BEST} == {k: final[k] for k in BEST}
+    assert ckpt.list_checkpoints(parts) == [ckpt.checkpoint_dir(parts, 10), ckpt.checkpoint_dir(parts, 20)]
+    assert ckpt.best_checkpoint(parts) == ckpt.checkpoint_dir(parts, 10)
+
+
+def test_best_is_saved_at_its_evaluation_step_with_that_steps_weights(corpus, tmp_path, clean_accelerate):
+    """The best checkpoint is written at the step boundary of its evaluation, through the trainer's save(): the same
+    weights a periodic checkpoint of that step holds."""
+    from safetensors.torch import load_file
+
+    reference, run = tmp_path / "reference", tmp_path / "run"
+    train(tiny(corpus, reference, "train.checkpoint_every=1", "train.keep_checkpoints=30"), BumpedVal)
+    train(tiny(corpus, run, "train.keep_checkpoints=1"), BumpedVal)
+    assert ckpt.list_checkpoints(run) == [ckpt.checkpoint_dir(run, 10), ckpt.checkpoint_dir(run, 20)]
+    got, want = (load_file(ckpt.checkpoint_dir(d, 10) / ckpt.WEIGHTS) for d in (run, reference))
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+
+
+def test_patience_stops_early_and_ends_like_a_finished_run(corpus, tmp_path, clean_accelerate, capsys):
+    """Evaluations every 5 steps; the best is step 10's; patience 2: no improvement at 15 and 20, so the run stops
+    at 20 of 40, saves there, final-evaluates the last weights and reports the best beside them."""
+    out = tmp_path / "run"
+    args = ("train.max_steps=40", "train.patience=2", "train.final_eval=true")
+    final = train(tiny(corpus, out, *args), BumpedVal)
+    evals = val_losses(out)
+    assert sorted(evals) == [5, 10, 15, 20] and max(r["step"] for r in records(out)) == 20
+    assert final["stopped_early"] is True and final["best_step"] == 10 and final["best_val_loss"] == evals[10]
+    last = records(out)[-1]
+    assert last["final"] and last["stopped_early"] is True and last["step"] == 20 and "test_bpc" in last
+    assert ckpt.checkpoint_step(ckpt.latest_checkpoint(out)) == 20
+    assert ckpt.best_checkpoint(out) == ckpt.checkpoint_dir(out, 10)
+    assert "stopped early at step 20" in capsys.readouterr().out
+
+    # the sweep runner reruns with train.resume=true: a run that stopped early stays stopped, its result unchanged
+    again = train(tiny(corpus, out, *args, "train.resume=true"), BumpedVal)
+    assert max(r["step"] for r in records(out)) == 20 and sum(1 for r in records(out) if r.get("final")) == 1
+    assert {k: again[k] for k in (*BEST, "stopped_early", "test_bpc")} == {
+        k: final[k] for k in (*BEST, "stopped_early", "test_bpc")
+    }
+
+
+def test_patience_counts_evaluations_across_a_resume(corpus, tmp_path, clean_accelerate):
+    """Stopped by a signal at 17 (one evaluation without improvement so far), then resumed: it stops at 20, as the
+    uninterrupted run does, not at 25."""
+
+    class StopAt17(BumpedVal, StopAtStep):
+        stop_at = 17
+
+    full, parts = tmp_path / "full", tmp_path / "parts"
+    args = ("train.max_steps=40", "train.patience=2")
+    want = train(tiny(corpus, full, *args), BumpedVal)
+    assert train(tiny(corpus, parts, *args), StopAt17) == {}
+    got = train(tiny(corpus, parts, *args, "train.resume=true"), BumpedVal)
+    assert curve(parts) == curve(full) and max(s for s, _ in curve(full)) == 20
+    assert {k: got[k] for k in (*BEST, "stopped_early")} == {k: want[k] for k in (*BEST, "stopped_early")}
+
+
+def test_best_tracking_ignores_a_non_finite_validation_loss(corpus, tmp_path, clean_accelerate):
+    class NanAt10(Trainer):
+        def evaluate_loss(self):
+            return math.nan if self.state.step == 10 else super().evaluate_loss() + self.state.step
+
+    final = train(tiny(corpus, tmp_path / "run", "train.max_steps=15", "train.patience=5"), NanAt10)
+    assert final["best_step"] == 5 and "stopped_early" not in final
+
+
 def test_resume_from_an_explicit_checkpoint_path(corpus, tmp_path, clean_accelerate):
     first = tmp_path / "first"
     train(tiny(corpus, first, "train.checkpoint_every=10", "train.keep_checkpoints=5"))
@@ -262,6 +373,51 @@ def test_gradient_accumulation_matches_a_larger_batch(corpus, tmp_path, clean_ac
     assert la == pytest.approx(lb, rel=1e-5)
 
 
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_gradient_clipping_matches_a_manual_step(corpus, tmp_path, clean_accelerate, grad_accum):
+    """One trainer step with train.grad_clip against a hand-written step on the same micro-batches: backward,
+    torch.nn.utils.clip_grad_norm_ over the accumulated gradients, AdamW. The gradients the optimiser receives are
+    compared, not only the weights: AdamW's first step is about lr * sign(g) wherever |g| >> eps, so the weights alone
+    show a skipped clip only where gradients are tiny."""
+    clip = 0.05
+    cfg = tiny(corpus, tmp_path / "run", f"train.grad_clip={clip}", f"train.grad_accum={grad_accum}",
+               f"train.batch_size={8 // grad_accum}", "train.eval_every=0", "train.sample_length=0")  # fmt: skip
+    trainer = Trainer(cfg)
+    net = trainer.accelerator.unwrap_model(trainer.model)
+    reference = build_task(cfg).build_model()
+    reference.load_state_dict(net.state_dict())
+    received = {}
+    inner = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # Accelerate's wrapper holds the torch one
+    inner.register_step_pre_hook(lambda *_: received.update({n: p.grad.clone() for n, p in net.named_parameters()}))
+    drawn = []
+
+    def recorded(batches):
+        for batch in batches:
+            drawn.append({k: v.clone() for k, v in batch.items()})
+            yield batch
+
+    _, grad_norm = trainer.train_step(recorded(trainer._batches()))
+    trainer.close()
+
+    t = cfg.train
+    optimizer = torch.optim.AdamW(
+        param_groups(reference, t.weight_decay), lr=trainer.lr_at(0), betas=(t.beta1, t.beta2), fused=False
+    )
+    assert len(drawn) == grad_accum
+    for batch in drawn:
+        (reference(**batch) / grad_accum).backward()
+    unclipped = {n: p.grad.clone() for n, p in reference.named_parameters()}
+    norm = torch.nn.utils.clip_grad_norm_(reference.parameters(), clip)
+    assert norm > 10 * clip  # clipping is in effect: the gradients shrink by more than 10x
+    assert grad_norm == pytest.approx(norm.item(), rel=1e-5)  # the logged norm is the one before clipping
+    optimizer.step()
+    for name, p in reference.named_parameters():
+        torch.testing.assert_close(received[name], p.grad, msg=lambda m, name=name: f"gradient of {name}: {m}")
+        assert not torch.allclose(received[name], unclipped[name]) or not unclipped[name].any()
+    for (name, got), want in zip(net.state_dict().items(), reference.state_dict().values()):
+        torch.testing.assert_close(got, want, msg=lambda m, name=name: f"{name} after the step: {m}")
+
+
 def test_sample_script_rebuilds_the_model_from_the_checkpoint(corpus, tmp_path, clean_accelerate, capsys):
     out = tmp_path / "run"
     train(tiny(corpus, out, "train.max_steps=5", "train.sample_length=0"))
@@ -275,6 +431,31 @@ def test_sample_script_rebuilds_the_model_from_the_checkpoint(corpus, tmp_path, 
     assert script.main([str(ckpt.latest_checkpoint(out)), "--prompt", "the quick", "--length", "20",
                         "--temperature", "0"]) == 0  # fmt: skip
     assert capsys.readouterr().out == first  # greedy: deterministic
+
+
+def test_sample_script_takes_the_best_checkpoint(corpus, tmp_path, clean_accelerate, capsys):
+    out = tmp_path / "run"
+    train(tiny(corpus, out, "train.sample_length=0", "train.keep_checkpoints=1"), BumpedVal)
+    capsys.readouterr()
+    best = ckpt.checkpoint_dir(out, 10)
+    assert ckpt.resolve_checkpoint(out, best=True) == best
+    assert ckpt.resolve_checkpoint(out / "checkpoints" / "best") == best
+    assert ckpt.resolve_checkpoint(out / "checkpoints" / "latest") == ckpt.resolve_checkpoint(out)
+    spec = importlib.util.spec_from_file_location("sample_script", ROOT / "scripts" / "sample.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    args = ["--prompt", "the quick", "--length", "20", "--temperature", "0"]
+    outputs = []
+    for where in ([str(best)], [str(out / "checkpoints" / "best")], [str(out), "--best"]):
+        assert script.main(where + args) == 0
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0] == outputs[1] == outputs[2]
+    with pytest.raises(SystemExit):
+        script.main([str(best), "--best", *args])  # --best names a run directory's best, not a checkpoint's
+    assert "--best" in capsys.readouterr().err
+    (out / "checkpoints" / "best").unlink()
+    with pytest.raises(FileNotFoundError, match="no best checkpoint"):
+        ckpt.resolve_checkpoint(out, best=True)
 
 
 # ---------------------------------------------------------------------------------------------- pieces

@@ -7,6 +7,11 @@ val_fid, val_fidelity}; a last {"final": true, ...} line; {"step", "diverged": t
 grids (also found as `samples/<key>_step_XXXXXX.png`, where the tracker files its media).
 Each run is labelled by how its config differs from the other runs' (e.g. "cosine post-LN scale=10"), so the
 same code reports an attention × norm grid, a scale sweep or two hand-picked runs.
+
+A run's status is finished (its final line exists; "stopped early" when `train.patience` ended it), diverged, or
+unfinished (cut short, or still running). The table stars the best run by its validation metric (val bpc, or val
+bits/pixel), lower being better; only a finished run with a finite value can be best, so a run that diverged or
+was cut short after a low evaluation is listed with that value but never marked.
 """
 
 from __future__ import annotations
@@ -39,12 +44,15 @@ PANEL_LABEL_PT = 13.0
 TITLE_PT = 15.0
 WHITE_BELOW = 0.97  # a pixel lighter than this in every channel counts as margin
 
-# (column header, how to get it from a Run); a column whose every value is missing is left out.
+# (column header, metrics key); a column whose every value is missing is left out. The best_* keys are the trainer's
+# lowest validation loss over evaluations (on its final line), beside the final values.
 _VAL_COLUMNS = (
     ("val bpc", "val_bpc"),
     ("test bpc", "test_bpc"),
+    ("best val bpc", "best_val_bpc"),
     ("val bits/pixel", "val_bits_per_pixel"),
     ("test bits/pixel", "test_bits_per_pixel"),
+    ("best val bits/pixel", "best_val_bits_per_pixel"),
 )
 
 
@@ -58,6 +66,14 @@ class RunLog:
     diverged_at: int | None = None
     samples: list[Path] = field(default_factory=list)  # sorted by step
     label: str = ""
+
+    @property
+    def status(self) -> str:
+        if self.diverged_at is not None:
+            return f"diverged (step {self.diverged_at})"
+        if not self.final:
+            return "unfinished"
+        return "finished (stopped early)" if self.final.get("stopped_early") else "finished"
 
     @property
     def steps(self) -> int:
@@ -200,16 +216,38 @@ def _test_or_val(run: RunLog, name: str) -> float | None:
     return float(test) if _is_number(test) else run.last(f"val_{name}")
 
 
+def _final_value(key: str):
+    """A column getter: the final line's value of `key` as written (counts stay ints)."""
+    return lambda run: run.final.get(key) if _is_number(run.final.get(key)) else None
+
+
+def rank_column(header: list[str]) -> str | None:
+    """The column that decides the best run: the first validation metric the table shows (lower is better)."""
+    return next((name for name, key in _VAL_COLUMNS if name in header and key.startswith("val_")), None)
+
+
+def best_run(runs: list[RunLog]) -> RunLog | None:
+    """The finished run with the lowest finite value in `rank_column`, or None: a diverged or unfinished run, or a
+    non-finite value (NaN compares false both ways, so it would otherwise win by coming first), is never best."""
+    header, rows = result_rows(runs)
+    column = rank_column(header)
+    if column is None:
+        return None
+    index = header.index(column)
+    scored = [(row[index], run) for run, row in zip(runs, rows) if run.status.startswith("finished")]
+    scored = [(value, run) for value, run in scored if value is not None and math.isfinite(value)]
+    return min(scored, key=lambda pair: pair[0])[1] if scored else None
+
+
 def result_rows(runs: list[RunLog]) -> tuple[list[str], list[list]]:
     """Header and rows of the results table (raw values; `markdown_table` formats them)."""
     columns = [(name, (lambda r, k=key: r.last(k))) for name, key in _VAL_COLUMNS]
     columns += [("FID", lambda r: _test_or_val(r, "fid")), ("fidelity", lambda r: _test_or_val(r, "fidelity"))]
-    columns += [("params", lambda r: r.final.get("num_params") if _is_number(r.final.get("num_params")) else None)]
+    columns += [("best step", _final_value("best_step")), ("params", _final_value("num_params"))]
     present = [(name, get) for name, get in columns if any(get(r) is not None for r in runs)]
-    header = ["variant", "steps", *(name for name, _ in present), "tokens/s (median)", "peak memory (MiB)", "diverged"]
+    header = ["variant", "steps", *(name for name, _ in present), "tokens/s (median)", "peak memory (MiB)", "status"]
     rows = []
     for run in runs:
-        diverged = f"yes (step {run.diverged_at})" if run.diverged_at is not None else "no"
         rows.append(
             [
                 run.label,
@@ -217,16 +255,20 @@ def result_rows(runs: list[RunLog]) -> tuple[list[str], list[list]]:
                 *(get(run) for _, get in present),
                 run.median_tokens_per_s(),
                 run.peak_memory_mib(),
-                diverged,
+                run.status,
             ]
         )
     return header, rows
 
 
 def markdown_table(runs: list[RunLog]) -> str:
+    """The results table; the best run's value in `rank_column` carries a star."""
     header, rows = result_rows(runs)
+    best, column = best_run(runs), rank_column(header)
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(_fmt(v, c) for v, c in zip(row, header)) + " |" for row in rows]
+    for run, row in zip(runs, rows):
+        cells = [_fmt(v, c) + (" *" if run is best and c == column else "") for v, c in zip(row, header)]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -365,7 +407,11 @@ def write_report(paths: list[str | os.PathLike], out: str | os.PathLike, title: 
     samples = sample_grid(runs, out / "samples.png", title=title)
     table = markdown_table(runs)
     shared = shared_settings(runs)
+    header, rows = result_rows(runs)
+    best, column = best_run(runs), rank_column(header)
     lines = [f"# {title}", "", f"![training curves]({curves.name})", "", table, ""]
+    if best is not None:
+        lines += [f"\\* best finished run by {column} (a diverged or unfinished run is never marked).", ""]
     if samples is not None:
         lines += ["Last samples of each run:", "", f"![samples]({samples.name})", ""]
     lines += [
@@ -381,8 +427,7 @@ def write_report(paths: list[str | os.PathLike], out: str | os.PathLike, title: 
     ]
     markdown = out / "results.md"
     markdown.write_text("\n".join(lines))
-    header, rows = result_rows(runs)
-    records = [dict(zip(header, row), run_dir=str(run.path)) for run, row in zip(runs, rows)]
+    records = [dict(zip(header, row), best=run is best, run_dir=str(run.path)) for run, row in zip(runs, rows)]
     json_path = out / "results.json"
     json_path.write_text(json.dumps(records, indent=2) + "\n")
     return {"runs": runs, "curves": curves, "table": table, "markdown": markdown, "json": json_path, "samples": samples}

@@ -18,7 +18,10 @@ boolean arrives as `True`/`False`), except that `${interpreter}` is this interpr
 Each run also gets `train.out_dir`, `log.group` (the sweep's name), `log.name` and `train.resume=True`, so
 the same file gives the same grouping offline and online, and a rerun continues a run that was cut short.
 `run_sweep` runs them one after another or one per GPU, skips runs whose `metrics.jsonl` already ends in a
-result (a final or a diverged line), and returns one `RunResult` per run.
+result (a final or a diverged line), and returns one `RunResult` per run. A skipped run keeps the status its log
+shows (done or diverged), so a rerun reports the sweep as the first pass did. The best run of a summary is a run
+that finished (its final line exists, its process succeeded) with a finite metric: a diverged, failed or
+unfinished run is never best, whatever value it logged before it stopped.
 """
 
 from __future__ import annotations
@@ -78,11 +81,19 @@ class RunResult:
     run: Run
     out_dir: Path
     command: list[str]
-    status: str  # done | skipped | failed | diverged | planned (dry run)
+    # done (final line written) | diverged | failed | unfinished (exited 0 before its final line: stopped by a
+    # signal, resumable) | planned (dry run)
+    status: str
     returncode: int | None = None
     seconds: float = 0.0
     metric: float | None = None
     gpu: str | None = None
+    skipped: bool = False  # not run this time: its log already held its result (status says which)
+
+    @property
+    def can_be_best(self) -> bool:
+        """Only a finished run with a finite value of the sweep's metric competes for best."""
+        return self.status == "done" and self.metric is not None and math.isfinite(self.metric)
 
 
 @dataclass
@@ -373,7 +384,8 @@ def run_sweep(
         state = run_state(out_dir)
         if state is not None:
             metric = final_metric(out_dir, sweep.metric.get("name"))
-            results[index] = RunResult(run, out_dir, command, "skipped", metric=metric)
+            status = "done" if state == "final" else "diverged"
+            results[index] = RunResult(run, out_dir, command, status, metric=metric, skipped=True)
             echo(f"[{index + 1}/{len(plan)}] {run.name}: skipped ({state} line in {out_dir / 'metrics.jsonl'})")
         elif dry_run:
             results[index] = RunResult(run, out_dir, command, "planned")
@@ -421,9 +433,13 @@ def run_sweep(
                     with lock:
                         procs.pop(index, None)
             seconds = time.monotonic() - start
-            status = "done" if rc == 0 else "failed"
-            if run_state(out_dir) == "diverged":
+            state = run_state(out_dir)
+            if state == "diverged":
                 status = "diverged"
+            elif rc == 0:
+                status = "done" if state == "final" else "unfinished"
+            else:
+                status = "failed"
             result = RunResult(
                 run, out_dir, command, status, rc, seconds, final_metric(out_dir, sweep.metric.get("name")), gpu
             )
@@ -456,15 +472,19 @@ def run_sweep(
     return results
 
 
+def best_result(results: list[RunResult], metric: dict | None = None) -> RunResult | None:
+    """The best run by the sweep's metric among those that can be best (`RunResult.can_be_best`), or None."""
+    scored = [r for r in results if r is not None and r.can_be_best]
+    if not scored:
+        return None
+    pick = max if (metric or {}).get("goal") == "maximize" else min
+    return pick(scored, key=lambda r: r.metric)
+
+
 def summary_table(results: list[RunResult], metric: dict | None = None) -> str:
     """A plain-text table of the runs; the best finished run by the sweep's metric is starred."""
-    metric = metric or {}
-    name = metric.get("name")
-    scored = [r for r in results if r is not None and r.metric is not None and r.status in ("done", "skipped")]
-    best = None
-    if scored:
-        pick = max if metric.get("goal") == "maximize" else min
-        best = pick(scored, key=lambda r: r.metric)
+    name = (metric or {}).get("name")
+    best = best_result(results, metric)
     header = ["run", "status", "rc", "time", name or "metric"]
     rows = []
     for r in results:
@@ -472,7 +492,8 @@ def summary_table(results: list[RunResult], metric: dict | None = None) -> str:
             continue
         value = "" if r.metric is None else f"{r.metric:.4f}" + (" *" if r is best else "")
         rc = "" if r.returncode is None else str(r.returncode)
-        rows.append([r.run.name, r.status, rc, f"{r.seconds:.0f}s" if r.seconds else "", value])
+        status = f"{r.status} (skipped)" if r.skipped else r.status
+        rows.append([r.run.name, status, rc, f"{r.seconds:.0f}s" if r.seconds else "", value])
     widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(header)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip(), "  ".join("-" * w for w in widths)]
     lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
@@ -547,4 +568,7 @@ def main(argv=None) -> int:
     failed = [r.run.name for r in results if r.status == "failed"]
     if failed:
         print(f"{len(failed)} run(s) failed: {', '.join(failed)}", file=sys.stderr)
-    return 1 if failed else 0
+    unfinished = [r.run.name for r in results if r.status == "unfinished"]
+    if unfinished:
+        print(f"{len(unfinished)} run(s) unfinished, rerun to resume: {', '.join(unfinished)}", file=sys.stderr)
+    return 1 if failed or unfinished else 0

@@ -10,18 +10,21 @@ Layout under `out_dir/checkpoints/`:
                                counter (torch.save format)
         scaler.pt              fp16 mixed precision only: the loss scaler (torch.save format)
         pytorch_model_fsdp_0/, optimizer_0/   FSDP sharded states (torch.distributed.checkpoint format)
-        trainer_state.json     the trainer's counters {"step", "micro_batches", "tokens"}
+        trainer_state.json     the trainer's counters {"step", "micro_batches", "tokens"} and its best so far
+                               {"best_val_loss", "best_step", "evals_since_best"}
         config.yaml            the resolved config
         COMPLETE               {"step": N}, written last
     latest                     text file naming the newest complete checkpoint directory (step_NNNNNN)
+    best                       text file naming the checkpoint of the lowest validation loss so far (step_NNNNNN)
 
 Saving: everything goes to `.tmp_step_NNNNNN` and is renamed into place only after every process has finished
-writing and the COMPLETE marker exists; `latest` is then replaced atomically. A crash (kill -9 included) at any point
-leaves the previous checkpoint and pointer untouched, and a directory without COMPLETE is never used.
+writing and the COMPLETE marker exists; `latest` (and `best`, for a save of a new best) is then replaced atomically.
+A crash (kill -9 included) at any point leaves the previous checkpoint and pointers untouched, and a directory
+without COMPLETE is never used. Rotation keeps the `keep` newest checkpoints plus the one `best` names.
 
 Loading (`check_compatible`, then `load_checkpoint`) runs no code from the checkpoint, whoever wrote it:
 - weights come from safetensors; config.yaml through `yaml.safe_load` and the config checks; trainer_state.json and
-  COMPLETE through `json` and explicit checks (non-negative ints);
+  COMPLETE through `json` and explicit checks (non-negative ints, a finite best loss);
 - optimizer.bin, scaler.pt and random_states_<r>.pkl through `torch.load(weights_only=True)` (Accelerate's loader
   for the first two; ours, with NumPy's array types allowed, for the RNG file), which refuses any object other than
   tensors, plain containers and numbers;
@@ -32,13 +35,15 @@ Loading (`check_compatible`, then `load_checkpoint`) runs no code from the check
   written before trainer_state.json existed hold the counters in such a file and are refused with an error.
 Anything that cannot be restored exactly (a missing or damaged RNG file, counters that disagree with COMPLETE, weights
 whose shapes do not match the model the config builds) raises `CheckpointError` (or `ConfigError` for a config
-difference) naming the file, before any state has been changed.
+difference) naming the file, before any state has been changed. The `latest` and `best` pointers may only name a
+step_NNNNNN directory of their own checkpoints folder.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import pathlib
 import pickle
@@ -55,10 +60,13 @@ from .config import Config, ConfigError, load_yaml, save_yaml, to_dict
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
+BEST = "best"
 COMPLETE = "COMPLETE"
 TRAINER_STATE = "trainer_state.json"
 WEIGHTS = "model.safetensors"
 COUNTERS = ("step", "micro_batches", "tokens")
+# written since best-checkpoint tracking; a trainer_state.json has all of them or (older) none
+BEST_KEYS = ("best_val_loss", "best_step", "evals_since_best")
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _CUSTOM_PICKLE = re.compile(r"^custom_checkpoint_\d+\.pkl$")
 
@@ -128,53 +136,101 @@ def list_checkpoints(out_dir: str | os.PathLike) -> list[pathlib.Path]:
     return [p for _, p in sorted(found)]
 
 
-def latest_checkpoint(out_dir: str | os.PathLike) -> pathlib.Path | None:
-    """The checkpoint `latest` names, or, if that pointer is missing or stale, the newest complete one. A pointer
-    naming anything but a step_NNNNNN directory of this checkpoints folder is refused: the trainer never writes one,
-    so it is damage or tampering, and following it could load a checkpoint from anywhere on the disk."""
+def _follow(out_dir: str | os.PathLike, pointer_name: str) -> pathlib.Path | None:
+    """The complete checkpoint a pointer file names, or None (no pointer, or its checkpoint is gone or incomplete).
+    A pointer naming anything but a step_NNNNNN directory of this checkpoints folder is refused: the trainer never
+    writes one, so it is damage or tampering, and following it could load a checkpoint from anywhere on the disk."""
     root = pathlib.Path(out_dir) / CHECKPOINTS
-    pointer = root / LATEST
-    if pointer.is_file():
-        name = pointer.read_text(errors="replace").strip()
-        if not _STEP_DIR.match(name):
-            raise CheckpointError(
-                f"{pointer} names {name[:100]!r}, not a step_NNNNNN directory of {root}: refusing to follow it "
-                f"(delete the file to fall back to the newest complete checkpoint)"
-            )
-        named = root / name
-        if _inside(root, named) and is_complete(named):
-            return named
+    pointer = root / pointer_name
+    if not pointer.is_file():
+        return None
+    name = pointer.read_text(errors="replace").strip()
+    if not _STEP_DIR.match(name):
+        fallback = "the newest complete checkpoint" if pointer_name == LATEST else "no best checkpoint"
+        raise CheckpointError(
+            f"{pointer} names {name[:100]!r}, not a step_NNNNNN directory of {root}: refusing to follow it "
+            f"(delete the file to fall back to {fallback})"
+        )
+    named = root / name
+    return named if _inside(root, named) and is_complete(named) else None
+
+
+def latest_checkpoint(out_dir: str | os.PathLike) -> pathlib.Path | None:
+    """The checkpoint `latest` names, or, if that pointer is missing or stale, the newest complete one."""
+    named = _follow(out_dir, LATEST)
+    if named is not None:
+        return named
     found = list_checkpoints(out_dir)
     return found[-1] if found else None
 
 
+def best_checkpoint(out_dir: str | os.PathLike) -> pathlib.Path | None:
+    """The checkpoint `best` names: the lowest validation loss of the run so far. None when there is no pointer or its
+    checkpoint is gone: unlike `latest`, there is nothing to fall back on (the newest is not the best)."""
+    return _follow(out_dir, BEST)
+
+
+def resolve_checkpoint(path: str | os.PathLike, *, best: bool = False) -> pathlib.Path:
+    """A checkpoint from what a user names: a checkpoint directory; a `latest` or `best` pointer file
+    (runs/x/checkpoints/best); or a run directory, meaning its latest checkpoint, or its best with `best=True`."""
+    path = pathlib.Path(os.path.expanduser(path))
+    if path.name in (LATEST, BEST) and path.parent.name == CHECKPOINTS and path.is_file():
+        if best:
+            raise ValueError(f"{path} is a pointer file, not a run directory: best=True picks a run's best")
+        path, best = path.parent.parent, path.name == BEST
+    elif is_complete(path):
+        if best:
+            raise ValueError(f"{path} is a checkpoint, not a run directory: best=True picks a run's best")
+        return path
+    found = best_checkpoint(path) if best else latest_checkpoint(path)
+    if found is None:
+        what = f"no best checkpoint (no valid {CHECKPOINTS}/{BEST} pointer)" if best else "no complete checkpoint"
+        raise FileNotFoundError(f"{path}: {what} there (looked for {COMPLETE})")
+    return found
+
+
 def resolve_resume(resume: bool | str, out_dir: str | os.PathLike) -> pathlib.Path | None:
     """`train.resume`: False -> None; True -> latest in out_dir (None when there is none yet, so the same
-    command starts and restarts a job); a path -> that checkpoint, or the latest under it if it is a run dir."""
+    command starts and restarts a job); a path -> `resolve_checkpoint(path)`."""
     if resume is False:
         return None
     if resume is True:
         return latest_checkpoint(out_dir)
-    path = pathlib.Path(os.path.expanduser(resume))
-    if is_complete(path):
-        return path
-    found = latest_checkpoint(path)
-    if found is None:
-        raise FileNotFoundError(f"train.resume={resume}: no complete checkpoint there (looked for {COMPLETE})")
-    return found
+    try:
+        return resolve_checkpoint(resume)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"train.resume: {e}") from None
+
+
+def point_best(out_dir: str | os.PathLike, step: int | None) -> None:
+    """Make `best` name checkpoint `step` of out_dir, or remove it when that checkpoint is not there (the best so far
+    was saved in the run directory resumed from, or not at all). Main process only."""
+    root = pathlib.Path(out_dir) / CHECKPOINTS
+    target = checkpoint_dir(out_dir, step) if step is not None else None
+    if target is not None and is_complete(target):
+        _write_text_atomic(root / BEST, target.name + "\n")
+    else:
+        (root / BEST).unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------------------------- saving
 
 
 def save_checkpoint(
-    accelerator, out_dir: str | os.PathLike, counters: dict[str, int], cfg: Config, keep: int = 2, model=None
+    accelerator,
+    out_dir: str | os.PathLike,
+    state: dict,
+    cfg: Config,
+    keep: int = 2,
+    model=None,
+    best: bool = False,
 ) -> pathlib.Path:
-    """Save the full training state atomically; every process must call this, at a step boundary (weights and
-    `counters` = {"step", "micro_batches", "tokens"} describing the same moment). Returns the path. Under FSDP,
-    `model` (the prepared model) is also consolidated into model.safetensors for sampling."""
-    counters = _checked_counters(dict(counters), "counters")
-    step = counters["step"]
+    """Save the full training state atomically; every process must call this, at a step boundary (weights and the
+    trainer's `state` = {"step", "micro_batches", "tokens", (BEST_KEYS)} describing the same moment). Returns the
+    path. `best`: this is the new best checkpoint; `best` is pointed at it. Under FSDP, `model` (the prepared model)
+    is also consolidated into model.safetensors for sampling."""
+    state = _checked_state(dict(state), "state")
+    step = state["step"]
     final = checkpoint_dir(out_dir, step)
     root = final.parent
     tmp = root / f".tmp_{final.name}"
@@ -190,7 +246,7 @@ def save_checkpoint(
     wait_for_everyone(accelerator)
     if accelerator.is_main_process:
         save_yaml(cfg, tmp / "config.yaml")
-        _write_text_atomic(tmp / TRAINER_STATE, json.dumps(counters))
+        _write_text_atomic(tmp / TRAINER_STATE, json.dumps(state))
         _write_text_atomic(tmp / COMPLETE, json.dumps({"step": step}))
         if final.exists():
             # re-saving a step (e.g. stopped right after a periodic save): swap, never leave a gap
@@ -202,8 +258,15 @@ def save_checkpoint(
         else:
             os.replace(tmp, final)
         _write_text_atomic(root / LATEST, final.name + "\n")
+        if best:
+            _write_text_atomic(root / BEST, final.name + "\n")
+        try:
+            kept_best = best_checkpoint(out_dir)
+        except CheckpointError:
+            kept_best = None
+            keep = len(list_checkpoints(out_dir))  # a damaged pointer: keep everything rather than guess the best
         for stale in list_checkpoints(out_dir)[:-keep]:
-            if stale != final:
+            if stale not in (final, kept_best):
                 shutil.rmtree(stale, ignore_errors=True)
     wait_for_everyone(accelerator)
     return final
@@ -324,19 +387,32 @@ def load_model_weights(model, path: str | os.PathLike) -> None:
 # ---------------------------------------------------------------------------------------------- training state
 
 
-def _checked_counters(data: object, source: str) -> dict[str, int]:
-    if not isinstance(data, dict) or set(data) != set(COUNTERS):
-        keys = sorted(data) if isinstance(data, dict) else type(data).__name__
-        raise CheckpointError(f"{source}: expected exactly the keys {list(COUNTERS)}, got {keys}")
-    for key in COUNTERS:
-        value = data[key]
+def _checked_state(data: object, source: str) -> dict:
+    """The trainer's state, checked: the counters are non-negative ints; the best keys (all or none: a state written
+    before best tracking has none) are a finite float and a step no later than `step`, or both null, and a count."""
+    keys = set(data) if isinstance(data, dict) else None
+    if keys not in (set(COUNTERS), set(COUNTERS) | set(BEST_KEYS)):
+        got = sorted(data) if isinstance(data, dict) else type(data).__name__
+        raise CheckpointError(
+            f"{source}: expected exactly the keys {list(COUNTERS)}, with or without {list(BEST_KEYS)}, got {got}"
+        )
+    for key in COUNTERS + BEST_KEYS[2:]:
+        value = data.get(key, 0)
         if type(value) is not int or value < 0:
             raise CheckpointError(f"{source}: '{key}' must be a non-negative int, got {value!r}")
-    return {key: data[key] for key in COUNTERS}
+    if BEST_KEYS[0] in keys:
+        loss, step = data["best_val_loss"], data["best_step"]
+        if loss is not None and not (type(loss) is float and math.isfinite(loss)):
+            raise CheckpointError(f"{source}: 'best_val_loss' must be a finite float or null, got {loss!r}")
+        if step is not None and not (type(step) is int and 0 <= step <= data["step"]):
+            raise CheckpointError(f"{source}: 'best_step' must be an int in [0, step] or null, got {step!r}")
+        if (loss is None) != (step is None):
+            raise CheckpointError(f"{source}: 'best_val_loss' and 'best_step' must both be set or both null")
+    return {key: data[key] for key in COUNTERS + BEST_KEYS if key in keys}
 
 
-def read_trainer_state(path: str | os.PathLike) -> dict[str, int]:
-    """The trainer's counters from trainer_state.json, checked: non-negative ints, and the step COMPLETE names."""
+def read_trainer_state(path: str | os.PathLike) -> dict:
+    """The trainer's state from trainer_state.json, checked (`_checked_state`), and the step COMPLETE names."""
     path = pathlib.Path(path)
     file = path / TRAINER_STATE
     if not file.is_file():
@@ -352,7 +428,7 @@ def read_trainer_state(path: str | os.PathLike) -> dict[str, int]:
         data = json.loads(file.read_text())
     except (OSError, UnicodeDecodeError, ValueError) as e:
         raise CheckpointError(f"{file}: not valid JSON ({e})") from None
-    counters = _checked_counters(data, str(file))
+    counters = _checked_state(data, str(file))
     if counters["step"] != checkpoint_step(path):
         raise CheckpointError(
             f"{file} says step {counters['step']} but {path / COMPLETE} says {checkpoint_step(path)}: the checkpoint "
@@ -477,8 +553,8 @@ def check_dcp_dir(directory: str | os.PathLike) -> None:
                 raise CheckpointError(f"{where} ({data_file.name}): refused, loading it could run code ({e})") from None
 
 
-def load_checkpoint(accelerator, path: str | os.PathLike) -> dict[str, int]:
-    """Restore the prepared objects and this process's RNG streams from `path`; return the trainer's counters.
+def load_checkpoint(accelerator, path: str | os.PathLike) -> dict:
+    """Restore the prepared objects and this process's RNG streams from `path`; return the trainer's state.
     Everything is checked before any state changes (see the module docstring); call `check_compatible` first."""
     path = pathlib.Path(path)
     stray = sorted(p.name for p in path.iterdir() if _CUSTOM_PICKLE.match(p.name))

@@ -92,6 +92,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.1
     eval_every: int = 50  # 0 = only at the end
     eval_batches: int = 8
+    patience: int = 0  # stop after this many evaluations in a row without a lower val loss; 0 = never stop early
     checkpoint_every: int = 0  # 0 = only at the end
     keep_checkpoints: int = 2
     log_every: int = 10
@@ -331,6 +332,7 @@ RANGES: dict[str, Interval] = {
     "train.min_lr_ratio": UNIT,
     "train.eval_every": AT_LEAST_0,
     "train.eval_batches": AT_LEAST_1,
+    "train.patience": AT_LEAST_0,  # 0 = off
     "train.checkpoint_every": AT_LEAST_0,
     "train.keep_checkpoints": AT_LEAST_1,
     "train.log_every": AT_LEAST_1,  # a modulus: 0 would divide by zero rather than switch logging off
@@ -381,6 +383,11 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(
             f"model.alibi does not apply to data.name={d.name}: the text-to-image decoder cross-attends, and ALiBi "
             "is defined for self-attention only (use model.rotary)"
+        )
+    if t.patience and not t.eval_every:
+        raise ConfigError(
+            f"train.patience={t.patience} counts evaluations: it needs train.eval_every > 0 (with 0 the only "
+            "evaluation is the last one)"
         )
     if d.name == "text" and not d.path:
         raise ConfigError("data.name=text needs data.path=/path/to/file")

@@ -16,6 +16,21 @@ Checkpoints are written only at a step boundary: the weights, optimiser and RNG 
 the moment after `state.step` optimiser steps. `train_step` marks the span in which they disagree (`_mid_step`);
 nothing saves inside it.
 
+Best and final (nanoGPT's best_val_loss): every evaluation's validation loss (`val_loss`, the mean over the fixed
+`train.eval_batches`, for every task) is compared with the lowest so far; a strictly lower, finite one is a new best,
+and the run saves a checkpoint right there, at that evaluation's step boundary, through `save(best=True)`:
+`checkpoints/best` names it and `keep_checkpoints` rotation never deletes it. The best value, its step and the count
+of evaluations since it are part of the trainer's state (trainer_state.json), so a resumed run compares against the
+same best and counts on from the same number. The final line (stdout and metrics.jsonl) reports the final values
+beside `best_val_loss`, `best_step` and the task's derived best (`best_val_bpc`, `best_val_bits_per_pixel`).
+Early stopping: with `train.patience` = P > 0 the run stops after P evaluations in a row without a new best, at that
+evaluation's step; it saves and ends like a finished run, its final record marked `stopped_early`. The final
+full-split evaluation (`train.final_eval`) always runs on the last weights, as for a run that reached max_steps, so
+"final" means one thing; the best weights are reported by their validation loss and are one `scripts/sample.py
+--best` (or `train.resume=runs/x/checkpoints/best`) away. Evaluating the best weights in-process would mean loading
+a checkpoint into prepared (possibly sharded) models and a second full-split pass: neither cheap nor simple to keep
+exact under every launch config.
+
 Stopping:
 - first SIGINT / SIGTERM: a flag that all processes agree on at the next step (it travels in the per-step
   all-reduce, so no rank enters the checkpoint collective alone); the step in flight finishes, the run saves at that
@@ -36,6 +51,7 @@ examples/by_feature (checkpointing, gradient accumulation, tracking).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import pathlib
@@ -99,22 +115,32 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 @dataclass
 class TrainState:
-    """Counters saved with every checkpoint as trainer_state.json (plain JSON, checked on load: never registered
-    with Accelerate, whose custom-object files are unpickled with weights_only=False)."""
+    """Counters and the best evaluation so far, saved with every checkpoint as trainer_state.json (plain JSON, checked
+    on load: never registered with Accelerate, whose custom-object files are unpickled with weights_only=False)."""
 
     step: int = 0  # optimiser steps done
     micro_batches: int = 0  # training batches consumed by this process: the sampler position
     tokens: int = 0  # tokens seen, all processes
+    best_val_loss: float | None = None  # the lowest validation loss over evaluations so far
+    best_step: int | None = None  # the step it was measured at (its checkpoint: checkpoints/best)
+    evals_since_best: int = 0  # evaluations since then without a lower loss (train.patience)
 
-    def state_dict(self) -> dict[str, int]:
-        return {"step": self.step, "micro_batches": self.micro_batches, "tokens": self.tokens}
+    def state_dict(self) -> dict:
+        return dataclasses.asdict(self)
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.step, self.micro_batches, self.tokens = (
-            int(state["step"]),
-            int(state["micro_batches"]),
-            int(state["tokens"]),
-        )
+    def load_state_dict(self, state: dict) -> None:
+        """`state` as `checkpoint.read_trainer_state` checked it; one written before best tracking lacks the best
+        keys, which then start afresh."""
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, state.get(f.name, f.default))
+
+    def update_best(self, val_loss: float, step: int) -> bool:
+        """Count an evaluation; True when `val_loss` is a new best (finite and strictly lower than the best so far)."""
+        if math.isfinite(val_loss) and (self.best_val_loss is None or val_loss < self.best_val_loss):
+            self.best_val_loss, self.best_step, self.evals_since_best = val_loss, step, 0
+            return True
+        self.evals_since_best += 1
+        return False
 
 
 class Trainer:
@@ -156,8 +182,18 @@ class Trainer:
         )
         self.state = TrainState()
         if self.resumed_from is not None:
-            self.state.load_state_dict(ckpt.load_checkpoint(acc, self.resumed_from))
+            saved = ckpt.load_checkpoint(acc, self.resumed_from)
+            self.state.load_state_dict(saved)
             acc.print(f"resumed from {self.resumed_from} at step {self.state.step}")
+            if not set(ckpt.BEST_KEYS) <= set(saved):
+                acc.print(
+                    f"warning: {self.resumed_from / ckpt.TRAINER_STATE} predates best-checkpoint tracking: the best "
+                    f"validation loss (and train.patience's count) starts again from the next evaluation"
+                )
+            if acc.is_main_process:
+                # `best` may lag or lead the state after a crash between the two pointer writes, or name a checkpoint
+                # of a future this resume abandons: the restored state says which checkpoint is the best
+                ckpt.point_best(self.out_dir, self.state.best_step)
         elif t.resume is True:
             acc.print(f"train.resume=true but no checkpoint in {self.out_dir / ckpt.CHECKPOINTS}: starting fresh")
         # per-process randomness (dropout) differs across ranks; a resumed run got its streams from the checkpoint
@@ -284,15 +320,24 @@ class Trainer:
         self.last_eval.update({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
         return metrics
 
-    def save(self) -> pathlib.Path:
+    def save(self, best: bool = False) -> pathlib.Path:
+        """A checkpoint of this step boundary; `best`: it is the new best (checkpoints/best names it)."""
         if self._mid_step:
             raise RuntimeError(f"refusing to save in the middle of optimiser step {self.state.step + 1}")
         t = self.cfg.train
+        state = self.state.state_dict()
         path = ckpt.save_checkpoint(
-            self.accelerator, self.out_dir, self.state.state_dict(), self.cfg, keep=t.keep_checkpoints, model=self.model
+            self.accelerator, self.out_dir, state, self.cfg, keep=t.keep_checkpoints, model=self.model, best=best
         )
         self.last_saved_step = self.state.step
         return path
+
+    @property
+    def patience_exhausted(self) -> bool:
+        """`train.patience` evaluations in a row without a new best (every process holds the same gathered losses,
+        so all agree)."""
+        patience = self.cfg.train.patience
+        return bool(patience) and self.state.evals_since_best >= patience
 
     def _install_signal_handlers(self):
         if threading.current_thread() is not threading.main_thread():
@@ -333,7 +378,8 @@ class Trainer:
         start_tokens, train_seconds = self.state.tokens, 0.0
         log_tokens, log_time = self.state.tokens, time.perf_counter()
         try:
-            while self.state.step < t.max_steps:
+            # a run that stopped early and is resumed (a sweep rerun) stays stopped: it only reports again
+            while self.state.step < t.max_steps and not self.patience_exhausted:
                 step_start = time.perf_counter()
                 loss, grad_norm = self.train_step(batches)  # returns host floats: the step has finished
                 train_seconds += time.perf_counter() - step_start
@@ -360,11 +406,14 @@ class Trainer:
                     shown = {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)}
                     if shown and acc.is_local_main_process:
                         bar.write(f"step {step}: {shown}")
+                    # every task's loss_metrics names its validation loss val_loss: the metric the best is chosen by
+                    if eval_now and self.state.update_best(metrics["val_loss"], step):
+                        self.save(best=True)
                 # alone, a process may stop as soon as it sees its own signal; together, only on the reduced flag,
                 # which every process reads at the same step
                 if self._stop_agreed or (acc.num_processes == 1 and self._stop_signal is not None):
                     break
-                if t.checkpoint_every and step % t.checkpoint_every == 0:
+                if t.checkpoint_every and step % t.checkpoint_every == 0 and self.last_saved_step < step:
                     self.save()
         except KeyboardInterrupt:
             # never saved (see the module docstring): only the first signal's path reaches the save point intact
@@ -386,22 +435,31 @@ class Trainer:
 
         if self.state.step > self.last_saved_step:
             self.save()
-        if self._stop_signal is not None and self.state.step < t.max_steps:
+        stopped_early = self.state.step < t.max_steps and self.patience_exhausted
+        if self._stop_signal is not None and self.state.step < t.max_steps and not stopped_early:
             acc.print(f"stopped by {self._stop_signal} at step {self.state.step}; resume with train.resume=true")
             return {}
+        if stopped_early:
+            acc.print(
+                f"stopped early at step {self.state.step}: no lower validation loss in {t.patience} evaluations since "
+                f"step {self.state.best_step} (train.patience={t.patience})"
+            )
 
         final = dict(self.last_eval)
         if t.final_eval:
-            final.update(self.task.final_evaluate(self.model, acc, self.out_dir))
+            final.update(self.task.final_evaluate(self.model, acc, self.out_dir))  # the last weights: see the top
+        if self.state.best_step is not None:
+            final.update(self.task.loss_metrics(self.state.best_val_loss, "best_val"), best_step=self.state.best_step)
         final.update(
             tokens_per_s=(self.state.tokens - start_tokens) / max(train_seconds, 1e-9),  # training steps only
             memory_mib=peak_memory_mib(acc.device),
             num_params=self.num_params,
         )
         final = {k: v for k, v in final.items() if isinstance(v, (int, float))}
-        self.tracker.log(final, step=self.state.step, final=True)
+        flags = {"stopped_early": True} if stopped_early else {}
+        self.tracker.log(final, step=self.state.step, final=True, **flags)
         acc.print("final: " + ", ".join(f"{k}={v:.4g}" for k, v in final.items()))
-        return final
+        return {**final, **flags}
 
     def close(self) -> None:
         self.tracker.finish()
