@@ -2,13 +2,15 @@
 
 Vocabulary of x-transformers: `TransformerWrapper(num_tokens, max_seq_len, attn_layers=Decoder(dim, depth, heads))`,
 `AutoregressiveWrapper(net)` for the loss and `.generate`, `XTransformer` for encoder-decoder models,
-`ContinuousTransformerWrapper` for sequences of vectors.
+`ContinuousTransformerWrapper` for sequences of vectors; `from_x_transformers(model)` loads an x-transformers model's
+weights into the equivalent cosformer model.
 """
 
 from cosattn import cosine_sim_attention, l2norm_tensors
 
 from .compiling import compile_model
 from .continuous import ContinuousTransformerWrapper
+from .convert import from_x_transformers
 from .transformer import CrossAttender, Decoder, Encoder, KVCache, LayerIntermediates, Transformer
 from .wrappers import AutoregressiveWrapper, TransformerWrapper, XTransformer
 
@@ -28,5 +30,6 @@ __all__ = [
     "AutoregressiveWrapper",
     "XTransformer",
     "compile_model",
+    "from_x_transformers",
     "__version__",
 ]

@@ -1,9 +1,17 @@
 """Positional information: learned absolute embeddings, rotary embeddings and ALiBi slopes.
 
-Rotary pairs are INTERLEAVED: channels (2i, 2i+1) rotate together by angle pos · theta^(-2i/d). With cosine
-attention the rotation is applied after the l2norm of q and k; an interleaved pair never straddles two l2norm
-groups (group size even), and a rotation preserves each pair's norm, so every group stays unit-norm and the fused
-op can be told `l2norm_qk=False`.
+Rotary embeddings use x-transformers' layout (2.x: `RotaryEmbedding`, `rotate_half`, `apply_rotary_pos_emb`), so
+weights converted from it give the same logits: channel pairs are INTERLEAVED, (2i, 2i+1) rotate together by angle
+pos · θ^(−2i/r), and only the first r = `rotary_emb_dim` channels of a head rotate (partial rotary, as in GPT-J);
+the rest pass unchanged. r defaults to dim_head // 2, x-transformers' default; θ (`rotary_theta`) to 10000.
+
+With cosine attention the rotation is applied AFTER the l2norm of q and k, and the fused op is told
+`l2norm_qk=False`: every l2norm group must then still be unit-norm. A rotation preserves the norm of its pair, so it
+preserves a group's norm as long as no pair straddles two groups. An interleaved pair starts at an even channel, so
+with an even group size (dim_head / groups, which the stack requires with rotary) it never straddles, whatever r
+is. (The half-split layout of some other libraries, pairing c with c + r/2, would straddle groups whenever
+groups > 1.) Because no pair straddles, normalising before or after the rotation gives the same q and k;
+x-transformers normalises first too.
 
 ALiBi (Press et al., 2022, "Train Short, Test Long") adds −slope_h · |pos_q − pos_k| to the logits, with queries
 aligned bottom-right (pos_q = r + j − i) like the causal mask, so a KV cache sees the same biases.
@@ -59,13 +67,16 @@ class AbsolutePositionalEmbedding(nn.Module):
 
 
 class RotaryEmbedding(nn.Module):
-    """Angles for interleaved rotary embeddings over a head dim `dim` (even)."""
+    """Angles for interleaved rotary embeddings over the first `dim` (even) channels of a head: dim is
+    x-transformers' `rotary_emb_dim`, not the head dim. The frequencies are computed as x-transformers computes them,
+    1 / θ^(2i/dim) in float32, so a converted model rotates by bitwise the same angles."""
 
     def __init__(self, dim: int, theta: float = 10000.0):
         super().__init__()
-        if dim % 2 != 0:
-            raise ValueError(f"rotary embeddings need an even head dim; got dim={dim}")
-        inv_freq = theta ** (-torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 2 or dim % 2 != 0:
+            raise ValueError(f"rotary embeddings rotate an even number of channels >= 2; got rotary_emb_dim={dim!r}")
+        self.dim = dim
+        inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2).float() / dim))
         self.register_buffer("inv_freq", inv_freq, persistent=False)  # (dim / 2,)
 
     def forward(
@@ -82,14 +93,16 @@ class RotaryEmbedding(nn.Module):
 
 
 def apply_rotary(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate channel pairs (2i, 2i+1) of t (..., n, d) by the angles behind cos, sin (n, d / 2), or any shape
-    that broadcasts against (..., n, d / 2), such as per-row (b, 1, n, d / 2).
+    """Rotate channel pairs (2i, 2i+1) of the first r = 2 · cos.shape[-1] channels of t (..., n, d) by the angles
+    behind cos, sin (n, r / 2), or any shape that broadcasts against (..., n, r / 2), such as per-row
+    (b, 1, n, r / 2); channels [r, d) pass unchanged.
 
     Computed in float32 (the angles are float32) and returned in t's dtype."""
-    pairs = t.float().unflatten(-1, (-1, 2))  # (..., n, d / 2, 2)
+    r = 2 * cos.shape[-1]
+    pairs = t[..., :r].float().unflatten(-1, (-1, 2))  # (..., n, r / 2, 2)
     x1, x2 = pairs.unbind(-1)
-    rotated = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
-    return rotated.flatten(-2).to(t.dtype)
+    rotated = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+    return torch.cat((rotated, t[..., r:].float()), dim=-1).to(t.dtype)
 
 
 def alibi_slopes(heads: int) -> torch.Tensor:

@@ -191,7 +191,8 @@ class Transformer(nn.Module):
     every block; only_cross: blocks without self-attention (see `CrossAttender`). dropout: default of
     `attn_dropout` and `ff_dropout`.
 
-    Relative positions of self-attention, at most one scheme: rotary_pos_emb (rotary_theta), alibi_pos_bias,
+    Relative positions of self-attention, at most one scheme: rotary_pos_emb (rotary_emb_dim: the channels of a head
+    that rotate, default dim_head // 2 as in x-transformers; rotary_theta; see positional.py), alibi_pos_bias,
     rel_pos_bias (T5's bucketed bias: rel_pos_num_buckets, rel_pos_max_distance), dynamic_pos_bias (an MLP of the
     distance: dynamic_pos_bias_mlp_depth, dynamic_pos_bias_log_distance, dynamic_pos_bias_norm). The biases reach
     the fused op as its `attn_bias`; see position_bias.py.
@@ -222,6 +223,7 @@ class Transformer(nn.Module):
         pre_norm: bool = False,
         use_rmsnorm: bool = False,
         rotary_pos_emb: bool | None = None,
+        rotary_emb_dim: int | None = None,
         rotary_theta: float = 10000.0,
         alibi_pos_bias: bool | None = None,
         rel_pos_bias: bool = False,
@@ -274,6 +276,15 @@ class Transformer(nn.Module):
             )
         if dim_context is not None and not cross_attend:
             raise ValueError(f"dim_context={dim_context} needs cross_attend=True")
+        if rotary_emb_dim is not None and not rotary:
+            raise ValueError(f"rotary_emb_dim={rotary_emb_dim!r} needs rotary_pos_emb=True")
+        rotary_emb_dim = dim_head // 2 if rotary_emb_dim is None else rotary_emb_dim
+        even = isinstance(rotary_emb_dim, int) and rotary_emb_dim % 2 == 0
+        if rotary and not (even and 2 <= rotary_emb_dim <= dim_head):
+            raise ValueError(
+                f"rotary_emb_dim must be an even number of channels in [2, dim_head={dim_head}] (default "
+                f"dim_head // 2); got rotary_emb_dim={rotary_emb_dim!r}"
+            )
 
         self.dim, self.depth, self.heads = dim, depth, heads
         self.causal = causal
@@ -288,7 +299,7 @@ class Transformer(nn.Module):
         self.beta = 1.0 if pre_norm else (8 * depth) ** -0.25
 
         norm = nn.RMSNorm if use_rmsnorm else nn.LayerNorm
-        self.rotary = RotaryEmbedding(dim_head, theta=rotary_theta) if rotary else None
+        self.rotary = RotaryEmbedding(rotary_emb_dim, theta=rotary_theta) if rotary else None
         self.rel_pos = None
         if rel_pos_bias:
             self.rel_pos = RelativePositionBias(

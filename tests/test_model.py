@@ -37,13 +37,15 @@ def _group_l2norm(t, groups):
     return (g / g.norm(dim=-1, keepdim=True).clamp_min(1e-12)).flatten(-2)
 
 
-def _rotate_interleaved(t, theta):
-    # pairs (2i, 2i+1) as complex numbers times e^{i · pos · theta^(-2i/d)}
-    n, d = t.shape[-2], t.shape[-1]
-    freqs = theta ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
+def _rotate_interleaved(t, theta, r):
+    # x-transformers' layout: pairs (2i, 2i+1) of the first r channels as complex numbers times
+    # e^{i · pos · theta^(-2i/r)}; channels [r, d) unrotated
+    n = t.shape[-2]
+    freqs = theta ** (-torch.arange(0, r, 2, dtype=torch.float64) / r)
     angles = torch.arange(n, dtype=torch.float64)[:, None] * freqs[None]
-    z = torch.view_as_complex(t.unflatten(-1, (-1, 2)).contiguous()) * torch.polar(torch.ones_like(angles), angles)
-    return torch.view_as_real(z).flatten(-2)
+    pairs = torch.view_as_complex(t[..., :r].unflatten(-1, (-1, 2)).contiguous())
+    z = pairs * torch.polar(torch.ones_like(angles), angles)
+    return torch.cat((torch.view_as_real(z).flatten(-2), t[..., r:]), dim=-1)
 
 
 def _slopes(h):
@@ -108,7 +110,8 @@ def ref_attention(mod, x, src, *, key_mask, cfg, rotary, bias=None, value_residu
     if cosine:
         q, k = _group_l2norm(q, mod.groups), _group_l2norm(k, mod.groups)
     if rotary:
-        q, k = _rotate_interleaved(q, 10000.0), _rotate_interleaved(k, 10000.0)
+        r = cfg.get("rotary_emb_dim") or d // 2  # x-transformers' default: half the head rotates
+        q, k = _rotate_interleaved(q, 10000.0, r), _rotate_interleaved(k, 10000.0, r)
     if cfg["alibi"] and not mod.cross:
         dist = (torch.arange(i)[:, None] + (j - i) - torch.arange(j)[None]).abs().double()
         bias = -_slopes(h)[:, None, None] * dist
@@ -230,7 +233,7 @@ BASE = dict(
 EXTRA = (
     "attn_num_mem_kv", "attn_gate_values", "attn_gate_value_heads", "add_value_residual", "learned_value_residual_mix",
     "rel_pos_bias", "rel_pos_num_buckets", "rel_pos_max_distance", "dynamic_pos_bias", "dynamic_pos_bias_log_distance",
-    "dynamic_pos_bias_norm", "dynamic_pos_bias_mlp_depth",
+    "dynamic_pos_bias_norm", "dynamic_pos_bias_mlp_depth", "rotary_emb_dim",
 )  # fmt: skip
 T5 = dict(rel_pos="t5", rel_pos_bias=True, rel_pos_num_buckets=8, rel_pos_max_distance=10)  # log buckets from 2 or 4
 DPB = dict(rel_pos="dynamic", dynamic_pos_bias=True)
@@ -240,6 +243,7 @@ CASES = {
     "cosine-prenorm": dict(pre_norm=True),
     "cosine-gqa": dict(kv_heads=1),
     "cosine-groups-rotary": dict(groups=2, rotary=True),
+    "cosine-groups-rotary-whole-head": dict(groups=2, rotary=True, rotary_emb_dim=16),
     "cosine-alibi": dict(alibi=True),
     "cosine-alibi-cross": dict(alibi=True, cross=True),  # ALiBi on the self-attention of a cross-attending stack
     "cosine-glu-scale": dict(ff_glu=True, scale=7.5),
@@ -247,6 +251,7 @@ CASES = {
     "regular": dict(attn="regular"),
     "regular-prenorm-gqa": dict(attn="regular", pre_norm=True, kv_heads=1),
     "regular-rotary": dict(attn="regular", rotary=True),
+    "regular-rotary-quarter": dict(attn="regular", rotary=True, rotary_emb_dim=4),
     "regular-alibi": dict(attn="regular", alibi=True),
     "regular-glu-cross": dict(attn="regular", ff_glu=True, cross=True),
     "cosine-rmsnorm-swiglu": dict(use_rmsnorm=True, ff_glu=True, ff_swish=True),
@@ -460,6 +465,9 @@ INVALID = [
     (dict(dropout=1.0), "dropout"),
     (dict(dim_context=16), "dim_context"),
     (dict(rotary=True, dim_head=18, groups=2), "rotary"),
+    (dict(rotary=True, rotary_emb_dim=7), "rotary_emb_dim"),
+    (dict(rotary=True, rotary_emb_dim=18, dim_head=16), "rotary_emb_dim"),
+    (dict(rotary_emb_dim=8), "rotary_emb_dim"),
     (dict(depth=0), "depth"),
     (dict(only_cross=True), "only_cross"),
 ]
