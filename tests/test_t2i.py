@@ -2,6 +2,7 @@
 in-memory dataset), the model (shapes, caption mask), the metrics (FID against an independent formula, sanity on
 real / noise / mismatched images) and a tiny run through the trainer that writes sample grids and finite metrics."""
 
+import itertools
 import json
 import math
 import re
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from cosformer.t2i import grid, metrics
+from cosformer.t2i import grid, metrics, shapes
 from cosformer.t2i.grid import grid_figure, save_grid
 from cosformer.t2i.hf import load_hf_splits
 from cosformer.t2i.model import TextToImage
@@ -23,17 +24,83 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 # shapes dataset
 
 
-def test_shapes_same_seed_same_bytes_and_splits_differ():
+def test_shapes_same_seed_same_bytes_and_prefix():
     a = ShapesDataset("train", 50, image_size=16, palette=6, seed=3)
     b = ShapesDataset("train", 50, image_size=16, palette=6, seed=3)
     assert torch.equal(a.indices, b.indices) and a.captions == b.captions
     assert all(torch.equal(a[i][k], b[i][k]) for i in (0, 17, 49) for k in a[0])
-    # an item depends on (seed, split, index) only: a longer dataset starts with the same items
+    # an item depends on (seed, split, draw index) only: a longer dataset starts with the same items
     longer = ShapesDataset("train", 80, image_size=16, palette=6, seed=3)
     assert torch.equal(longer.indices[:50], a.indices)
-    for other in (ShapesDataset("val", 50, 16, 6, seed=3), ShapesDataset("train", 50, 16, 6, seed=4)):
-        same_items = sum(torch.equal(a.indices[i], other.indices[i]) for i in range(50))
-        assert same_items < 5
+    other_seed = ShapesDataset("train", 50, image_size=16, palette=6, seed=4)
+    assert sum(torch.equal(a.indices[i], other_seed.indices[i]) for i in range(50)) < 5
+
+
+def _contents(ds) -> dict[bytes, set[str]]:
+    """image bytes -> the captions it carries in ds."""
+    out: dict[bytes, set[str]] = {}
+    for image, caption in zip(ds.indices, ds.captions):
+        out.setdefault(image.numpy().tobytes(), set()).add(caption)
+    return out
+
+
+@pytest.mark.parametrize("size, palette", [(8, 3), (16, 4)])
+def test_shapes_splits_are_disjoint_by_content(size, palette):
+    """No image (with any caption) in two splits, compared as sets: at these sizes the image space is small enough
+    that independent streams would share most of their images."""
+    splits = {s: ShapesDataset(s, 300, image_size=size, palette=palette, seed=3) for s in ("train", "val", "test")}
+    contents = {s: _contents(ds) for s, ds in splits.items()}
+    for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
+        shared = contents[a].keys() & contents[b].keys()
+        assert len(shared) == 0, f"{len(shared)} images of {a} also in {b}"
+    # each split keeps its repeats: the data distribution has them, and dropping them would bias it
+    assert len(contents["train"]) < 300
+    # a split owns its share of the image space: the held-out splits are a fixed function of the image
+    for split, ds in splits.items():
+        assert all(shapes.split_of(image.numpy(), None) == split for image in ds.indices[:50])
+
+
+_INVERSE = {"above": "below", "below": "above", "left of": "right of", "right of": "left of"}
+
+
+def _caption_triples(caption: str, colour_names: list[str]) -> list[tuple[int, int, int]]:
+    """(colour, shape, relation) of each object of a two-object caption, the relation being the one the object
+    stands in to the other: parsed from the words, independently of the dataset's own description."""
+    m = _CAPTION.match(caption)
+    assert m, caption
+    if m[4] is None:
+        return []
+    relations = ["above", "below", "left of", "right of"]
+    first = (colour_names.index(m[2]), SHAPES.index(m[3]), relations.index(m[4]))
+    second = (colour_names.index(m[6]), SHAPES.index(m[7]), relations.index(_INVERSE[m[4]]))
+    return [first, second]
+
+
+def test_shapes_held_out_combinations():
+    """holdout="combinations": no training caption holds a held-out (colour, shape, relation) triple, every val / test
+    caption holds one, each part of every held-out triple is seen in training in other triples, and the splits stay
+    disjoint by content."""
+    names = [n for n, _ in COLOURS[:7]]
+    held_out = {t for t in itertools.product(range(7), range(4), range(4)) if sum(t) % 4 == 0}
+    kept = set(itertools.product(range(7), range(4), range(4))) - held_out
+    for c, s, r in held_out:  # the rule: every pair of a held-out triple occurs in a kept one
+        assert any(k[:2] == (c, s) for k in kept) and any((k[0], k[2]) == (c, r) for k in kept)
+        assert any(k[1:] == (s, r) for k in kept)
+    splits = {
+        s: ShapesDataset(s, 300, image_size=16, palette=8, seed=5, holdout="combinations")
+        for s in ("train", "val", "test")
+    }
+    train_triples = {t for c in splits["train"].captions for t in _caption_triples(c, names)}
+    assert train_triples and not train_triples & held_out
+    assert any(_CAPTION.match(c)[4] is None for c in splits["train"].captions)  # one-object items train only
+    for split in ("val", "test"):
+        for caption in splits[split].captions:
+            assert set(_caption_triples(caption, names)) & held_out, (split, caption)
+    contents = {s: _contents(ds).keys() for s, ds in splits.items()}
+    assert not contents["train"] & contents["val"] and not contents["train"] & contents["test"]
+    assert not contents["val"] & contents["test"]
+    with pytest.raises(ValueError, match="holdout"):
+        ShapesDataset("val", 4, holdout="pairs")
 
 
 def test_shapes_items_layout():
