@@ -258,6 +258,22 @@ def test_hf_splits_quantise_cache_and_labels(tmp_path, monkeypatch):
     assert torch.equal(again["val"].indices, splits["val"].indices) and again["val"].captions == splits["val"].captions
 
 
+def test_hf_splits_are_disjoint_by_content(tmp_path):
+    """Each picture in three rows under three captions: no quantised image may reach two splits."""
+    datasets = pytest.importorskip("datasets")
+    ds, _ = _hf_dataset(n=20, seed=3)
+    rows = [(image, f"{caption}, take {k}") for k in range(3) for image, caption in zip(ds["picture"], ds["caption"])]
+    tripled = datasets.Dataset.from_dict({"picture": [r[0] for r in rows], "caption": [r[1] for r in rows]})
+    kwargs = dict(image_column="picture", caption_column="caption", image_size=8, palette=3, text_max_len=40)
+    splits = load_hf_splits(tripled, **kwargs, num_train=100, num_val=6, num_test=6, seed=2, cache_dir=tmp_path)
+    contents = {name: _contents(split) for name, split in splits.items()}
+    for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
+        assert len(contents[a].keys() & contents[b].keys()) == 0, (a, b)
+    assert len(splits["test"]) == 6  # the first split keeps its size; the others lose the rows it owns
+    assert len(splits["test"]) + len(splits["val"]) + len(splits["train"]) < 60
+    assert len(contents["test"]) + len(contents["val"]) + len(contents["train"]) == 20
+
+
 def _image_folder(tmp_path, monkeypatch, n=24):
     """An image folder with metadata.csv that `datasets.load_dataset(<dir>)` reads offline, caching under tmp_path."""
     datasets = pytest.importorskip("datasets")
