@@ -204,6 +204,21 @@ def test_captions_agree_with_pixels():
     assert seen == {None, "above", "below", "left of", "right of"}
 
 
+def test_task_data_follows_data_seed_not_train_seed(tmp_path):
+    """Runs with different train.seed train and are measured on the same images; t2i.holdout reaches the data."""
+    from cosformer.train.config import load_config
+    from cosformer.train.tasks import task_class
+
+    def splits(*extra):
+        return task_class("shapes")(load_config(overrides=[*_tiny_overrides(tmp_path), *extra])).splits
+
+    a, b, c = splits("train.seed=1"), splits("train.seed=2"), splits("train.seed=1", "t2i.data_seed=5")
+    for split in ("train", "val", "test"):
+        assert torch.equal(a[split].indices, b[split].indices) and a[split].captions == b[split].captions
+        assert not torch.equal(a[split].indices, c[split].indices)
+    assert splits("t2i.holdout=combinations")["test"].holdout == "combinations"
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Hugging Face path, on an in-memory dataset
 

@@ -10,8 +10,9 @@ validation captions and measures
 and saves a grid of the samples with their captions (`samples_step_XXXXXX.png` in the run directory).
 Losses are reported in nats per pixel token and as bits per pixel (loss / ln 2).
 
-Generation runs on the main process only, under its own seeded RNG (seed + step), so evaluating never moves the
-training random stream and a resumed run stays identical.
+The data (shapes drawing, hf shuffling) follows t2i.data_seed, not train.seed: runs with different seeds train on
+the same data and are measured on the same images. Generation runs on the main process only, under its own seeded
+RNG (seed + step), so evaluating never moves the training random stream and a resumed run stays identical.
 """
 
 from __future__ import annotations
@@ -52,6 +53,8 @@ class TextToImageTask:
             raise ValueError(f"TextToImageTask serves data.name 'shapes' or 'hf'; got {cfg.data.name!r}")
         if cfg.data.name == "hf" and not cfg.t2i.hf_dataset:
             raise ValueError("data.name=hf needs t2i.hf_dataset (a Hugging Face dataset name)")
+        if cfg.data.name == "hf" and cfg.t2i.holdout != "none":
+            raise ValueError(f"t2i.holdout={cfg.t2i.holdout} is defined for data.name=shapes only")
         if cfg.t2i.fid_samples < 2:
             raise ValueError(f"t2i.fid_samples must be >= 2 (FID needs a covariance); got {cfg.t2i.fid_samples}")
         self.cfg = cfg
@@ -65,11 +68,11 @@ class TextToImageTask:
     @property
     def splits(self) -> dict[str, ImageCaptionDataset]:
         if self._splits is None:
-            t, seed = self.cfg.t2i, self.cfg.train.seed
+            t = self.cfg.t2i
             if self.cfg.data.name == "shapes":
                 sizes = {"train": t.num_train, "val": t.num_val, "test": t.num_test}
                 self._splits = {
-                    split: ShapesDataset(split, n, t.image_size, t.palette, t.text_max_len, seed)
+                    split: ShapesDataset(split, n, t.image_size, t.palette, t.text_max_len, t.data_seed, t.holdout)
                     for split, n in sizes.items()
                 }
             else:
@@ -96,7 +99,7 @@ class TextToImageTask:
             num_train=t.num_train,
             num_val=t.num_val,
             num_test=t.num_test,
-            seed=self.cfg.train.seed,
+            seed=t.data_seed,
             cache_dir=self.cache_dir,
         )
 
