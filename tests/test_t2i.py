@@ -312,10 +312,10 @@ def test_hf_task_from_a_local_dataset_directory(tmp_path, torch_attention_path, 
 
     ds, folder = _image_folder(tmp_path, monkeypatch)
     overrides = [*_tiny_overrides(tmp_path), "data.name=hf", f"t2i.hf_dataset={folder}", "t2i.palette=3"]
-    cfg = load_config(overrides=[*overrides, "t2i.num_val=4", "t2i.num_test=4"])
+    cfg = load_config(overrides=[*overrides, "t2i.num_val=6", "t2i.num_test=6", "t2i.fid_samples=2"])
     task = task_class("hf")(cfg)
     splits = task.datasets()
-    assert [len(splits[k]) for k in ("train", "test")] == [16, 4]
+    assert [len(splits[k]) for k in ("train", "test")] == [12, 6]
     assert set(task.splits["val"].captions) <= set(ds["caption"])
     model = task.build_model()
     batch = torch.utils.data.default_collate([splits["train"][i] for i in range(3)])
@@ -425,14 +425,15 @@ def test_frechet_distance_matches_independent_formula(seed):
         metrics.frechet_distance(f1, f2[:1])
 
 
-def test_feature_net_fid_and_fidelity_sanity(tmp_path, seed):
+def test_nets_fid_and_fidelity_sanity(tmp_path, seed):
     size, palette = 16, 5
     train = ShapesDataset("train", 3000, image_size=size, palette=palette, seed=0)
     val = ShapesDataset("val", 400, image_size=size, palette=palette, seed=0)
     test = ShapesDataset("test", 400, image_size=size, palette=palette, seed=0)
-    key = json.dumps({"data": "shapes", "seed": 0, "image_size": size})
-    args = (tmp_path, key, train.images(), train.labels(), train.attribute_classes())
-    net = metrics.load_or_train_feature_net(*args, steps=200, batch_size=64)
+    args = (tmp_path, train.images(), train.labels(), train.attribute_classes())
+    net = metrics.load_or_train_net("feature", *args, steps=200, batch_size=64)
+    judge = metrics.load_or_train_net("fidelity", *args, steps=200, batch_size=64)
+    assert type(judge) is not type(net)  # fidelity is judged by another architecture (and seed)
     ref = metrics.extract_features(net, val.images())
     real = metrics.frechet_distance(metrics.extract_features(net, test.images()), ref)
     noise = torch.randint(0, 256, test.images().shape, dtype=torch.uint8)
@@ -442,15 +443,106 @@ def test_feature_net_fid_and_fidelity_sanity(tmp_path, seed):
         fake_fid = metrics.frechet_distance(metrics.extract_features(net, fake.contiguous()), ref)
         assert fake_fid > 10 * real, (fake_fid, real)
     # small objects are 3 pixels at 16x16, where a circle and a square coincide: the ceiling is below 1
-    assert metrics.caption_fidelity(net, test.images(), test.labels()) > 0.8
+    assert metrics.caption_fidelity(judge, test.images(), test.labels()) > 0.75
     shuffled = torch.randperm(len(test), generator=torch.Generator().manual_seed(seed))
-    assert metrics.caption_fidelity(net, test.images()[shuffled], test.labels()) < 0.6
-    # the cache returns the same net, and a different key trains a new one
-    cached = metrics.load_or_train_feature_net(*args[:2], None, None, train.attribute_classes())
+    assert metrics.caption_fidelity(judge, test.images()[shuffled], test.labels()) < 0.6
+    # one image for every caption: balanced fidelity falls to about chance
+    collapsed = test.images()[:1].expand(len(test), -1, -1, -1)
+    assert metrics.caption_fidelity(judge, collapsed, test.labels()) < 0.45
+    # the cache returns the same nets
+    cached = metrics.load_or_train_net("feature", *args, steps=200, batch_size=64)
     torch.testing.assert_close(metrics.extract_features(cached, val.images()), ref)
-    assert len(list(tmp_path.glob("t2i_featnet_*.safetensors"))) == 1
+    assert len(list(tmp_path.glob("t2i_featurenet_*.safetensors"))) == 1
+    assert len(list(tmp_path.glob("t2i_fidelitynet_*.safetensors"))) == 1
     with pytest.raises(ValueError, match="labels"):
-        metrics.caption_fidelity(net, test.images(), test.labels()[:, :3])
+        metrics.caption_fidelity(judge, test.images(), test.labels()[:, :3])
+
+
+def test_net_cache_is_keyed_by_content_and_independent_of_the_run_seed(tmp_path, monkeypatch):
+    """One net per training set and hyper-parameters: the same inputs reuse it whatever the caller's seed, a change to
+    one training image or one hyper-parameter trains another, and the file is not trusted for anything else."""
+    train = ShapesDataset("train", 64, image_size=8, palette=4, seed=0)
+    images, labels, classes = train.images(), train.labels(), train.attribute_classes()
+    trained = []
+    real_train = metrics.train_net
+    monkeypatch.setattr(metrics, "train_net", lambda *a, **k: trained.append(a[0]) or real_train(*a, **k))
+    torch.manual_seed(1)
+    first = metrics.load_or_train_net("feature", tmp_path, images, labels, classes, steps=3)
+    torch.manual_seed(2)  # a run with another train.seed
+    fresh = real_train("feature", images, labels, classes, steps=3)
+    again = metrics.load_or_train_net("feature", tmp_path, images, labels, classes, steps=3)
+    assert trained == ["feature"]
+    for other in (fresh, again):
+        torch.testing.assert_close(metrics.extract_features(other, images), metrics.extract_features(first, images))
+    changed = images.clone()
+    changed[0, :, 0, 0] += 1
+    metrics.load_or_train_net("feature", tmp_path, changed, labels, classes, steps=3)
+    metrics.load_or_train_net("feature", tmp_path, images, labels, classes, steps=4)
+    metrics.load_or_train_net("fidelity", tmp_path, images, labels, classes, steps=3)
+    assert trained == ["feature"] * 3 + ["fidelity"]
+    assert len(list(tmp_path.glob("t2i_*net_*.safetensors"))) == 4
+    assert metrics.NETS["feature"][2]["seed"] != metrics.NETS["fidelity"][2]["seed"]
+    with pytest.raises(TypeError, match="unknown options"):
+        metrics.load_or_train_net("feature", tmp_path, images, labels, classes, stepz=3)
+
+
+def _kid_direct(x: np.ndarray, y: np.ndarray) -> float:
+    """Unbiased MMD^2 with the kernel (x.y / d + 1)^3, term by term."""
+    d = x.shape[1]
+
+    def k(a, b):
+        return (a @ b / d + 1) ** 3
+
+    m, n = len(x), len(y)
+    xx = sum(k(x[i], x[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    yy = sum(k(y[i], y[j]) for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
+    xy = sum(k(x[i], y[j]) for i in range(m) for j in range(n)) / (m * n)
+    return xx + yy - 2 * xy
+
+
+def test_kid_matches_a_direct_computation(seed):
+    x, y = torch.randn(9, 5, dtype=torch.float64), torch.randn(12, 5, dtype=torch.float64) * 1.3 + 0.4
+    assert metrics.polynomial_mmd2(x, y) == pytest.approx(_kid_direct(x.numpy(), y.numpy()), rel=1e-10)
+    # subsets: half the smaller set from each, drawn as documented, mean and (n - 1) std over them
+    mean, std = metrics.kernel_inception_distance(x, y, subsets=6, seed=3)
+    gen, values = torch.Generator().manual_seed(3), []
+    for _ in range(6):
+        rows_x, rows_y = torch.randperm(9, generator=gen)[:4], torch.randperm(12, generator=gen)[:4]
+        values.append(_kid_direct(x[rows_x].numpy(), y[rows_y].numpy()))
+    assert mean == pytest.approx(np.mean(values), rel=1e-10) and std == pytest.approx(np.std(values, ddof=1), rel=1e-9)
+    with pytest.raises(ValueError, match="feature dims"):
+        metrics.polynomial_mmd2(x, y[:, :3])
+
+
+def test_kid_is_zero_in_expectation_for_one_distribution(seed):
+    """Two samples of one distribution: KID averages to 0 (FID does not: it is biased upwards at small n)."""
+    same, fids, shifted = [], [], []
+    for _ in range(300):
+        x, y = torch.randn(16, 4, dtype=torch.float64), torch.randn(16, 4, dtype=torch.float64)
+        same.append(metrics.polynomial_mmd2(x, y))
+        fids.append(metrics.frechet_distance(x, y))
+        shifted.append(metrics.polynomial_mmd2(x, y + 0.5))
+    same, shifted = np.array(same), np.array(shifted)
+    stderr = same.std(ddof=1) / np.sqrt(len(same))
+    assert abs(same.mean()) < 3 * stderr
+    assert (same < 0).any()  # unbiased, hence negative at times
+    assert np.mean(fids) > 0.5  # FID's bias at n = 16, four dims
+    assert shifted.mean() > 10 * stderr
+
+
+def test_diversity_measures():
+    groups = [torch.randn(5, 3, dtype=torch.float64), torch.randn(3, 3, dtype=torch.float64), torch.randn(1, 3)]
+    direct = np.mean(
+        [
+            np.mean([torch.dist(g[i], g[j]).item() for i in range(len(g)) for j in range(i + 1, len(g))])
+            for g in groups[:2]
+        ]
+    )
+    assert metrics.mean_pairwise_distance(groups) == pytest.approx(direct, rel=1e-10)
+    images = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
+    repeated = torch.stack([images[0], images[1], images[0], images[0]])
+    assert metrics.distinct_fraction([images, repeated]) == pytest.approx((4 / 4 + 2 / 4) / 2)
+    assert metrics.mean_pairwise_distance([images[:1].expand(4, -1, -1, -1).flatten(1).double()]) == 0
 
 
 def test_balanced_fidelity_does_not_reward_the_majority_class():
@@ -461,7 +553,7 @@ def test_balanced_fidelity_does_not_reward_the_majority_class():
     net = Constant({"word_dog": 2})
     labels = torch.tensor([[0]] * 9 + [[1]])
     images = torch.zeros(10, 3, 8, 8, dtype=torch.uint8)
-    assert metrics.caption_fidelity(net, images, labels) == pytest.approx(0.9)
+    assert metrics.caption_fidelity(net, images, labels, balanced=False) == pytest.approx(0.9)
     assert metrics.caption_fidelity(net, images, labels, balanced=True) == pytest.approx(0.5)
 
 
@@ -578,6 +670,8 @@ def test_tiny_training_run_writes_grids_and_metrics(tmp_path, torch_attention_pa
     from cosformer.train.config import load_config
     from cosformer.train.trainer import run
 
+    for kind, (cls, arch, train) in list(metrics.NETS.items()):  # the nets' quality is not the subject here
+        monkeypatch.setitem(metrics.NETS, kind, (cls, arch, train | {"steps": 50, "batch_size": 64}))
     overrides = _tiny_overrides(tmp_path)
     if data == "hf":
         _, folder = _image_folder(tmp_path, monkeypatch, n=40)
@@ -597,4 +691,5 @@ def test_tiny_training_run_writes_grids_and_metrics(tmp_path, torch_attention_pa
     assert [r["step"] for r in evals] == [2, 4]
     losses = [r["loss"] for r in records if "loss" in r]
     assert losses[-1] < losses[0]
-    assert len(list((tmp_path / "cache").glob("t2i_featnet_*.safetensors"))) == 1
+    for kind in ("feature", "fidelity"):
+        assert len(list((tmp_path / "cache").glob(f"t2i_{kind}net_*.safetensors"))) == 1

@@ -236,8 +236,9 @@ class ImageCaptionDataset(Dataset):
     image_tokens is a BOS token (= number of palette colours) followed by the image's palette indices in raster
     order. The attribute labels for the fidelity classifier stay out of the items (the trainer calls
     model(**batch)) and are exposed through `labels()`, the captions through `captions`, RGB images through
-    `images()`. balanced_fidelity: score the fidelity classifier with per-class balanced accuracy (uneven binary
-    attributes, see `metrics.caption_fidelity`).
+    `images()`. balanced_fidelity: score the fidelity classifier with per-class balanced accuracy (the default: classes
+    are uneven, one object vs two for shapes, binary word attributes for captioned photos; see
+    `metrics.caption_fidelity`).
     """
 
     def __init__(
@@ -248,7 +249,7 @@ class ImageCaptionDataset(Dataset):
         labels: torch.Tensor,
         classes: dict[str, int],
         text_max_len: int,
-        balanced_fidelity: bool = False,
+        balanced_fidelity: bool = True,
     ):
         if indices.dim() != 3 or indices.shape[1] != indices.shape[2] or indices.dtype != torch.uint8:
             raise ValueError(f"indices must be (n, S, S) uint8; got {tuple(indices.shape)} {indices.dtype}")

@@ -3,9 +3,9 @@
 Loss alone can hide a difference in sample quality, so every evaluation also generates images for a fixed set of
 validation captions and measures
 - val_fid: FID against the real validation images, in the feature space of a conv net trained in-project on the
-  real training images (`cosformer.t2i.metrics`);
-- val_fidelity: how often that net, trained as an attribute classifier on real images, recovers the captioned
-  attributes (shape, colour, size per object, and their relation) from the generated images;
+  real training images, one per training set whatever the run's seed (`cosformer.t2i.metrics`);
+- val_fidelity: how often a second, independent net, trained as an attribute classifier on real images, recovers
+  the captioned attributes (shape, colour, size per object, and their relation) from the generated images;
 - val_inception_fid: standard Inception FID, only where torchmetrics and its weights are available;
 and saves a grid of the samples with their captions (`samples_step_XXXXXX.png` in the run directory).
 Losses are reported in nats per pixel token and as bits per pixel (loss / ln 2).
@@ -17,7 +17,6 @@ RNG (seed + step), so evaluating never moves the training random stream and a re
 
 from __future__ import annotations
 
-import json
 import pathlib
 
 import torch
@@ -31,7 +30,7 @@ from cosformer.t2i.metrics import (
     extract_features,
     frechet_distance,
     inception_fid,
-    load_or_train_feature_net,
+    load_or_train_net,
 )
 from cosformer.t2i.model import TextToImage
 from cosformer.t2i.shapes import ImageCaptionDataset, ShapesDataset
@@ -59,7 +58,7 @@ class TextToImageTask:
             raise ValueError(f"t2i.fid_samples must be >= 2 (FID needs a covariance); got {cfg.t2i.fid_samples}")
         self.cfg = cfg
         self._splits: dict[str, ImageCaptionDataset] | None = None
-        self._feature_net = None
+        self._nets: dict[str, torch.nn.Module] = {}
         self._reference: dict[str, torch.Tensor] = {}  # split -> real features
         self._warned_fsdp = False
 
@@ -140,28 +139,17 @@ class TextToImageTask:
 
     # ------------------------------------------------------------------------------------------ image metrics
 
-    def feature_net(self, device):
-        """The FID / fidelity net, trained once per (dataset, seed, image size) and cached (see t2i.metrics)."""
-        if self._feature_net is None:
-            t, train = self.cfg.t2i, self.splits["train"]
-            identity = {"data": self.cfg.data.name, "seed": self.cfg.train.seed, "image_size": t.image_size}
-            identity |= {"palette": t.palette, "num_train": len(train)}
-            if self.cfg.data.name == "hf":
-                identity |= {"hf": [t.hf_dataset, t.hf_split, t.hf_image_column, t.hf_caption_column]}
-            self._feature_net = load_or_train_feature_net(
-                self.cache_dir,
-                json.dumps(identity, sort_keys=True),
-                train.images(),
-                train.labels(),
-                train.attribute_classes(),
-                seed=self.cfg.train.seed,
-                device=device,
-            )
-        return self._feature_net.to(device)
+    def net(self, kind: str) -> torch.nn.Module:
+        """The "feature" (FID) or "fidelity" net of this training set, on the CPU (see t2i.metrics)."""
+        if kind not in self._nets:
+            train = self.splits["train"]
+            args = (train.images(), train.labels(), train.attribute_classes())
+            self._nets[kind] = load_or_train_net(kind, self.cache_dir, *args)
+        return self._nets[kind]
 
-    def reference_features(self, split: str, device) -> torch.Tensor:
+    def reference_features(self, split: str) -> torch.Tensor:
         if split not in self._reference:
-            self._reference[split] = extract_features(self.feature_net(device), self.splits[split].images())
+            self._reference[split] = extract_features(self.net("feature"), self.splits[split].images())
         return self._reference[split]
 
     def generate(self, model, accelerator, split: str, seed: int) -> tuple[torch.Tensor, slice]:
@@ -181,9 +169,8 @@ class TextToImageTask:
 
     def image_metrics(self, images: torch.Tensor, rows: slice, split: str, device) -> dict[str, float]:
         ds = self.splits[split]
-        net = self.feature_net(device)
-        fid = frechet_distance(extract_features(net, images), self.reference_features(split, device))
-        fidelity = caption_fidelity(net, images, ds.labels(rows), balanced=ds.balanced_fidelity)
+        fid = frechet_distance(extract_features(self.net("feature"), images), self.reference_features(split))
+        fidelity = caption_fidelity(self.net("fidelity"), images, ds.labels(rows), balanced=ds.balanced_fidelity)
         out = {f"{split}_fid": fid, f"{split}_fidelity": fidelity}
         inception = inception_fid(ds.images(rows).to(device), images.to(device))
         if inception is not None:
@@ -218,7 +205,6 @@ class TextToImageTask:
         seed = self.cfg.train.seed + self.cfg.train.max_steps + 1  # one no evaluation step uses
         images, rows = self.generate(model, accelerator, "test", seed=seed)
         out.update(self.image_metrics(images, rows, "test", accelerator.device))
-        device = accelerator.device
-        real = extract_features(self.feature_net(device), self.splits["test"].images(rows))
-        out["test_fid_real"] = frechet_distance(real, self.reference_features("val", device))
+        real = extract_features(self.net("feature"), self.splits["test"].images(rows))
+        out["test_fid_real"] = frechet_distance(real, self.reference_features("val"))
         return out
