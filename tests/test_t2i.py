@@ -676,15 +676,20 @@ def test_tiny_training_run_writes_grids_and_metrics(tmp_path, torch_attention_pa
     if data == "hf":
         _, folder = _image_folder(tmp_path, monkeypatch, n=40)
         overrides += ["data.name=hf", f"t2i.hf_dataset={folder}", "t2i.palette=3", "t2i.num_val=8", "t2i.num_test=8"]
+        overrides += ["t2i.fid_samples=2"]  # 3 floor subsets of 2 beside a reference of 2
     final = run(load_config(overrides=overrides))
     out = tmp_path / "run"
     assert sorted(p.name for p in out.glob("samples_step_*.png")) == [
         "samples_step_000002.png",
         "samples_step_000004.png",
     ]
-    for key in ("val_fid", "val_fidelity", "val_bits_per_pixel", "test_fid", "test_fidelity", "test_bits_per_pixel"):
-        assert math.isfinite(final[key]), key
-    assert 0.0 <= final["val_fidelity"] <= 1.0 and final["val_fid"] >= 0
+    image_metrics = ["fid", "fid_floor_mean", "fid_floor_std", "kid", "kid_std", "kid_floor_mean", "kid_floor_std"]
+    image_metrics += ["fidelity", "fidelity_ceiling", "distinct"] + (["diversity"] if data == "shapes" else [])
+    for split in ("val", "test"):
+        for key in [*image_metrics, "bits_per_pixel"]:
+            assert math.isfinite(final[f"{split}_{key}"]), f"{split}_{key}"
+        assert 0.0 <= final[f"{split}_fidelity"] <= 1.0 and final[f"{split}_fid"] >= 0
+        assert final[f"{split}_fid_floor_std"] > 0
     assert final["test_bits_per_pixel"] == pytest.approx(final["test_loss"] / math.log(2))
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in records if "val_fid" in r and not r.get("final")]
