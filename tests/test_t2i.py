@@ -1,6 +1,8 @@
-"""Text-to-image: the shapes dataset (determinism, captions that agree with the pixels), the Hugging Face path (on an
-in-memory dataset), the model (shapes, caption mask), the metrics (FID against an independent formula, sanity on
-real / noise / mismatched images) and a tiny run through the trainer that writes sample grids and finite metrics."""
+"""Text-to-image: the shapes dataset (determinism, captions that agree with the pixels, splits disjoint by content,
+held-out combinations), the Hugging Face path (on an in-memory dataset), the model (shapes, caption mask), the
+metrics (FID and KID against direct formulas, KID's zero expectation, the nets' content-keyed cache, sanity on real
+/ noise / mismatched / collapsed images) and a tiny run through the trainer that writes sample grids and finite
+metrics. The task's evaluation plumbing is checked metric by metric in test_t2i_eval.py."""
 
 import itertools
 import json
