@@ -1,7 +1,10 @@
-"""Text-to-image: the shapes dataset (determinism, captions that agree with the pixels), the Hugging Face path (on an
-in-memory dataset), the model (shapes, caption mask), the metrics (FID against an independent formula, sanity on
-real / noise / mismatched images) and a tiny run through the trainer that writes sample grids and finite metrics."""
+"""Text-to-image: the shapes dataset (determinism, captions that agree with the pixels, splits disjoint by content,
+held-out combinations), the Hugging Face path (on an in-memory dataset), the model (shapes, caption mask), the
+metrics (FID and KID against direct formulas, KID's zero expectation, the nets' content-keyed cache, sanity on real
+/ noise / mismatched / collapsed images) and a tiny run through the trainer that writes sample grids and finite
+metrics. The task's evaluation plumbing is checked metric by metric in test_t2i_eval.py."""
 
+import itertools
 import json
 import math
 import re
@@ -10,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from cosformer.t2i import grid, metrics
+from cosformer.t2i import grid, metrics, shapes
 from cosformer.t2i.grid import grid_figure, save_grid
 from cosformer.t2i.hf import load_hf_splits
 from cosformer.t2i.model import TextToImage
@@ -23,17 +26,83 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 # shapes dataset
 
 
-def test_shapes_same_seed_same_bytes_and_splits_differ():
+def test_shapes_same_seed_same_bytes_and_prefix():
     a = ShapesDataset("train", 50, image_size=16, palette=6, seed=3)
     b = ShapesDataset("train", 50, image_size=16, palette=6, seed=3)
     assert torch.equal(a.indices, b.indices) and a.captions == b.captions
     assert all(torch.equal(a[i][k], b[i][k]) for i in (0, 17, 49) for k in a[0])
-    # an item depends on (seed, split, index) only: a longer dataset starts with the same items
+    # an item depends on (seed, split, draw index) only: a longer dataset starts with the same items
     longer = ShapesDataset("train", 80, image_size=16, palette=6, seed=3)
     assert torch.equal(longer.indices[:50], a.indices)
-    for other in (ShapesDataset("val", 50, 16, 6, seed=3), ShapesDataset("train", 50, 16, 6, seed=4)):
-        same_items = sum(torch.equal(a.indices[i], other.indices[i]) for i in range(50))
-        assert same_items < 5
+    other_seed = ShapesDataset("train", 50, image_size=16, palette=6, seed=4)
+    assert sum(torch.equal(a.indices[i], other_seed.indices[i]) for i in range(50)) < 5
+
+
+def _contents(ds) -> dict[bytes, set[str]]:
+    """image bytes -> the captions it carries in ds."""
+    out: dict[bytes, set[str]] = {}
+    for image, caption in zip(ds.indices, ds.captions):
+        out.setdefault(image.numpy().tobytes(), set()).add(caption)
+    return out
+
+
+@pytest.mark.parametrize("size, palette", [(8, 3), (16, 4)])
+def test_shapes_splits_are_disjoint_by_content(size, palette):
+    """No image (with any caption) in two splits, compared as sets: at these sizes the image space is small enough
+    that independent streams would share most of their images."""
+    splits = {s: ShapesDataset(s, 300, image_size=size, palette=palette, seed=3) for s in ("train", "val", "test")}
+    contents = {s: _contents(ds) for s, ds in splits.items()}
+    for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
+        shared = contents[a].keys() & contents[b].keys()
+        assert len(shared) == 0, f"{len(shared)} images of {a} also in {b}"
+    # each split keeps its repeats: the data distribution has them, and dropping them would bias it
+    assert len(contents["train"]) < 300
+    # a split owns its share of the image space: the held-out splits are a fixed function of the image
+    for split, ds in splits.items():
+        assert all(shapes.split_of(image.numpy(), None) == split for image in ds.indices[:50])
+
+
+_INVERSE = {"above": "below", "below": "above", "left of": "right of", "right of": "left of"}
+
+
+def _caption_triples(caption: str, colour_names: list[str]) -> list[tuple[int, int, int]]:
+    """(colour, shape, relation) of each object of a two-object caption, the relation being the one the object
+    stands in to the other: parsed from the words, independently of the dataset's own description."""
+    m = _CAPTION.match(caption)
+    assert m, caption
+    if m[4] is None:
+        return []
+    relations = ["above", "below", "left of", "right of"]
+    first = (colour_names.index(m[2]), SHAPES.index(m[3]), relations.index(m[4]))
+    second = (colour_names.index(m[6]), SHAPES.index(m[7]), relations.index(_INVERSE[m[4]]))
+    return [first, second]
+
+
+def test_shapes_held_out_combinations():
+    """holdout="combinations": no training caption holds a held-out (colour, shape, relation) triple, every val / test
+    caption holds one, each part of every held-out triple is seen in training in other triples, and the splits stay
+    disjoint by content."""
+    names = [n for n, _ in COLOURS[:7]]
+    held_out = {t for t in itertools.product(range(7), range(4), range(4)) if sum(t) % 4 == 0}
+    kept = set(itertools.product(range(7), range(4), range(4))) - held_out
+    for c, s, r in held_out:  # the rule: every pair of a held-out triple occurs in a kept one
+        assert any(k[:2] == (c, s) for k in kept) and any((k[0], k[2]) == (c, r) for k in kept)
+        assert any(k[1:] == (s, r) for k in kept)
+    splits = {
+        s: ShapesDataset(s, 300, image_size=16, palette=8, seed=5, holdout="combinations")
+        for s in ("train", "val", "test")
+    }
+    train_triples = {t for c in splits["train"].captions for t in _caption_triples(c, names)}
+    assert train_triples and not train_triples & held_out
+    assert any(_CAPTION.match(c)[4] is None for c in splits["train"].captions)  # one-object items train only
+    for split in ("val", "test"):
+        for caption in splits[split].captions:
+            assert set(_caption_triples(caption, names)) & held_out, (split, caption)
+    contents = {s: _contents(ds).keys() for s, ds in splits.items()}
+    assert not contents["train"] & contents["val"] and not contents["train"] & contents["test"]
+    assert not contents["val"] & contents["test"]
+    with pytest.raises(ValueError, match="holdout"):
+        ShapesDataset("val", 4, holdout="pairs")
 
 
 def test_shapes_items_layout():
@@ -137,6 +206,21 @@ def test_captions_agree_with_pixels():
     assert seen == {None, "above", "below", "left of", "right of"}
 
 
+def test_task_data_follows_data_seed_not_train_seed(tmp_path):
+    """Runs with different train.seed train and are measured on the same images; t2i.holdout reaches the data."""
+    from cosformer.train.config import load_config
+    from cosformer.train.tasks import task_class
+
+    def splits(*extra):
+        return task_class("shapes")(load_config(overrides=[*_tiny_overrides(tmp_path), *extra])).splits
+
+    a, b, c = splits("train.seed=1"), splits("train.seed=2"), splits("train.seed=1", "t2i.data_seed=5")
+    for split in ("train", "val", "test"):
+        assert torch.equal(a[split].indices, b[split].indices) and a[split].captions == b[split].captions
+        assert not torch.equal(a[split].indices, c[split].indices)
+    assert splits("t2i.holdout=combinations")["test"].holdout == "combinations"
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Hugging Face path, on an in-memory dataset
 
@@ -191,6 +275,22 @@ def test_hf_splits_quantise_cache_and_labels(tmp_path, monkeypatch):
     assert torch.equal(again["val"].indices, splits["val"].indices) and again["val"].captions == splits["val"].captions
 
 
+def test_hf_splits_are_disjoint_by_content(tmp_path):
+    """Each picture in three rows under three captions: no quantised image may reach two splits."""
+    datasets = pytest.importorskip("datasets")
+    ds, _ = _hf_dataset(n=20, seed=3)
+    rows = [(image, f"{caption}, take {k}") for k in range(3) for image, caption in zip(ds["picture"], ds["caption"])]
+    tripled = datasets.Dataset.from_dict({"picture": [r[0] for r in rows], "caption": [r[1] for r in rows]})
+    kwargs = dict(image_column="picture", caption_column="caption", image_size=8, palette=3, text_max_len=40)
+    splits = load_hf_splits(tripled, **kwargs, num_train=100, num_val=6, num_test=6, seed=2, cache_dir=tmp_path)
+    contents = {name: _contents(split) for name, split in splits.items()}
+    for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
+        assert len(contents[a].keys() & contents[b].keys()) == 0, (a, b)
+    assert len(splits["test"]) == 6  # the first split keeps its size; the others lose the rows it owns
+    assert len(splits["test"]) + len(splits["val"]) + len(splits["train"]) < 60
+    assert len(contents["test"]) + len(contents["val"]) + len(contents["train"]) == 20
+
+
 def _image_folder(tmp_path, monkeypatch, n=24):
     """An image folder with metadata.csv that `datasets.load_dataset(<dir>)` reads offline, caching under tmp_path."""
     datasets = pytest.importorskip("datasets")
@@ -214,10 +314,10 @@ def test_hf_task_from_a_local_dataset_directory(tmp_path, torch_attention_path, 
 
     ds, folder = _image_folder(tmp_path, monkeypatch)
     overrides = [*_tiny_overrides(tmp_path), "data.name=hf", f"t2i.hf_dataset={folder}", "t2i.palette=3"]
-    cfg = load_config(overrides=[*overrides, "t2i.num_val=4", "t2i.num_test=4"])
+    cfg = load_config(overrides=[*overrides, "t2i.num_val=6", "t2i.num_test=6", "t2i.fid_samples=2"])
     task = task_class("hf")(cfg)
     splits = task.datasets()
-    assert [len(splits[k]) for k in ("train", "test")] == [16, 4]
+    assert [len(splits[k]) for k in ("train", "test")] == [12, 6]
     assert set(task.splits["val"].captions) <= set(ds["caption"])
     model = task.build_model()
     batch = torch.utils.data.default_collate([splits["train"][i] for i in range(3)])
@@ -327,14 +427,15 @@ def test_frechet_distance_matches_independent_formula(seed):
         metrics.frechet_distance(f1, f2[:1])
 
 
-def test_feature_net_fid_and_fidelity_sanity(tmp_path, seed):
+def test_nets_fid_and_fidelity_sanity(tmp_path, seed):
     size, palette = 16, 5
     train = ShapesDataset("train", 3000, image_size=size, palette=palette, seed=0)
     val = ShapesDataset("val", 400, image_size=size, palette=palette, seed=0)
     test = ShapesDataset("test", 400, image_size=size, palette=palette, seed=0)
-    key = json.dumps({"data": "shapes", "seed": 0, "image_size": size})
-    args = (tmp_path, key, train.images(), train.labels(), train.attribute_classes())
-    net = metrics.load_or_train_feature_net(*args, steps=200, batch_size=64)
+    args = (tmp_path, train.images(), train.labels(), train.attribute_classes())
+    net = metrics.load_or_train_net("feature", *args, steps=200, batch_size=64)
+    judge = metrics.load_or_train_net("fidelity", *args, steps=200, batch_size=64)
+    assert type(judge) is not type(net)  # fidelity is judged by another architecture (and seed)
     ref = metrics.extract_features(net, val.images())
     real = metrics.frechet_distance(metrics.extract_features(net, test.images()), ref)
     noise = torch.randint(0, 256, test.images().shape, dtype=torch.uint8)
@@ -344,15 +445,106 @@ def test_feature_net_fid_and_fidelity_sanity(tmp_path, seed):
         fake_fid = metrics.frechet_distance(metrics.extract_features(net, fake.contiguous()), ref)
         assert fake_fid > 10 * real, (fake_fid, real)
     # small objects are 3 pixels at 16x16, where a circle and a square coincide: the ceiling is below 1
-    assert metrics.caption_fidelity(net, test.images(), test.labels()) > 0.8
+    assert metrics.caption_fidelity(judge, test.images(), test.labels()) > 0.75
     shuffled = torch.randperm(len(test), generator=torch.Generator().manual_seed(seed))
-    assert metrics.caption_fidelity(net, test.images()[shuffled], test.labels()) < 0.6
-    # the cache returns the same net, and a different key trains a new one
-    cached = metrics.load_or_train_feature_net(*args[:2], None, None, train.attribute_classes())
+    assert metrics.caption_fidelity(judge, test.images()[shuffled], test.labels()) < 0.6
+    # one image for every caption: balanced fidelity falls to about chance
+    collapsed = test.images()[:1].expand(len(test), -1, -1, -1)
+    assert metrics.caption_fidelity(judge, collapsed, test.labels()) < 0.45
+    # the cache returns the same nets
+    cached = metrics.load_or_train_net("feature", *args, steps=200, batch_size=64)
     torch.testing.assert_close(metrics.extract_features(cached, val.images()), ref)
-    assert len(list(tmp_path.glob("t2i_featnet_*.safetensors"))) == 1
+    assert len(list(tmp_path.glob("t2i_featurenet_*.safetensors"))) == 1
+    assert len(list(tmp_path.glob("t2i_fidelitynet_*.safetensors"))) == 1
     with pytest.raises(ValueError, match="labels"):
-        metrics.caption_fidelity(net, test.images(), test.labels()[:, :3])
+        metrics.caption_fidelity(judge, test.images(), test.labels()[:, :3])
+
+
+def test_net_cache_is_keyed_by_content_and_independent_of_the_run_seed(tmp_path, monkeypatch):
+    """One net per training set and hyper-parameters: the same inputs reuse it whatever the caller's seed, a change to
+    one training image or one hyper-parameter trains another, and the file is not trusted for anything else."""
+    train = ShapesDataset("train", 64, image_size=8, palette=4, seed=0)
+    images, labels, classes = train.images(), train.labels(), train.attribute_classes()
+    trained = []
+    real_train = metrics.train_net
+    monkeypatch.setattr(metrics, "train_net", lambda *a, **k: trained.append(a[0]) or real_train(*a, **k))
+    torch.manual_seed(1)
+    first = metrics.load_or_train_net("feature", tmp_path, images, labels, classes, steps=3)
+    torch.manual_seed(2)  # a run with another train.seed
+    fresh = real_train("feature", images, labels, classes, steps=3)
+    again = metrics.load_or_train_net("feature", tmp_path, images, labels, classes, steps=3)
+    assert trained == ["feature"]
+    for other in (fresh, again):
+        torch.testing.assert_close(metrics.extract_features(other, images), metrics.extract_features(first, images))
+    changed = images.clone()
+    changed[0, :, 0, 0] += 1
+    metrics.load_or_train_net("feature", tmp_path, changed, labels, classes, steps=3)
+    metrics.load_or_train_net("feature", tmp_path, images, labels, classes, steps=4)
+    metrics.load_or_train_net("fidelity", tmp_path, images, labels, classes, steps=3)
+    assert trained == ["feature"] * 3 + ["fidelity"]
+    assert len(list(tmp_path.glob("t2i_*net_*.safetensors"))) == 4
+    assert metrics.NETS["feature"][2]["seed"] != metrics.NETS["fidelity"][2]["seed"]
+    with pytest.raises(TypeError, match="unknown options"):
+        metrics.load_or_train_net("feature", tmp_path, images, labels, classes, stepz=3)
+
+
+def _kid_direct(x: np.ndarray, y: np.ndarray) -> float:
+    """Unbiased MMD^2 with the kernel (x.y / d + 1)^3, term by term."""
+    d = x.shape[1]
+
+    def k(a, b):
+        return (a @ b / d + 1) ** 3
+
+    m, n = len(x), len(y)
+    xx = sum(k(x[i], x[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    yy = sum(k(y[i], y[j]) for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
+    xy = sum(k(x[i], y[j]) for i in range(m) for j in range(n)) / (m * n)
+    return xx + yy - 2 * xy
+
+
+def test_kid_matches_a_direct_computation(seed):
+    x, y = torch.randn(9, 5, dtype=torch.float64), torch.randn(12, 5, dtype=torch.float64) * 1.3 + 0.4
+    assert metrics.polynomial_mmd2(x, y) == pytest.approx(_kid_direct(x.numpy(), y.numpy()), rel=1e-10)
+    # subsets: half the smaller set from each, drawn as documented, mean and (n - 1) std over them
+    mean, std = metrics.kernel_inception_distance(x, y, subsets=6, seed=3)
+    gen, values = torch.Generator().manual_seed(3), []
+    for _ in range(6):
+        rows_x, rows_y = torch.randperm(9, generator=gen)[:4], torch.randperm(12, generator=gen)[:4]
+        values.append(_kid_direct(x[rows_x].numpy(), y[rows_y].numpy()))
+    assert mean == pytest.approx(np.mean(values), rel=1e-10) and std == pytest.approx(np.std(values, ddof=1), rel=1e-9)
+    with pytest.raises(ValueError, match="feature dims"):
+        metrics.polynomial_mmd2(x, y[:, :3])
+
+
+def test_kid_is_zero_in_expectation_for_one_distribution(seed):
+    """Two samples of one distribution: KID averages to 0 (FID does not: it is biased upwards at small n)."""
+    same, fids, shifted = [], [], []
+    for _ in range(300):
+        x, y = torch.randn(16, 4, dtype=torch.float64), torch.randn(16, 4, dtype=torch.float64)
+        same.append(metrics.polynomial_mmd2(x, y))
+        fids.append(metrics.frechet_distance(x, y))
+        shifted.append(metrics.polynomial_mmd2(x, y + 0.5))
+    same, shifted = np.array(same), np.array(shifted)
+    stderr = same.std(ddof=1) / np.sqrt(len(same))
+    assert abs(same.mean()) < 3 * stderr
+    assert (same < 0).any()  # unbiased, hence negative at times
+    assert np.mean(fids) > 0.5  # FID's bias at n = 16, four dims
+    assert shifted.mean() > 10 * stderr
+
+
+def test_diversity_measures():
+    groups = [torch.randn(5, 3, dtype=torch.float64), torch.randn(3, 3, dtype=torch.float64), torch.randn(1, 3)]
+    direct = np.mean(
+        [
+            np.mean([torch.dist(g[i], g[j]).item() for i in range(len(g)) for j in range(i + 1, len(g))])
+            for g in groups[:2]
+        ]
+    )
+    assert metrics.mean_pairwise_distance(groups) == pytest.approx(direct, rel=1e-10)
+    images = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
+    repeated = torch.stack([images[0], images[1], images[0], images[0]])
+    assert metrics.distinct_fraction([images, repeated]) == pytest.approx((4 / 4 + 2 / 4) / 2)
+    assert metrics.mean_pairwise_distance([images[:1].expand(4, -1, -1, -1).flatten(1).double()]) == 0
 
 
 def test_balanced_fidelity_does_not_reward_the_majority_class():
@@ -363,7 +555,7 @@ def test_balanced_fidelity_does_not_reward_the_majority_class():
     net = Constant({"word_dog": 2})
     labels = torch.tensor([[0]] * 9 + [[1]])
     images = torch.zeros(10, 3, 8, 8, dtype=torch.uint8)
-    assert metrics.caption_fidelity(net, images, labels) == pytest.approx(0.9)
+    assert metrics.caption_fidelity(net, images, labels, balanced=False) == pytest.approx(0.9)
     assert metrics.caption_fidelity(net, images, labels, balanced=True) == pytest.approx(0.5)
 
 
@@ -480,23 +672,31 @@ def test_tiny_training_run_writes_grids_and_metrics(tmp_path, torch_attention_pa
     from cosformer.train.config import load_config
     from cosformer.train.trainer import run
 
+    for kind, (cls, arch, train) in list(metrics.NETS.items()):  # the nets' quality is not the subject here
+        monkeypatch.setitem(metrics.NETS, kind, (cls, arch, train | {"steps": 50, "batch_size": 64}))
     overrides = _tiny_overrides(tmp_path)
     if data == "hf":
         _, folder = _image_folder(tmp_path, monkeypatch, n=40)
         overrides += ["data.name=hf", f"t2i.hf_dataset={folder}", "t2i.palette=3", "t2i.num_val=8", "t2i.num_test=8"]
+        overrides += ["t2i.fid_samples=2"]  # 3 floor subsets of 2 beside a reference of 2
     final = run(load_config(overrides=overrides))
     out = tmp_path / "run"
     assert sorted(p.name for p in out.glob("samples_step_*.png")) == [
         "samples_step_000002.png",
         "samples_step_000004.png",
     ]
-    for key in ("val_fid", "val_fidelity", "val_bits_per_pixel", "test_fid", "test_fidelity", "test_bits_per_pixel"):
-        assert math.isfinite(final[key]), key
-    assert 0.0 <= final["val_fidelity"] <= 1.0 and final["val_fid"] >= 0
+    image_metrics = ["fid", "fid_floor_mean", "fid_floor_std", "kid", "kid_std", "kid_floor_mean", "kid_floor_std"]
+    image_metrics += ["fidelity", "fidelity_ceiling", "distinct"] + (["diversity"] if data == "shapes" else [])
+    for split in ("val", "test"):
+        for key in [*image_metrics, "bits_per_pixel"]:
+            assert math.isfinite(final[f"{split}_{key}"]), f"{split}_{key}"
+        assert 0.0 <= final[f"{split}_fidelity"] <= 1.0 and final[f"{split}_fid"] >= 0
+        assert final[f"{split}_fid_floor_std"] > 0
     assert final["test_bits_per_pixel"] == pytest.approx(final["test_loss"] / math.log(2))
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in records if "val_fid" in r and not r.get("final")]
     assert [r["step"] for r in evals] == [2, 4]
     losses = [r["loss"] for r in records if "loss" in r]
     assert losses[-1] < losses[0]
-    assert len(list((tmp_path / "cache").glob("t2i_featnet_*.safetensors"))) == 1
+    for kind in ("feature", "fidelity"):
+        assert len(list((tmp_path / "cache").glob(f"t2i_{kind}net_*.safetensors"))) == 1

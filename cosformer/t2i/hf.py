@@ -4,7 +4,10 @@ Each image is centre-cropped to a square, resized to image_size and quantised to
 the k-means centres (k-means++ seeding, a fixed seed) of pixels sampled from the training images only, so that
 the model's vocabulary of image tokens is fixed and validation / test never leak into it. The rows of `split` are
 shuffled once with the seed and divided into test, val and train (in that order, so that growing num_train keeps
-the evaluation sets unchanged). Everything (palette indices, palette, captions) is cached under cache_dir as one
+the evaluation sets unchanged). The splits are then made disjoint by content: a row whose quantised image already
+occurs in an earlier split (test, then val) is dropped, so val and train can come out a few rows short (datasets
+with several rows per image, or the same picture under several captions, would otherwise put test images into
+training). Everything (palette indices, palette, captions) is cached under cache_dir as one
 safetensors file, keyed by the dataset's identity (its name, or a `datasets.Dataset`'s fingerprint) and every
 argument that changes the result.
 
@@ -32,6 +35,7 @@ STOPWORDS = frozenset(
     "was were who which while some any one two three very near next out off top front back side each other".split()
 )
 NUM_WORD_ATTRIBUTES = 32
+CACHE_FORMAT = 2  # 2: splits disjoint by content
 
 
 def _to_rgb_array(image, image_size: int) -> np.ndarray:
@@ -147,12 +151,20 @@ def _build(source, split, image_column, caption_column, image_size, palette, see
     train_pixels = images[n_eval:].reshape(-1, 3)
     sample = torch.randperm(len(train_pixels), generator=torch.Generator().manual_seed(seed))[:200_000]
     colours = kmeans_palette(train_pixels[sample], palette, seed=seed)
+    indices = quantize(images, colours)
+    keep, seen, sizes = [], set(), []
+    for part in (range(num_test), range(num_test, n_eval), range(n_eval, len(captions))):
+        owned = [row for row in part if indices[row].numpy().tobytes() not in seen]
+        seen |= {indices[row].numpy().tobytes() for row in owned}
+        keep += owned
+        sizes.append(len(owned))
+    captions = [captions[row] for row in keep]
     data = b"\n".join(c.replace("\n", " ").encode("utf-8") for c in captions)
     return {
-        "indices": quantize(images, colours),
+        "indices": indices[keep],
         "palette": colours,
         "captions": torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.zeros(0, dtype=torch.uint8),
-        "split_sizes": torch.tensor([num_test, num_val, len(captions) - n_eval]),
+        "split_sizes": torch.tensor(sizes),
     }
 
 
@@ -182,7 +194,8 @@ def load_hf_splits(
             f"palette={palette}, num_train={num_train}, num_val={num_val}, num_test={num_test}"
         )
     counts = (num_test, num_val, num_train)
-    key = json.dumps([_source_id(source), split, image_column, caption_column, image_size, palette, seed, *counts])
+    identity = [CACHE_FORMAT, _source_id(source), split, image_column, caption_column, image_size, palette, seed]
+    key = json.dumps([*identity, *counts])
     path = pathlib.Path(cache_dir).expanduser() / f"t2i_hf_{hashlib.sha1(key.encode()).hexdigest()[:16]}.safetensors"
     if path.exists():
         stored = load_file(str(path))

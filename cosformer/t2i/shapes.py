@@ -1,9 +1,28 @@
 """An embedded, procedurally generated text-to-image dataset: coloured shapes with compositional captions.
 
-Every item is drawn by its own generator seeded from (seed, split, index), so an item's bytes depend on nothing
-else: the same seed gives the same dataset on every machine, and the splits are disjoint streams. Images are
-drawn directly in palette indices (index 0 is the background), so quantisation to the palette is lossless and
-the model's likelihood is an exact likelihood of the images.
+Every draw comes from its own generator seeded from (seed, split, draw index), so the same seed gives the same
+dataset on every machine and a longer split starts with the items of a shorter one. Images are drawn directly in
+palette indices (index 0 is the background), so quantisation to the palette is lossless and the model's
+likelihood is an exact likelihood of the images.
+
+Splits are disjoint by content. Independent streams are not enough: the space of images is small (a one-object
+caption has about a thousand possible images at 32x32), so independent streams put about one val / test image in six
+in training too.
+Each image is therefore owned by one split, decided by a hash of its palette-index bytes alone (`split_of`: 1/8
+test, 1/8 val, 3/4 train), and a split's stream skips every draw that another split owns. No image, and hence no
+(image, caption) pair, occurs in two splits; an image drawn twice within one split stays (the data distribution
+has repeats). Captions do repeat across splits (there are only 56 one-object captions): that is generalisation
+over positions, not a leak. Since the hash ignores everything but the image, each split is a sample of the same
+distribution conditioned on an event independent of what the image shows.
+
+holdout="combinations" makes the split compositional. An object in a two-object item forms a (colour, shape,
+relation) triple with the relation it stands in to the other object (in "a red circle above a blue cross" the red
+circle is "above", the blue cross "below"; "a blue cross below a red circle" gives the same triples, as it draws the
+same images). The triples with (colour + shape + relation) % 4 == 0 (indices into COLOURS, SHAPES, RELATIONS)
+are held out: train keeps only items without one, val and test only items with one (on top of the hash rule above).
+Every colour x shape pair then occurs in training in three of the four relations, every colour x relation pair with
+three of the four shapes, and every shape x relation pair with most colours: a held-out item asks for a combination
+whose parts were all seen, never the combination itself.
 
 An item holds one object ("a small red circle") or two in a spatial relation ("a large blue square above a
 small yellow cross"). Two objects sit in opposite halves of the image, so the captioned relation holds strictly
@@ -17,6 +36,9 @@ layout (one object, two stacked vertically, two side by side), then "first" = th
 
 from __future__ import annotations
 
+import functools
+import hashlib
+
 import numpy as np
 import torch
 from torch.utils.data import Dataset
@@ -24,6 +46,7 @@ from torch.utils.data import Dataset
 SHAPES = ("circle", "square", "triangle", "cross")
 SIZES = ("small", "large")
 RELATIONS = ("above", "below", "left of", "right of")
+INVERSE = {"above": "below", "below": "above", "left of": "right of", "right of": "left of"}
 LAYOUTS = ("single", "vertical", "horizontal")
 # Colour names and their RGB; the background is palette index 0 and is never a captioned colour.
 BACKGROUND_RGB = (16, 16, 16)
@@ -40,6 +63,9 @@ COLOURS = (
     ("brown", (140, 90, 40)),
 )
 SPLITS = ("train", "val", "test")
+# Share of the image space each split owns (see `split_of`); val and test are kept equal.
+SPLIT_SHARES = {"test": 1 / 8, "val": 1 / 8, "train": 3 / 4}
+HOLDOUTS = ("none", "combinations")
 IGNORE = -1  # label of an attribute the caption does not name (the second object of a one-object item)
 
 
@@ -73,19 +99,23 @@ def object_sizes(image_size: int) -> tuple[int, int]:
     return small, large
 
 
+@functools.cache
 def _shape_mask(shape: str, side: int) -> np.ndarray:
-    """(side, side) bool: the shape drawn in its bounding box, sampled at pixel centres."""
+    """(side, side) bool: the shape drawn in its bounding box, sampled at pixel centres (cached: read only)."""
     c = (np.arange(side) + 0.5) / side
     v, u = np.meshgrid(c, c, indexing="ij")  # v: row (down), u: column (right), both in (0, 1)
     if shape == "square":
-        return np.ones((side, side), dtype=bool)
-    if shape == "circle":
-        return (u - 0.5) ** 2 + (v - 0.5) ** 2 <= 0.25
-    if shape == "triangle":  # apex up: the half-width grows linearly with the row
-        return np.abs(u - 0.5) <= v / 2 + 0.5 / side
-    if shape == "cross":  # a plus sign with arms a third of the side thick
-        return (np.abs(u - 0.5) <= 1 / 6 + 0.5 / side) | (np.abs(v - 0.5) <= 1 / 6 + 0.5 / side)
-    raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
+        mask = np.ones((side, side), dtype=bool)
+    elif shape == "circle":
+        mask = (u - 0.5) ** 2 + (v - 0.5) ** 2 <= 0.25
+    elif shape == "triangle":  # apex up: the half-width grows linearly with the row
+        mask = np.abs(u - 0.5) <= v / 2 + 0.5 / side
+    elif shape == "cross":  # a plus sign with arms a third of the side thick
+        mask = (np.abs(u - 0.5) <= 1 / 6 + 0.5 / side) | (np.abs(v - 0.5) <= 1 / 6 + 0.5 / side)
+    else:
+        raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
+    mask.setflags(write=False)
+    return mask
 
 
 def _describe(obj: dict) -> str:
@@ -94,13 +124,18 @@ def _describe(obj: dict) -> str:
 
 def make_item(rng: np.random.Generator, image_size: int, num_colours: int) -> tuple[str, np.ndarray, dict]:
     """Draw one item: (caption, (S, S) uint8 palette indices, description with objects, boxes and relation)."""
+    description = describe_item(rng, image_size, num_colours)
+    return description["caption"], draw_item(description, image_size), description
+
+
+def describe_item(rng: np.random.Generator, image_size: int, num_colours: int) -> dict:
+    """All the random draws of one item: {"objects": [{shape, colour, size, box}], "relation", "caption"}."""
     sides = object_sizes(image_size)
     num_objects = int(rng.integers(1, 3))
     objects = [
         dict(shape=int(rng.integers(len(SHAPES))), colour=int(rng.integers(num_colours)), size=int(rng.integers(2)))
         for _ in range(num_objects)
     ]
-    image = np.zeros((image_size, image_size), dtype=np.uint8)
     relation = None
     if num_objects == 1:
         side = sides[objects[0]["size"]]
@@ -120,13 +155,19 @@ def make_item(rng: np.random.Generator, image_size: int, num_colours: int) -> tu
         vertical = relation in ("above", "below")
         objects[0]["box"] = (along_a, across_a, side_a) if vertical else (across_a, along_a, side_a)
         objects[1]["box"] = (along_b, across_b, side_b) if vertical else (across_b, along_b, side_b)
-    for obj in objects:
-        y, x, side = obj["box"]  # top row, left column, side
-        image[y : y + side, x : x + side][_shape_mask(SHAPES[obj["shape"]], side)] = obj["colour"] + 1
     caption = _describe(objects[0])
     if relation is not None:
         caption = f"{caption} {relation} {_describe(objects[1])}"
-    return caption, image, {"objects": objects, "relation": relation}
+    return {"objects": objects, "relation": relation, "caption": caption}
+
+
+def draw_item(description: dict, image_size: int) -> np.ndarray:
+    """(S, S) uint8 palette indices of a described item (no randomness)."""
+    image = np.zeros((image_size, image_size), dtype=np.uint8)
+    for obj in description["objects"]:
+        y, x, side = obj["box"]  # top row, left column, side
+        image[y : y + side, x : x + side][_shape_mask(SHAPES[obj["shape"]], side)] = obj["colour"] + 1
+    return image
 
 
 def canonical_labels(description: dict) -> list[int]:
@@ -152,6 +193,39 @@ def attribute_classes(palette: int) -> dict[str, int]:
     return {"layout": len(LAYOUTS)} | {f"{a}_{n}": c for n in (1, 2) for a, c in per_object.items()}
 
 
+def relation_triples(description: dict) -> list[tuple[int, int, int]]:
+    """(colour, shape, relation) index triples of a two-object item: each object with the relation it stands in to
+    the other (none for one object). Both phrasings of an image give the same triples."""
+    relation = description["relation"]
+    if relation is None:
+        return []
+    first, second = description["objects"]
+    return [
+        (first["colour"], first["shape"], RELATIONS.index(relation)),
+        (second["colour"], second["shape"], RELATIONS.index(INVERSE[relation])),
+    ]
+
+
+def is_held_out(triple: tuple[int, int, int]) -> bool:
+    """The held-out (colour, shape, relation) triples of holdout="combinations" (see module docstring)."""
+    return sum(triple) % len(RELATIONS) == 0
+
+
+def has_held_out_triple(description: dict) -> bool:
+    return any(is_held_out(t) for t in relation_triples(description))
+
+
+def split_of(image: np.ndarray, description: dict, holdout: str = "none") -> str | None:
+    """The split that owns an item: by a hash of the image bytes; with holdout="combinations", None for an item that
+    belongs to no split (a held-out combination hashed to train, or an item without one hashed to val / test)."""
+    digest = hashlib.blake2b(np.ascontiguousarray(image).tobytes(), digest_size=8).digest()
+    u = int.from_bytes(digest, "little") / 2**64  # uniform in [0, 1)
+    split = "test" if u < SPLIT_SHARES["test"] else "val" if u < SPLIT_SHARES["test"] + SPLIT_SHARES["val"] else "train"
+    if holdout == "combinations" and has_held_out_triple(description) != (split != "train"):
+        return None
+    return split
+
+
 def _item_rng(seed: int, split: str, index: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([seed, SPLITS.index(split), index]))
 
@@ -162,8 +236,9 @@ class ImageCaptionDataset(Dataset):
     image_tokens is a BOS token (= number of palette colours) followed by the image's palette indices in raster
     order. The attribute labels for the fidelity classifier stay out of the items (the trainer calls
     model(**batch)) and are exposed through `labels()`, the captions through `captions`, RGB images through
-    `images()`. balanced_fidelity: score the fidelity classifier with per-class balanced accuracy (uneven binary
-    attributes, see `metrics.caption_fidelity`).
+    `images()`. balanced_fidelity: score the fidelity classifier with per-class balanced accuracy (the default: classes
+    are uneven, one object vs two for shapes, binary word attributes for captioned photos; see
+    `metrics.caption_fidelity`).
     """
 
     def __init__(
@@ -174,7 +249,7 @@ class ImageCaptionDataset(Dataset):
         labels: torch.Tensor,
         classes: dict[str, int],
         text_max_len: int,
-        balanced_fidelity: bool = False,
+        balanced_fidelity: bool = True,
     ):
         if indices.dim() != 3 or indices.shape[1] != indices.shape[2] or indices.dtype != torch.uint8:
             raise ValueError(f"indices must be (n, S, S) uint8; got {tuple(indices.shape)} {indices.dtype}")
@@ -217,13 +292,23 @@ class ImageCaptionDataset(Dataset):
 
 
 class ShapesDataset(ImageCaptionDataset):
-    """The procedural shapes split `split` (see the module docstring): `num_items` items from `seed`."""
+    """The procedural shapes split `split` (see the module docstring): the first `num_items` items its stream owns
+    for `seed`, without (holdout="none") or with ("combinations") held-out relation triples."""
 
     def __init__(
-        self, split: str, num_items: int, image_size: int = 32, palette: int = 8, text_max_len: int = 64, seed: int = 0
+        self,
+        split: str,
+        num_items: int,
+        image_size: int = 32,
+        palette: int = 8,
+        text_max_len: int = 64,
+        seed: int = 0,
+        holdout: str = "none",
     ):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}; got {split!r}")
+        if holdout not in HOLDOUTS:
+            raise ValueError(f"holdout must be one of {HOLDOUTS}; got {holdout!r}")
         if num_items < 1:
             raise ValueError(f"num_items must be positive; got {num_items}")
         if image_size < 8:
@@ -235,10 +320,20 @@ class ShapesDataset(ImageCaptionDataset):
             raise ValueError(f"text_max_len must be >= {longest_caption} to hold every caption; got {text_max_len}")
         captions, labels = [], []
         indices = np.empty((num_items, image_size, image_size), dtype=np.uint8)
-        for idx in range(num_items):
-            caption, image, description = make_item(_item_rng(seed, split, idx), image_size, palette - 1)
-            captions.append(caption)
-            indices[idx] = image
+        draw, max_draws = 0, 1000 * num_items + 10_000  # the rarest split owns a few percent of all draws
+        while len(captions) < num_items:
+            if draw == max_draws:
+                raise RuntimeError(f"{split} owned {len(captions)} of {draw} draws; cannot reach {num_items} items")
+            description = describe_item(_item_rng(seed, split, draw), image_size, palette - 1)
+            draw += 1
+            # the holdout rule needs no pixels: skip the drawing where it already says no
+            if holdout == "combinations" and has_held_out_triple(description) == (split == "train"):
+                continue
+            image = draw_item(description, image_size)
+            if split_of(image, description, holdout) != split:
+                continue
+            indices[len(captions)] = image
+            captions.append(description["caption"])
             labels.append(canonical_labels(description))
         super().__init__(
             torch.from_numpy(indices),
@@ -248,4 +343,4 @@ class ShapesDataset(ImageCaptionDataset):
             attribute_classes(palette),
             text_max_len,
         )
-        self.split, self.seed = split, seed
+        self.split, self.seed, self.holdout, self.draws = split, seed, holdout, draw

@@ -130,6 +130,8 @@ class T2IConfig:
     hf_split: str = "train"
     fid_samples: int = 256
     sample_temperature: float = 1.0
+    data_seed: int = 0  # draws (shapes) / shuffles (hf) the data; independent of train.seed
+    holdout: Literal["none", "combinations"] = "none"  # combinations: val / test hold shapes triples train never has
 
 
 @dataclass
@@ -350,6 +352,7 @@ RANGES: dict[str, Interval] = {
     "t2i.enc_depth": AT_LEAST_1,
     "t2i.fid_samples": Interval(2),  # FID needs a covariance
     "t2i.sample_temperature": AT_LEAST_0,  # 0 = greedy
+    "t2i.data_seed": Interval(0, 2**32 - 1),  # numpy's seed range
 }
 
 
