@@ -463,3 +463,20 @@ def test_train_script_refuses_a_planted_checkpoint_with_exit_2(corpus, tmp_path,
     err = capsys.readouterr().err.splitlines()
     assert any(line.startswith("checkpoint error:") and "custom_checkpoint_0.pkl" in line for line in err), err
     assert not any("Traceback" in line for line in err)
+
+
+def test_resume_refuses_keys_that_change_the_data(corpus, tmp_path, clean_accelerate):  # noqa: F811
+    """train.seed draws the training crops: a resumed run with another seed would not continue the same run."""
+    path = run_with_checkpoint(corpus, tmp_path / "run")
+    with pytest.raises(ConfigError, match=r"training data would differ \(train\.seed: checkpoint 0, now 1\)"):
+        resume(corpus, tmp_path / "again", path, "train.seed=1")
+    saved = ckpt.load_checkpoint_config(path)
+    for key, value in (("t2i.data_seed", 3), ("t2i.holdout", "combinations")):
+        changed = load_config([], ["data.name=shapes", f"{key}={value}"])
+        base = load_config([], ["data.name=shapes"])
+        base_dir = tmp_path / f"t2i_{key}"
+        base_dir.mkdir()
+        save_yaml(base, base_dir / "config.yaml")
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            ckpt.check_compatible(changed, base_dir)
+    assert saved.train.seed == 0

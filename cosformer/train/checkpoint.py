@@ -293,6 +293,9 @@ _SHAPE_KEYS = {
     "lm": ("data.seq_len",),  # the learned positions' max_seq_len
     "t2i": ("t2i.image_size", "t2i.text_max_len", "t2i.palette", "t2i.enc_depth"),
 }
+# Keys that decide which data each step sees (per task family): resuming with other values would silently train the
+# rest of the run on other data, so the run would no longer be the one its checkpoint belongs to.
+_DATA_KEYS = {"lm": ("train.seed",), "t2i": ("train.seed", "t2i.data_seed", "t2i.holdout")}
 # where a mismatching parameter's shape most likely comes from: (pattern on its name, config keys)
 _WEIGHT_HINTS = (
     (re.compile(r"^net\.pos_emb\."), "data.seq_len"),
@@ -359,6 +362,13 @@ def check_compatible(cfg: Config, path: str | os.PathLike, model: torch.nn.Modul
     if _shape_keys(cfg) != _shape_keys(saved_cfg):
         keys.append("data.name")  # a language model resumed as text-to-image, or the reverse
     diff = [f"{k}: checkpoint {saved[k]!r}, now {now[k]!r}" for k in keys if saved[k] != now[k]]
+    family = "lm" if cfg.data.name in _LM else "t2i"
+    data_diff = [f"{k}: checkpoint {saved[k]!r}, now {now[k]!r}" for k in _DATA_KEYS[family] if saved[k] != now[k]]
+    if data_diff and not diff:
+        raise ConfigError(
+            f"cannot resume from {path}: the training data would differ ({'; '.join(data_diff)}); resume with the "
+            "checkpoint's values, or start a new run in another train.out_dir"
+        )
     problems = weight_mismatches(model, path) if model is not None else []
     if diff:
         detail = f"; parameters that differ: {'; '.join(problems)}" if problems else ""
