@@ -286,16 +286,6 @@ def load_checkpoint_config(path: str | os.PathLike) -> Config:
         raise ConfigError(f"{file}: not a valid config ({e})") from None
 
 
-# Config keys outside `model.*` that reach parameter shapes, per task family (read from each task's build_model):
-# they name the cause in the error; the weights' shapes are compared as well, whatever the cause.
-_LM = ("enwik8", "text", "pystdlib")
-_SHAPE_KEYS = {
-    "lm": ("data.seq_len",),  # the learned positions' max_seq_len
-    "t2i": ("t2i.image_size", "t2i.text_max_len", "t2i.palette", "t2i.enc_depth"),
-}
-# Keys that decide which data each step sees (per task family): resuming with other values would silently train the
-# rest of the run on other data, so the run would no longer be the one its checkpoint belongs to.
-_DATA_KEYS = {"lm": ("train.seed",), "t2i": ("train.seed", "t2i.data_seed", "t2i.holdout")}
 # where a mismatching parameter's shape most likely comes from: (pattern on its name, config keys)
 _WEIGHT_HINTS = (
     (re.compile(r"^net\.pos_emb\."), "data.seq_len"),
@@ -311,8 +301,14 @@ def _flat(cfg: Config) -> dict[str, object]:
     return {f"{section}.{k}": v for section, values in to_dict(cfg).items() for k, v in values.items()}
 
 
-def _shape_keys(cfg: Config) -> tuple[str, ...]:
-    return _SHAPE_KEYS["lm" if cfg.data.name in _LM else "t2i"]
+def _task_keys(cfg: Config) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The task's SHAPE_KEYS (config keys outside `model.*` that reach parameter shapes: they name the cause in the
+    error; the weights' shapes are compared as well, whatever the cause) and DATA_KEYS (keys that decide which data
+    each step sees: resuming with other values would train the rest of the run on other data)."""
+    from .tasks import task_class  # the tasks import this module
+
+    task = task_class(cfg.data.name)
+    return task.SHAPE_KEYS, task.DATA_KEYS
 
 
 def weight_mismatches(model: torch.nn.Module, path: str | os.PathLike) -> list[str]:
@@ -358,12 +354,12 @@ def check_compatible(cfg: Config, path: str | os.PathLike, model: torch.nn.Modul
     saved_cfg = load_checkpoint_config(path)
     saved, now = _flat(saved_cfg), _flat(cfg)
     keys = [k for k in now if k.startswith("model.")]
-    keys += sorted(set(_shape_keys(cfg)) | set(_shape_keys(saved_cfg)))
-    if _shape_keys(cfg) != _shape_keys(saved_cfg):
+    (shape_keys, data_keys), (saved_shape_keys, _) = _task_keys(cfg), _task_keys(saved_cfg)
+    keys += sorted(set(shape_keys) | set(saved_shape_keys))
+    if shape_keys != saved_shape_keys:
         keys.append("data.name")  # a language model resumed as text-to-image, or the reverse
     diff = [f"{k}: checkpoint {saved[k]!r}, now {now[k]!r}" for k in keys if saved[k] != now[k]]
-    family = "lm" if cfg.data.name in _LM else "t2i"
-    data_diff = [f"{k}: checkpoint {saved[k]!r}, now {now[k]!r}" for k in _DATA_KEYS[family] if saved[k] != now[k]]
+    data_diff = [f"{k}: checkpoint {saved[k]!r}, now {now[k]!r}" for k in data_keys if saved[k] != now[k]]
     if data_diff and not diff:
         raise ConfigError(
             f"cannot resume from {path}: the training data would differ ({'; '.join(data_diff)}); resume with the "

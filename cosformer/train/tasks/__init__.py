@@ -24,6 +24,9 @@ LN2 = math.log(2.0)  # nats per bit: losses are in nats, bits per byte / pixel =
 class Task(Protocol):
     """The contract between a task and the trainer."""
 
+    SHAPE_KEYS: tuple[str, ...]  # config keys beyond model.* that shape parameters (resume compares them)
+    DATA_KEYS: tuple[str, ...]  # config keys that decide which data each step sees (resume refuses a change)
+
     def __init__(self, cfg: Config): ...
 
     def build_model(self) -> torch.nn.Module:

@@ -45,6 +45,9 @@ def build_language_model(cfg: Config) -> AutoregressiveWrapper:
 class LMTask:
     """Task for data.name in {enwik8, text, pystdlib}: batches are {"x": (b, seq_len + 1) byte ids}."""
 
+    SHAPE_KEYS = ("data.seq_len",)  # config keys beyond model.* that shape parameters: the positions' max_seq_len
+    DATA_KEYS = ("train.seed",)  # config keys that decide which data each step sees (the crops' seed)
+
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self._splits = None

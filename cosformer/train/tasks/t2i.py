@@ -95,6 +95,9 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 class TextToImageTask:
     """Batches are {"text": (b, L) bytes, "text_mask": (b, L) bool, "image_tokens": (b, S*S + 1)}."""
 
+    SHAPE_KEYS = ("t2i.image_size", "t2i.text_max_len", "t2i.palette", "t2i.enc_depth")  # beyond model.*
+    DATA_KEYS = ("train.seed", "t2i.data_seed", "t2i.holdout")  # which data each step sees
+
     def __init__(self, cfg: Config):
         if cfg.data.name not in ("shapes", "hf"):
             raise ValueError(f"TextToImageTask serves data.name 'shapes' or 'hf'; got {cfg.data.name!r}")
