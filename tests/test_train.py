@@ -609,3 +609,43 @@ def test_two_process_cpu_run(corpus, tmp_path):
     state = ckpt.latest_checkpoint(out)
     assert ckpt.checkpoint_step(state) == 5
     assert {p.name for p in state.glob("random_states_*.pkl")} == {"random_states_0.pkl", "random_states_1.pkl"}
+
+
+class _ShardSpy(torch.nn.Module):
+    """Records which windows reach it and on which device; its per-item loss is the window's first byte."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen, self.devices = [], set()
+
+    def forward(self, x, reduction="mean"):
+        self.seen += x[:, 0].tolist()
+        self.devices.add(x.device)
+        return x[:, 0].float()
+
+
+class _FakeAccelerator:
+    """Process `index` of `count`, as far as the evaluation helpers look: gather is the identity."""
+
+    def __init__(self, index, count):
+        self.device, self.process_index, self.num_processes = torch.device("cpu"), index, count
+
+    def gather_for_metrics(self, x):
+        return x
+
+
+def test_full_split_loss_is_sharded_over_processes():
+    # the final evaluation once iterated a plain DataLoader: every process evaluated the whole split, on the CPU
+    from cosformer.train.tasks import full_split_loss
+
+    firsts = torch.randperm(1000)[:37]  # 37 distinct windows: the last batch is ragged
+    windows = [{"x": torch.stack([f, f, f])} for f in firsts]
+    seen = []
+    for index in range(2):
+        spy = _ShardSpy()
+        full_split_loss(spy, _FakeAccelerator(index, 2), windows, batch_size=4)
+        assert spy.devices == {torch.device("cpu")}
+        seen.append(spy.seen)
+    first = set(firsts.tolist())
+    assert set(seen[0]) | set(seen[1]) == first, "together the processes must cover the split"
+    assert len(seen[0]) < len(first) and len(seen[1]) < len(first), "each process must see only its shard"

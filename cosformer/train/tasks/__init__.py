@@ -13,7 +13,9 @@ import pathlib
 from typing import Any, Protocol, runtime_checkable
 
 import torch
+from accelerate.data_loader import prepare_data_loader
 from accelerate.utils import DistributedType
+from torch.utils.data import DataLoader, Dataset
 
 from ..config import Config
 
@@ -65,6 +67,20 @@ _REGISTRY: dict[str, tuple[str, str | None]] = {
     "shapes": ("cosformer.train.tasks.t2i", None),
     "hf": ("cosformer.train.tasks.t2i", None),
 }
+
+
+def full_split_loss(model, accelerator, dataset: Dataset, batch_size: int, num_workers: int = 0) -> float:
+    """Exact mean loss over a whole split: its loader is sharded over processes and its batches put on the model's
+    device, as `accelerator.prepare` would, but without registering it with the accelerator (a registered loader
+    would join the checkpointed state, and this one exists only for the final evaluation)."""
+    loader = prepare_data_loader(
+        DataLoader(dataset, batch_size=batch_size, num_workers=num_workers),
+        device=accelerator.device,
+        num_processes=accelerator.num_processes,
+        process_index=accelerator.process_index,
+        put_on_device=True,
+    )
+    return mean_loss(model, accelerator, loader)
 
 
 @torch.no_grad()

@@ -11,7 +11,6 @@ from __future__ import annotations
 import pathlib
 
 import torch
-from torch.utils.data import DataLoader
 
 from cosformer.transformer import Decoder
 from cosformer.wrappers import AutoregressiveWrapper, TransformerWrapper
@@ -19,7 +18,7 @@ from cosformer.wrappers import AutoregressiveWrapper, TransformerWrapper
 from ..config import Config
 from ..data import RandomCropDataset, WindowDataset, decode, load_corpus
 from ..rng import fork_rng
-from . import LN2, may_generate, mean_loss
+from . import LN2, full_split_loss, may_generate
 
 NUM_TOKENS = 256
 
@@ -103,9 +102,7 @@ class LMTask:
         """Exact mean loss over a whole split, tiled into non-overlapping windows and sharded over processes."""
         t = self.cfg.train
         windows = WindowDataset(self.splits[split], self.cfg.data.seq_len)
-        return mean_loss(
-            model, accelerator, DataLoader(windows, batch_size=2 * t.batch_size, num_workers=t.num_workers)
-        )
+        return full_split_loss(model, accelerator, windows, 2 * t.batch_size, t.num_workers)
 
     def final_evaluate(self, model, accelerator, out_dir: pathlib.Path) -> dict[str, float]:
         out = {}

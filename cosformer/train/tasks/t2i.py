@@ -42,7 +42,7 @@ from dataclasses import dataclass
 
 import torch
 from accelerate import PartialState
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import Subset
 
 from cosformer.t2i.grid import save_grid
 from cosformer.t2i.hf import load_hf_splits
@@ -62,7 +62,7 @@ from cosformer.t2i.shapes import ImageCaptionDataset, ShapesDataset
 from ..checkpoint import wait_for_everyone
 from ..config import Config
 from ..rng import fork_rng
-from . import LN2, may_generate, mean_loss
+from . import LN2, full_split_loss, may_generate
 
 log = logging.getLogger(__name__)
 
@@ -331,9 +331,7 @@ class TextToImageTask:
     def split_loss(self, model, accelerator, split: str) -> float:
         """Exact mean loss over a whole split, sharded over processes."""
         t = self.cfg.train
-        return mean_loss(
-            model, accelerator, DataLoader(self.splits[split], batch_size=2 * t.batch_size, num_workers=t.num_workers)
-        )
+        return full_split_loss(model, accelerator, self.splits[split], 2 * t.batch_size, t.num_workers)
 
     def final_evaluate(self, model, accelerator, out_dir: pathlib.Path) -> dict[str, float]:
         """test loss / bits per pixel over the whole test split, and the test_* image metrics."""
