@@ -396,6 +396,26 @@ def shared_settings(runs: list[RunLog]) -> dict:
     return {k: v for k, v in sorted(common.items()) if not k.startswith(IGNORED_KEY_PREFIXES)}
 
 
+def write_seed_summary(runs: list[RunLog], out: Path, title: str) -> dict:
+    """When variants have several seeds: `<out>/seeds.png` and a mean ± std table (cosformer.tools.seeds)."""
+    from cosformer.tools import seeds
+
+    if not seeds.has_seeds(runs):
+        return {"lines": [], "raw": {}}
+    groups = seeds.group_by_variant(runs)
+    key = seeds.metric_key(runs)
+    figure = seeds.plot_seed_bands(groups, key, out / "seeds.png", title=title)
+    header, rows, raw = seeds.summary_rows(groups, key)
+    reference = next(iter(groups))
+    compare = seeds.comparison_rows(raw, reference)
+    lines = ["## Over seeds", "", f"![mean over seeds]({figure.name})", "", seeds.markdown(header, rows), ""]
+    lines += [seeds.TABLE_NOTE, ""]
+    if compare:
+        lines += [f"Best val against {reference} (Welch's t; with 2–3 seeds a p-value is a coarse guide):", ""]
+        lines += [seeds.markdown(["variant", "against", "difference", "std. error", "t", "p"], compare), ""]
+    return {"lines": lines, "raw": raw}
+
+
 def write_report(paths: list[str | os.PathLike], out: str | os.PathLike, title: str | None = None) -> dict:
     """Write `<out>/curves.png`, `<out>/results.md`, `<out>/results.json` and, when runs saved image
     samples, `<out>/samples.png`. Returns {"runs", "curves", "table", "markdown", "json", "samples"}."""
@@ -412,6 +432,8 @@ def write_report(paths: list[str | os.PathLike], out: str | os.PathLike, title: 
     lines = [f"# {title}", "", f"![training curves]({curves.name})", "", table, ""]
     if best is not None:
         lines += [f"\\* best finished run by {column} (a diverged or unfinished run is never marked).", ""]
+    seed_summary = write_seed_summary(runs, out, title)
+    lines += seed_summary["lines"]
     if samples is not None:
         lines += ["Last samples of each run:", "", f"![samples]({samples.name})", ""]
     lines += [
@@ -428,6 +450,8 @@ def write_report(paths: list[str | os.PathLike], out: str | os.PathLike, title: 
     markdown = out / "results.md"
     markdown.write_text("\n".join(lines))
     records = [dict(zip(header, row), best=run is best, run_dir=str(run.path)) for run, row in zip(runs, rows)]
+    if seed_summary["raw"]:
+        records = {"runs": records, "seeds": seed_summary["raw"]}
     json_path = out / "results.json"
     json_path.write_text(json.dumps(records, indent=2) + "\n")
     return {"runs": runs, "curves": curves, "table": table, "markdown": markdown, "json": json_path, "samples": samples}

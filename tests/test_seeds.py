@@ -1,0 +1,94 @@
+"""Seed statistics of the report: grouping, mean ± std, best-of-run, the train–val gap and Welch's test, each
+against a direct computation on synthetic run folders with random values."""
+
+import json
+import math
+import random
+import statistics
+
+import pytest
+import yaml
+
+from cosformer.tools import seeds
+from cosformer.tools.report import find_runs, write_report
+
+
+def write_run(folder, attn, seed, val, train, final=None):
+    """A run folder: config.yaml and metrics.jsonl with train lines every 10 steps and val every 50."""
+    folder.mkdir(parents=True)
+    config = {"model": {"attn": attn, "dim": 32}, "train": {"seed": seed, "out_dir": str(folder)}}
+    (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    lines = []
+    for i, v in enumerate(val):
+        step = 50 * (i + 1)
+        lines += [{"step": s, "loss": train[i], "lr": 1e-3} for s in range(step - 40, step + 1, 10)]
+        lines.append({"step": step, "val_loss": v, "val_bpc": v / math.log(2)})
+    if final is not None:
+        lines.append({"final": True, **final})
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+
+
+@pytest.fixture
+def sweep(tmp_path):
+    rng = random.Random()
+    truth = {}
+    for attn in ("cosine", "regular"):
+        for seed in range(3):
+            val = [rng.uniform(1.0, 2.0) for _ in range(6)]
+            train = [rng.uniform(0.5, 1.0) for _ in range(6)]
+            write_run(tmp_path / f"{attn}-{seed}", attn, seed, val, train)
+            truth[(attn, seed)] = (val, train)
+    return tmp_path, truth
+
+
+def test_seed_table_matches_direct_computation(sweep):
+    root, truth = sweep
+    runs = find_runs([root])
+    groups = seeds.group_by_variant(runs)
+    assert sorted(groups) == ["cosine", "regular"], "runs differing only in the seed are one variant"
+    header, rows, raw = seeds.summary_rows(groups, "val_bpc")
+    for attn in ("cosine", "regular"):
+        values = raw[attn]
+        by_seed = {s: truth[(attn, s)] for s in range(3)}
+        expected_best = [min(by_seed[s][0]) / math.log(2) for s in values["seeds"]]
+        expected_final = [by_seed[s][0][-1] / math.log(2) for s in values["seeds"]]
+        # the last eval's val minus the mean train loss logged since the eval before (steps 260..300)
+        expected_gap = [(by_seed[s][0][-1] - by_seed[s][1][-1]) / math.log(2) for s in values["seeds"]]
+        assert values["best"] == pytest.approx(expected_best)
+        assert values["final"] == pytest.approx(expected_final)
+        assert values["gap"] == pytest.approx(expected_gap)
+        row = next(r for r in rows if r[0] == attn)
+        mean, std = statistics.fmean(expected_best), statistics.stdev(expected_best)
+        assert row[header.index("best val bpc")] == f"{mean:.4f} ± {std:.4f}"
+
+
+def test_best_is_the_trainers_record_when_finished_and_never_nan(tmp_path):
+    write_run(tmp_path / "a", "cosine", 0, [1.5, 1.2, 1.4], [1.0] * 3, final={"best_val_bpc": 9.0, "best_step": 7})
+    write_run(tmp_path / "b", "cosine", 1, [1.5, float("nan"), 1.4], [1.0] * 3)
+    runs = {r.path.name: r for r in find_runs([tmp_path])}
+    assert seeds.best_value(runs["a"], "val_bpc") == (9.0, 7)
+    assert seeds.best_value(runs["b"], "val_bpc") == (pytest.approx(1.4 / math.log(2)), 150)
+
+
+def test_welch_against_direct_formula():
+    rng = random.Random()
+    a = [rng.gauss(1.0, 0.1) for _ in range(3)]
+    b = [rng.gauss(1.2, 0.2) for _ in range(4)]
+    diff, se, t, p = seeds.welch(a, b)
+    va, vb = statistics.variance(a) / 3, statistics.variance(b) / 4
+    assert diff == pytest.approx(statistics.fmean(a) - statistics.fmean(b))
+    assert se == pytest.approx(math.sqrt(va + vb))
+    assert t == pytest.approx(diff / math.sqrt(va + vb))
+    # two-sided tail of Student's t at known points: df=2, t=4.303 -> 0.05; df=10, t=2.228 -> 0.05
+    assert seeds._t_sf_two_sided(4.303, 2) == pytest.approx(0.05, abs=2e-4)
+    assert seeds._t_sf_two_sided(2.228, 10) == pytest.approx(0.05, abs=2e-4)
+    assert 0.0 <= p <= 1.0
+
+
+def test_report_writes_the_seed_section(sweep):
+    root, _ = sweep
+    out = root / "report"
+    write_report([root], out)
+    text = (out / "results.md").read_text()
+    assert "## Over seeds" in text and (out / "seeds.png").exists()
+    assert set(json.loads((out / "results.json").read_text())["seeds"]) == {"cosine", "regular"}
