@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from cosformer.train.config import load_config
+
 from cosformer.tools.report import load_metrics
 from cosformer.tools.sweep import (
     RUNNER_KEYS,
@@ -39,7 +41,14 @@ SWEEP_FILES = sorted(SWEEP_DIR.glob("*.yaml"))
 
 # file -> (base config, {swept key: values in file order}, constants every run must carry)
 EXPECTED = {
-    "lm_attn_norm": ("configs/default.yaml", {"model.attn": ["cosine", "regular"], "model.pre_norm": [False, True]}),
+    "lm_main": (
+        "configs/lm/char_small.yaml",
+        {"model.attn": ["cosine", "regular"], "model.pre_norm": [False, True], "train.seed": [0, 1, 2]},
+    ),
+    "lm_data_limited": (
+        "configs/lm/char_small.yaml",
+        {"model.attn": ["cosine", "regular"], "model.pre_norm": [False, True], "train.seed": [0, 1]},
+    ),
     "lm_scale": ("configs/default.yaml", {"model.scale": [5, 10, 20]}),
     "lm_groups": ("configs/default.yaml", {"model.groups": [1, 4, 8]}),
     "t2i_attn_norm": (
@@ -99,8 +108,12 @@ def test_sweep_expands_to_expected_runs(name, tmp_path):
     assert [{k: r.params[k] for k in swept} for r in runs] == expected_points
     assert swept_keys(sweep) == list(swept)
     assert len({r.name for r in runs}) == len(runs)
-    # equal budgets: every run shares steps and seed; cosine-only knobs are swept on cosine attention
-    assert len({(r.params["train.max_steps"], r.params["train.seed"]) for r in runs}) == 1
+    # equal budgets: every run resolves to the same steps, and to the same seed unless seeds are swept; cosine-only
+    # knobs are swept on cosine attention
+    resolved = [load_config([base], build_command(sweep, run_params(sweep, r, tmp_path / r.name))[5:]) for r in runs]
+    assert len({c.train.max_steps for c in resolved}) == 1
+    if "train.seed" not in swept:
+        assert len({c.train.seed for c in resolved}) == 1
     if "model.attn" not in swept:
         assert all(r.params["model.attn"] == "cosine" for r in runs)
     for run in runs:
@@ -131,7 +144,7 @@ def test_sweep_runs_resolve_in_trainer_config(path, tmp_path):
 
 
 def test_lm_and_t2i_cover_all_four_attention_norm_variants():
-    for name in ("lm_attn_norm", "t2i_attn_norm"):
+    for name in ("lm_main", "lm_data_limited", "t2i_attn_norm"):
         runs = expand_sweep(load_sweep(SWEEP_DIR / f"{name}.yaml"))
         combos = {(r.params["model.attn"], r.params["model.pre_norm"]) for r in runs}
         assert combos == {("cosine", False), ("cosine", True), ("regular", False), ("regular", True)}

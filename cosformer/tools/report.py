@@ -416,7 +416,9 @@ def write_seed_summary(runs: list[RunLog], out: Path, title: str) -> dict:
     return {"lines": lines, "raw": raw}
 
 
-def write_report(paths: list[str | os.PathLike], out: str | os.PathLike, title: str | None = None) -> dict:
+def write_report(
+    paths: list[str | os.PathLike], out: str | os.PathLike, title: str | None = None, notes: str | None = None
+) -> dict:
     """Write `<out>/curves.png`, `<out>/results.md`, `<out>/results.json` and, when runs saved image
     samples, `<out>/samples.png`. Returns {"runs", "curves", "table", "markdown", "json", "samples"}."""
     out = Path(out)
@@ -429,11 +431,12 @@ def write_report(paths: list[str | os.PathLike], out: str | os.PathLike, title: 
     shared = shared_settings(runs)
     header, rows = result_rows(runs)
     best, column = best_run(runs), rank_column(header)
-    lines = [f"# {title}", "", f"![training curves]({curves.name})", "", table, ""]
-    if best is not None:
-        lines += [f"\\* best finished run by {column} (a diverged or unfinished run is never marked).", ""]
+    lines = [f"# {title}", ""] + ([notes.strip(), ""] if notes else [])
     seed_summary = write_seed_summary(runs, out, title)
     lines += seed_summary["lines"]
+    lines += ["## Runs", "", f"![training curves]({curves.name})", "", table, ""]
+    if best is not None:
+        lines += [f"\\* best finished run by {column} (a diverged or unfinished run is never marked).", ""]
     if samples is not None:
         lines += ["Last samples of each run:", "", f"![samples]({samples.name})", ""]
     lines += [
@@ -462,7 +465,7 @@ def write_report(paths: list[str | os.PathLike], out: str | os.PathLike, title: 
 
 _USAGE = """Turn runs' local logs into a results page: curves per variant, a markdown table, a sample grid (images).
 
-    python scripts/report.py runs/sweeps/lm_attn_norm --out docs/results/lm_attn_norm
+    python scripts/report.py runs/sweeps/lm_main --out docs/results/lm_main
     python scripts/report.py runs/a runs/b --out docs/results/a_vs_b --title "cosine vs regular"
 
 Each OUT_DIR is a run directory (metrics.jsonl + config.yaml) or any folder above some, such as a sweep root.
@@ -474,11 +477,13 @@ def main(argv=None) -> int:
     parser.add_argument("out_dirs", nargs="+", metavar="OUT_DIR", help="run directories or sweep roots")
     parser.add_argument("--out", default=None, help="report folder (default docs/results/<name of the first OUT_DIR>)")
     parser.add_argument("--title", default=None, help="title of the page and figures (default: the folder's name)")
+    parser.add_argument("--notes", default=None, help="a markdown file placed under the title (the conclusions)")
     args = parser.parse_args(argv)
 
     out = Path(args.out) if args.out else Path("docs/results") / Path(args.out_dirs[0]).resolve().name
     try:
-        report = write_report(args.out_dirs, out, title=args.title)
+        notes = Path(args.notes).read_text() if args.notes else None
+        report = write_report(args.out_dirs, out, title=args.title, notes=notes)
     except (FileNotFoundError, ValueError) as e:
         parser.error(str(e))
     print(report["table"])

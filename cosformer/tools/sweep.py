@@ -2,7 +2,7 @@
 
 A sweep file is wandb's format (https://docs.wandb.ai/guides/sweeps/define-sweep-configuration):
 
-    name: lm_attn_norm
+    name: lm_main
     program: scripts/train.py
     method: grid                       # grid | random
     metric: {name: val_bpc, goal: minimize}
@@ -528,12 +528,12 @@ def unknown_parameters(sweep: Sweep, known: set[str]) -> list[str]:
 
 _USAGE = """Run a wandb sweep file locally: every grid point (or a seeded random sample), sequentially or one per GPU.
 
-    python scripts/sweep.py configs/sweeps/lm_attn_norm.yaml --dry-run
-    python scripts/sweep.py configs/sweeps/lm_attn_norm.yaml --gpus 0,1,2,3 train.max_steps=50
+    python scripts/sweep.py configs/sweeps/lm_main.yaml --dry-run
+    python scripts/sweep.py configs/sweeps/lm_main.yaml --gpus 0,1,2,3 train.max_steps=50
 
-The same file runs online with `wandb sweep configs/sweeps/lm_attn_norm.yaml` + `wandb agent <id>`.
+The same file runs online with `wandb sweep configs/sweeps/lm_main.yaml` + `wandb agent <id>`.
 Runs land in <out-root>/<sweep name>/<run name>; finished runs are skipped, so rerunning resumes the sweep.
-Then: python scripts/report.py runs/sweeps/lm_attn_norm --out docs/results/lm_attn_norm
+Then: python scripts/report.py runs/sweeps/lm_main --out docs/results/lm_main
 """
 
 
