@@ -14,8 +14,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cosformer.train.config import load_config
-
 from cosformer.tools.report import load_metrics
 from cosformer.tools.sweep import (
     RUNNER_KEYS,
@@ -34,6 +32,7 @@ from cosformer.tools.sweep import (
     swept_keys,
     unknown_parameters,
 )
+from cosformer.train.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEP_DIR = ROOT / "configs" / "sweeps"

@@ -32,8 +32,16 @@ COMMON = ["model.dim=32", "model.depth=2", "model.heads=2", "model.dim_head=16",
 
 TASKS = {
     "lm": ["data.name=pystdlib", "data.max_bytes=200000", "data.seq_len=64", "train.sample_length=16"],
-    "t2i": ["data.name=shapes", "t2i.image_size=8", "t2i.palette=5", "t2i.num_train=96", "t2i.num_val=16",
-            "t2i.num_test=12", "t2i.fid_samples=8", "t2i.enc_depth=1"],  # fmt: skip
+    "t2i": [
+        "data.name=shapes",
+        "t2i.image_size=8",
+        "t2i.palette=5",
+        "t2i.num_train=96",
+        "t2i.num_val=16",
+        "t2i.num_test=12",
+        "t2i.fid_samples=8",
+        "t2i.enc_depth=1",
+    ],  # fmt: skip
 }
 
 

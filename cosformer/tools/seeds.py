@@ -132,7 +132,7 @@ def welch(a: list[float], b: list[float]) -> tuple[float, float, float, float]:
 def summary_rows(groups: dict[str, list[RunLog]], key: str) -> tuple[list[str], list[list[str]], dict]:
     """The seed table: one row per variant. Also returns the raw per-seed values behind it (for JSON and tests)."""
     unit = key.removeprefix("val_")
-    header = ["variant", "seeds", f"best val {unit}", "best step", f"final val {unit}", f"val − train at the end"]
+    header = ["variant", "seeds", f"best val {unit}", "best step", f"final val {unit}", "val − train at the end"]
     full = any(_is_number(r.final.get(f"test_{unit}")) for runs in groups.values() for r in runs)
     if full:
         header += [f"full-split val {unit}", f"test {unit}"]
