@@ -659,24 +659,18 @@ def test_fsdp_compiles_each_block_in_place_and_refuses_what_it_cannot(corpus, tm
             compile_for_training(build_task(tiny(corpus, tmp_path)).build_model(), _fsdp_accelerator(version, names))
 
 
-@pytest.mark.parametrize("data", ["text", "shapes"])
-def test_every_task_model_traces_whole(corpus, tmp_path, data, torch_attention_path, one_thread):
-    """What train.compile compiles must trace as one graph, training loss and evaluation's per-item losses alike
-    (dynamo only, backend "eager": no code generation, so it runs anywhere and fast)."""
-    if data == "text":
-        cfg = tiny(corpus, tmp_path)
-    else:
-        cfg = load_config([], ["data.name=shapes", "t2i.image_size=8", "t2i.num_train=8", "t2i.num_val=8",
-                               "t2i.num_test=8", "t2i.enc_depth=1", "model.dim=32", "model.depth=1",
-                               "model.heads=2", "model.dim_head=16", "train.batch_size=2"])  # fmt: skip
+def test_text_to_image_model_traces_whole(torch_attention_path, one_thread):
+    """What train.compile compiles for the text-to-image task must trace as one graph (dynamo only, backend "eager":
+    no code generation, so it runs anywhere; the language model is compiled for real below)."""
+    cfg = load_config([], ["data.name=shapes", "t2i.image_size=8", "t2i.num_train=8", "t2i.num_val=8",
+                           "t2i.num_test=8", "t2i.enc_depth=1", "model.dim=32", "model.depth=1", "model.heads=2",
+                           "model.dim_head=16", "train.batch_size=2"])  # fmt: skip
     task = build_task(cfg)
     model = task.build_model()
     batch = next(iter(torch.utils.data.DataLoader(task.datasets()["train"], batch_size=2)))
     torch._dynamo.reset()
     compiled = torch.compile(model, fullgraph=True, backend="eager")
     torch.testing.assert_close(compiled(**batch), model(**batch))
-    with torch.no_grad():
-        torch.testing.assert_close(compiled(**batch, reduction="none"), model(**batch, reduction="none"))
 
 
 def _weight_names(checkpoint):
