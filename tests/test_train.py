@@ -680,6 +680,7 @@ def _weight_names(checkpoint):
         return sorted(f.keys())
 
 
+@pytest.mark.slow  # one cold Inductor compile on CPU (training and evaluation graphs): 20 s warm, 60-120 s cold here
 @pytest.mark.skipif(not HAS_CXX, reason="Inductor on CPU needs a C++ compiler (g++ or $CXX); none is installed")
 def test_compiled_run_matches_eager_and_resumes_either_way(corpus, tmp_path, clean_accelerate, capsys):
     """train.compile=true on CPU: the same losses as eager (to rounding), the same checkpoint keys, and a checkpoint
