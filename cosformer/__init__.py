@@ -8,7 +8,7 @@ weights into the equivalent cosformer model.
 
 from cosattn import cosine_sim_attention, l2norm_tensors
 
-from .compiling import compile_model
+from .compiling import compile_in_place, compile_kwargs, compile_model
 from .continuous import ContinuousTransformerWrapper
 from .convert import from_x_transformers
 from .transformer import CrossAttender, Decoder, Encoder, KVCache, LayerIntermediates, Transformer
@@ -30,6 +30,8 @@ __all__ = [
     "AutoregressiveWrapper",
     "XTransformer",
     "compile_model",
+    "compile_in_place",
+    "compile_kwargs",
     "from_x_transformers",
     "__version__",
 ]

@@ -1,5 +1,5 @@
-"""`compile_model`: `torch.compile(model, fullgraph=True)` with the one Inductor setting that keeps a second sequence
-length from crashing.
+"""`compile_model` and `compile_in_place`: `torch.compile(..., fullgraph=True)` with the one Inductor setting that
+keeps a second sequence length from crashing. `compile_kwargs` is the one place that setting lives.
 
 With dynamic shapes (what dynamo switches to when a compiled model meets a second input size), Inductor's
 memory-coalescing analysis for Triton tiling (`triton.coalesce_tiling_analysis`, on by default) fails an assertion
@@ -20,13 +20,30 @@ from torch import nn
 INDUCTOR_OPTIONS = {"triton.coalesce_tiling_analysis": False}
 
 
-def compile_model(model: nn.Module, *, dynamic: bool | None = None, mode: str | None = None) -> nn.Module:
-    """`torch.compile(model, fullgraph=True, dynamic=dynamic, mode=mode)` plus `INDUCTOR_OPTIONS`.
+def compile_kwargs(*, dynamic: bool | None = None, mode: str | None = None) -> dict:
+    """The keyword arguments of `torch.compile` that `compile_model` and `compile_in_place` pass: fullgraph=True, and
+    `mode`'s Inductor options plus `INDUCTOR_OPTIONS` (torch.compile takes either a mode or options, not both, so a
+    mode is passed as its option set).
 
     dynamic: None (default) compiles for the first shapes seen and switches to dynamic shapes on the next ones;
     False recompiles for every new shape (up to dynamo's cache limit). mode: "default", "reduce-overhead" (CUDA
-    graphs) or "max-autotune", as in torch.compile (a mode is passed as its option set, since torch.compile takes
-    either a mode or options, not both)."""
+    graphs) or "max-autotune", as in torch.compile."""
     options = dict(torch._inductor.list_mode_options(mode or "default"))
     options.update(INDUCTOR_OPTIONS)
-    return torch.compile(model, fullgraph=True, dynamic=dynamic, options=options)
+    return dict(fullgraph=True, dynamic=dynamic, options=options)
+
+
+def compile_model(model: nn.Module, *, dynamic: bool | None = None, mode: str | None = None) -> nn.Module:
+    """`torch.compile(model, **compile_kwargs(dynamic=dynamic, mode=mode))`: a new module (an `OptimizedModule`
+    whose state_dict keys carry an `_orig_mod.` prefix); `model` itself stays uncompiled."""
+    return torch.compile(model, **compile_kwargs(dynamic=dynamic, mode=mode))
+
+
+def compile_in_place(module: nn.Module, *, dynamic: bool | None = None, mode: str | None = None) -> nn.Module:
+    """`module.compile(**compile_kwargs(dynamic=dynamic, mode=mode))`: calling `module` runs the compiled code from
+    now on, while its class, its submodules and its state_dict keys stay as they were (checkpoints written with and
+    without compilation are interchangeable, and wrappers applied later, DDP or FSDP, see the same module). Only
+    `module.__call__` is compiled: its other methods, and direct calls of its submodules, run eagerly. Returns
+    `module`."""
+    module.compile(**compile_kwargs(dynamic=dynamic, mode=mode))
+    return module

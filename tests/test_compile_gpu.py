@@ -85,3 +85,85 @@ def test_encoder_decoder_compiles_across_lengths(attn):
                 return mod(src, tgt, mask=src_mask)
 
         _check_against_eager(model, compiled, run)
+
+
+# ---------------------------------------------------------------------------------------------- trainer and bench
+
+
+@pytest.fixture
+def fresh_accelerate():
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def test_trainer_compiled_on_cuda_matches_eager_and_resumes_either_way(tmp_path, fresh_accelerate, capsys):
+    """train.compile on a CUDA device (auto turns it on there): losses as the eager run's within fp32 rounding (TF32
+    off by default), generation stays out of the compiled code, and checkpoints resume across compile on/off."""
+    import random
+
+    from torch._dynamo.utils import counters
+
+    from cosformer.train import checkpoint as ckpt
+    from cosformer.train.config import load_config
+    from cosformer.train.tracking import MetricsLog
+    from cosformer.train.trainer import run
+
+    rng = random.Random(0)
+    words = "the quick brown fox jumps over a lazy dog and cat sat".split()
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(" ".join(rng.choice(words) for _ in range(6)) + ".\n" for _ in range(2500)))
+
+    def cfg(out, *extra):
+        return load_config([], ["data.name=text", f"data.path={corpus}", "data.seq_len=64", "model.dim=64",
+                                "model.depth=2", "model.heads=2", "model.dim_head=32", "train.batch_size=8",
+                                "train.max_steps=6", "train.checkpoint_every=3", "train.eval_every=0",
+                                "train.eval_batches=2", "train.log_every=1", "train.sample_length=16",
+                                "train.final_eval=true", "train.mixed_precision=no", f"train.out_dir={out}",
+                                *extra])  # fmt: skip
+
+    def losses(out):
+        return {r["step"]: r["loss"] for r in MetricsLog(out / "metrics.jsonl").records() if "loss" in r}
+
+    torch._dynamo.reset()
+    counters.clear()
+    run(cfg(tmp_path / "eager", "train.compile=false"))
+    run(cfg(tmp_path / "compiled"))  # auto: on, on a CUDA device
+    assert "compile: on (inductor)" in capsys.readouterr().out
+    # training, evaluation, the final full-split batches (another batch size: dynamic shapes): never generation
+    assert counters["stats"]["unique_graphs"] <= 4, dict(counters["stats"])
+    eager, compiled = losses(tmp_path / "eager"), losses(tmp_path / "compiled")
+    assert compiled.keys() == eager.keys() == set(range(1, 7))
+    assert all(compiled[s] == pytest.approx(eager[s], rel=2e-3) for s in eager), (compiled, eager)
+    for kind, other in (("eager", "true"), ("compiled", "false")):
+        resumed = tmp_path / f"from_{kind}"
+        run(cfg(resumed, f"train.resume={ckpt.checkpoint_dir(tmp_path / kind, 3)}", f"train.compile={other}"))
+        got = losses(resumed)
+        assert got.keys() == {4, 5, 6} and all(got[s] == pytest.approx(eager[s], rel=2e-3) for s in got), got
+
+
+def test_bench_model_compiled_rows_on_a_tiny_config(tmp_path, capsys):
+    """Eager, compiled and CUDA-graph rows for every variant in one process; normalize-sdpa computes the cosine
+    model's function (fp32: the same loss after the same steps)."""
+    import json
+
+    from cosformer.tools import bench_model
+
+    out = tmp_path / "bm.json"
+    argv = ["--tiny", "--out", str(out), "--modes", "eager", "default", "reduce-overhead", "--seqs", "64", "128",
+            "--steps", "3", "--warmup", "2", "--no-autocast"]  # fmt: skip
+    assert bench_model.main(argv) == 0
+    data = json.loads(out.read_text())
+    assert data["meta"]["device"] == torch.cuda.get_device_name()
+    rows = data["results"]
+    assert len(rows) == 3 * 2 * 3 and all(r["tokens_per_s"] > 0 and r["peak_mib"] > 0 for r in rows), rows
+    by = {(r["mode"], r["seq"], r["attn"]): r for r in rows}
+    for mode in ("eager", "default", "reduce-overhead"):
+        for seq in (64, 128):
+            cosine, peer = by[mode, seq, "cosine"]["final_loss"], by[mode, seq, "normalize-sdpa"]["final_loss"]
+            assert peer == pytest.approx(cosine, rel=1e-3), (mode, seq)
+    assert "vs regular" in capsys.readouterr().out

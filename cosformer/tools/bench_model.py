@@ -1,32 +1,51 @@
-"""Training-step throughput of the model zoo: cosine vs regular attention, same model otherwise.
+"""Training-step throughput of the model zoo, eager and compiled side by side: cosine vs regular attention, same
+model otherwise.
 
 A 12-layer, 512-dim, 8-head decoder (dim_head 64, vocab 256, post-LN defaults) is trained on random tokens with a
 fixed token budget per step (16k), so seq 1024 runs batch 16 and seq 8192 runs batch 2. One step is forward +
 backward under bf16 autocast + an AdamW step (fused on CUDA; `--no-optimizer` leaves it out). After warm-up steps
-(which also absorb Triton autotuning), each step is timed with CUDA events and the median is reported, with the
-peak allocated memory of the case.
+(which also absorb compilation and Triton autotuning), each step is timed with CUDA events (wall clock on CPU) and
+the median is reported, with the peak allocated memory of the case.
 
-    python scripts/bench_model.py --out runs/bench_model.json             # GPU, < 3 minutes on an H100
-    python scripts/bench_model.py --device cpu --tiny --out /tmp/bm.json  # smoke test
+Attention variants (`--attn`): cosine (the op), regular (SDPA with the usual 1/sqrt(d) scale, no normalisation) and
+normalize-sdpa: the cosine model with the op replaced by `F.scaled_dot_product_attention(F.normalize(q),
+F.normalize(k), v, scale=10)`, the same function through the regular kernels (for this benchmark only: the op's
+name in `cosformer.attention` is patched for that case and restored after it). Modes (`--modes`): eager, and
+`cosformer.compile_model` with torch.compile's default mode, reduce-overhead (CUDA graphs; CUDA only, skipped with
+a note on CPU) or max-autotune. Every case builds a fresh model and resets dynamo first, so each length is compiled
+for its own shapes (`--dynamic`) and no case reuses another's graphs. The table, printed last, gives each row's
+tokens/s relative to regular attention in the same mode.
+
+    python scripts/bench_model.py --out runs/bench_model.json                 # GPU: eager and compiled rows
+    python scripts/bench_model.py --out m.json --modes eager default reduce-overhead
+    python scripts/bench_model.py --device cpu --tiny --out /tmp/bm.json      # smoke test
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import statistics
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
+import torch.nn.functional as F
 import triton
 
+import cosformer.attention
 from cosformer import AutoregressiveWrapper, Decoder, TransformerWrapper, compile_model
 
 FULL = dict(depth=12, dim=512, heads=8, dim_head=64, seqs=(1024, 8192), tokens_per_step=16384, steps=20, warmup=5)
 TINY = dict(depth=2, dim=64, heads=2, dim_head=32, seqs=(64, 128), tokens_per_step=256, steps=3, warmup=1)
 VOCAB = 256
+ATTNS = ("cosine", "regular", "normalize-sdpa")
+MODES = ("eager", "default", "reduce-overhead", "max-autotune")
+CUDA_ONLY_MODES = {"reduce-overhead": "CUDA graphs need a CUDA device"}
+MIN_WARMUP = {"reduce-overhead": 3}  # CUDA graph trees: a warm-up run, a recording, then replays
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -34,44 +53,77 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, required=True, help="where to write the JSON results")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--tiny", action="store_true", help="a tiny model and short sequences (CPU smoke test)")
-    p.add_argument("--attn", nargs="+", default=["cosine", "regular"], choices=["cosine", "regular"])
+    p.add_argument("--attn", nargs="+", default=list(ATTNS), choices=ATTNS, help="attention variants (all three)")
+    p.add_argument(
+        "--modes",
+        nargs="+",
+        default=["eager", "default"],
+        choices=MODES,
+        help="eager and/or torch.compile modes, each a row per variant and length (default: eager default)",
+    )
     p.add_argument("--seqs", nargs="+", type=int, help="sequence lengths (default 1024 8192; tiny: 64 128)")
     p.add_argument("--tokens-per-step", type=int, help="batch = tokens_per_step // seq (default 16384)")
     p.add_argument("--steps", type=int, help="timed steps (default 20)")
     p.add_argument("--warmup", type=int, help="untimed steps first (default 5)")
     p.add_argument("--no-optimizer", action="store_true", help="time forward + backward only")
     p.add_argument("--no-autocast", action="store_true", help="run in float32 instead of bf16 autocast")
-    p.add_argument("--compile", action="store_true", help="cosformer.compile_model (torch.compile, fullgraph)")
     p.add_argument(
         "--dynamic",
         choices=["auto", "true", "false"],
         default="auto",
-        help="with --compile: dynamic shapes (auto: on a new shape)",
+        help="compiled rows: dynamic shapes (auto: static for the case's one shape)",
     )
-    p.add_argument("--mode", default=None, help="with --compile: torch.compile mode, e.g. reduce-overhead")
     return p.parse_args(argv)
 
 
+def normalize_sdpa(q, k, v, *, mask=None, attn_bias=None, causal=False, scale=10.0, l2norm_qk=True, groups=1,
+                   alibi_slopes=None, attn_bias_batch_dim=False):  # fmt: skip
+    """The op's function through the regular kernels: SDPA on F.normalize'd q and k with a fixed scale. Only what
+    this benchmark's model uses (no mask, bias, ALiBi or l2norm groups; causal with as many queries as keys)."""
+    if mask is not None or attn_bias is not None or alibi_slopes is not None or groups != 1:
+        raise ValueError("normalize_sdpa: mask, attn_bias, alibi_slopes and groups > 1 are not part of the benchmark")
+    if causal and q.shape[-2] != k.shape[-2]:
+        raise ValueError(
+            f"normalize_sdpa: causal needs q_len == k_len (SDPA aligns top-left), got {q.shape}, {k.shape}"
+        )
+    if l2norm_qk:
+        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+
+
 def build_model(attn: str, seq: int, cfg: dict) -> AutoregressiveWrapper:
-    layers = Decoder(dim=cfg["dim"], depth=cfg["depth"], heads=cfg["heads"], dim_head=cfg["dim_head"], attn=attn)
+    """normalize-sdpa builds the cosine model; `run_case` swaps its attention function."""
+    kind = "cosine" if attn == "normalize-sdpa" else attn
+    layers = Decoder(dim=cfg["dim"], depth=cfg["depth"], heads=cfg["heads"], dim_head=cfg["dim_head"], attn=kind)
     return AutoregressiveWrapper(TransformerWrapper(num_tokens=VOCAB, max_seq_len=seq, attn_layers=layers))
 
 
-def run_case(attn: str, seq: int, cfg: dict, args: argparse.Namespace) -> dict:
+def run_case(attn: str, mode: str, seq: int, cfg: dict, args: argparse.Namespace) -> dict:
+    swap = mock.patch.object(cosformer.attention, "cosine_sim_attention", normalize_sdpa)
+    with swap if attn == "normalize-sdpa" else contextlib.nullcontext():
+        return _run_case(attn, mode, seq, cfg, args)
+
+
+def _run_case(attn: str, mode: str, seq: int, cfg: dict, args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     torch.manual_seed(0)
+    torch._dynamo.reset()  # no graphs, guards or cache-limit counts carried over from the previous case
     batch = max(1, cfg["tokens_per_step"] // seq)
     model = build_model(attn, seq, cfg).to(device)
     params = sum(p.numel() for p in model.parameters())
     opt = None if args.no_optimizer else torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda)
     forward = model
-    if args.compile:
+    if mode != "eager":
         dynamic = {"auto": None, "true": True, "false": False}[args.dynamic]
-        forward = compile_model(model, dynamic=dynamic, mode=args.mode)
+        forward = compile_model(model, dynamic=dynamic, mode=mode)
+    graphs = mode == "reduce-overhead"
     x = torch.randint(0, VOCAB, (batch, seq + 1), device=device)  # the wrapper predicts x[:, 1:] from x[:, :-1]
 
     def step() -> torch.Tensor:
+        if graphs:
+            # a new iteration: the previous step's graph outputs (its loss) may be overwritten from here on
+            torch.compiler.cudagraph_mark_step_begin()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=not args.no_autocast):
             loss = forward(x)
         loss.backward()
@@ -80,12 +132,12 @@ def run_case(attn: str, seq: int, cfg: dict, args: argparse.Namespace) -> dict:
             opt.zero_grad(set_to_none=True)
         else:
             model.zero_grad(set_to_none=True)
-        return loss
+        return loss.detach().clone() if graphs else loss
 
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    for _ in range(cfg["warmup"]):
+    for _ in range(max(cfg["warmup"], MIN_WARMUP.get(mode, 0))):
         step()
     times_ms = []
     for _ in range(cfg["steps"]):
@@ -104,6 +156,7 @@ def run_case(attn: str, seq: int, cfg: dict, args: argparse.Namespace) -> dict:
     peak_mib = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None
     return dict(
         attn=attn,
+        mode=mode,
         seq=seq,
         batch=batch,
         params=params,
@@ -113,6 +166,23 @@ def run_case(attn: str, seq: int, cfg: dict, args: argparse.Namespace) -> dict:
         peak_mib=peak_mib,
         final_loss=loss.item(),
     )
+
+
+def print_table(meta: dict, results: list[dict], step_desc: str) -> None:
+    """One row per (mode, length, variant); `vs regular`: tokens/s over regular attention's in the same mode."""
+    print(f"{meta['device']} | torch {meta['torch']} | triton {meta['triton']} | {meta['precision']} | {step_desc}")
+    header = f"{'mode':<16} {'attn':<15} {'seq':>6} {'batch':>5} {'step ms':>9} {'tokens/s':>12} {'vs regular':>10}"
+    print(header + f" {'peak MiB':>9}")
+    regular = {(r["mode"], r["seq"]): r for r in results if r["attn"] == "regular" and "tokens_per_s" in r}
+    for r in results:
+        lead = f"{r['mode']:<16} {r['attn']:<15} {r['seq']:>6}"
+        if "tokens_per_s" not in r:
+            print(f"{lead} {r.get('error') or 'skipped: ' + r['skipped']}")
+            continue
+        ref = regular.get((r["mode"], r["seq"]))
+        ratio = f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}x" if ref else "n/a"
+        peak = f"{r['peak_mib']:.0f}" if r["peak_mib"] is not None else "n/a"
+        print(f"{lead} {r['batch']:>5} {r['step_ms']:>9.2f} {r['tokens_per_s']:>12,.0f} {ratio:>10} {peak:>9}")
 
 
 def main(argv=None) -> int:
@@ -125,14 +195,18 @@ def main(argv=None) -> int:
         raise SystemExit("--device cuda requested but no CUDA GPU is visible; use --device cpu --tiny")
 
     results = []
-    for seq in cfg["seqs"]:
-        for attn in args.attn:
-            try:
-                results.append(run_case(attn, seq, cfg, args))
-            except torch.OutOfMemoryError:
-                results.append(dict(attn=attn, seq=seq, error="out of memory"))
-            if args.device == "cuda":
-                torch.cuda.empty_cache()
+    for mode in args.modes:
+        for seq in cfg["seqs"]:
+            for attn in args.attn:
+                if args.device != "cuda" and mode in CUDA_ONLY_MODES:
+                    results.append(dict(attn=attn, mode=mode, seq=seq, skipped=CUDA_ONLY_MODES[mode]))
+                    continue
+                try:
+                    results.append(run_case(attn, mode, seq, cfg, args))
+                except torch.OutOfMemoryError:
+                    results.append(dict(attn=attn, mode=mode, seq=seq, error="out of memory"))
+                if args.device == "cuda":
+                    torch.cuda.empty_cache()
 
     meta = dict(
         device=torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu",
@@ -140,7 +214,9 @@ def main(argv=None) -> int:
         triton=triton.__version__,
         optimizer_step="none" if args.no_optimizer else "AdamW",
         precision="fp32" if args.no_autocast else "bf16 autocast",
-        compile=args.compile,
+        modes=args.modes,
+        dynamic=args.dynamic,
+        timing="median of per-step CUDA event times" if args.device == "cuda" else "median of wall-clock step times",
         model=dict(depth=cfg["depth"], dim=cfg["dim"], heads=cfg["heads"], dim_head=cfg["dim_head"], vocab=VOCAB),
         tokens_per_step=cfg["tokens_per_step"],
         steps=cfg["steps"],
@@ -148,22 +224,6 @@ def main(argv=None) -> int:
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(dict(meta=meta, results=results), indent=2))
-
-    step_desc = "fwd+bwd" + ("" if args.no_optimizer else "+AdamW")
-    print(f"{meta['device']} | torch {meta['torch']} | triton {meta['triton']} | {meta['precision']} | {step_desc}")
-    print(f"{'attn':<8} {'seq':>6} {'batch':>5} {'step ms':>9} {'tokens/s':>12} {'peak MiB':>9}")
-    for r in results:
-        if "error" in r:
-            print(f"{r['attn']:<8} {r['seq']:>6} {r['error']}")
-            continue
-        peak = f"{r['peak_mib']:.0f}" if r["peak_mib"] is not None else "n/a"
-        print(
-            f"{r['attn']:<8} {r['seq']:>6} {r['batch']:>5} {r['step_ms']:>9.2f} {r['tokens_per_s']:>12,.0f} {peak:>9}"
-        )
-    by_key = {(r["attn"], r["seq"]): r for r in results if "error" not in r}
-    for seq in cfg["seqs"]:
-        if ("cosine", seq) in by_key and ("regular", seq) in by_key:
-            ratio = by_key[("cosine", seq)]["tokens_per_s"] / by_key[("regular", seq)]["tokens_per_s"]
-            print(f"seq {seq}: cosine / regular tokens/s = {ratio:.2f}x")
     print(f"wrote {args.out}")
+    print_table(meta, results, "fwd+bwd" + ("" if args.no_optimizer else "+AdamW"))
     return 0

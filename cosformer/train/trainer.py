@@ -45,6 +45,20 @@ Stopping:
 A non-finite loss stops the run with `NonFiniteLossError` before the optimiser applies the step, leaving the last
 good checkpoint as is.
 
+Compilation (`train.compile`, `resolve_compile`): the model is compiled in place (`cosformer.compile_in_place`:
+fullgraph, the zoo's Inductor options) before `accelerator.prepare`, so its state_dict keys, and with them the
+checkpoints, are those of the uncompiled model: a run may resume with compilation switched on or off. What is
+compiled is the module the loop calls for the loss, `model(**batch)`:
+- one process, or DDP: the whole task model (`model.__call__`: forward and loss). DDP calls it inside its own
+  forward, where dynamo sees the active DDP module and splits the graph at gradient-bucket boundaries
+  (DDPOptimizer), so gradient all-reduces still overlap the backward.
+- FSDP2: each shard unit (the classes `fsdp_transformer_layer_cls_to_wrap` names: `Block`), in place. The root
+  cannot be compiled whole: its FSDP hooks are excluded from tracing, which fullgraph turns into an error. The
+  embedding, output layer and loss run eagerly. FSDP1 (and FSDP without a transformer wrap class) is refused.
+Evaluation calls the same compiled module (eval mode, no grad and `reduction="none"` compile once more, a smaller
+last batch switches to dynamic shapes once). Generation does not: `generate` calls the wrapped network directly,
+never the compiled `__call__`, so a growing KV cache and each new length run eagerly instead of recompiling.
+
 References: nanoGPT's train.py (warmup + cosine schedule, estimate_loss over fixed batches); Accelerate's
 examples/by_feature (checkpointing, gradient accumulation, tracking).
 """
@@ -65,6 +79,8 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, parse_flag_from_env, set_seed
 from torch.utils.data import DataLoader
+
+from cosformer.compiling import compile_in_place
 
 from . import checkpoint as ckpt
 from .config import Config, dump_yaml, save_yaml, to_dict
@@ -95,6 +111,41 @@ def resolve_mixed_precision(value: str) -> str:
     if parse_flag_from_env("ACCELERATE_USE_CPU"):
         return "no"
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
+def resolve_compile(value: bool | str, device: torch.device) -> bool:
+    """`train.compile`: auto = on when training on a CUDA device (where Inductor generates Triton kernels; compiling
+    pays back within a run), off on CPU, where compilation takes longer than a short run saves. true compiles on any
+    device (on CPU Inductor needs a C++ compiler)."""
+    if value == "auto":
+        return device.type == "cuda"
+    return bool(value)
+
+
+def compile_for_training(model: torch.nn.Module, accelerator: Accelerator) -> str:
+    """Compile, in place, what `accelerator.prepare` will leave callable compiled under this launch config (see the
+    module docstring); call it before `prepare`. Returns "" when the whole model was compiled, else what was."""
+    if accelerator.distributed_type != DistributedType.FSDP:
+        compile_in_place(model)
+        return ""
+    plugin = accelerator.state.fsdp_plugin
+    names = set(plugin.transformer_cls_names_to_wrap or ())
+    if plugin.fsdp_version != 2 or not names:
+        why = f"fsdp_version {plugin.fsdp_version}" if plugin.fsdp_version != 2 else "no fsdp_transformer_layer_cls"
+        raise ValueError(
+            f"train.compile under FSDP compiles each shard unit before sharding, which needs FSDP2 "
+            f"(fsdp_version: 2) with a transformer wrap class (fsdp_transformer_layer_cls_to_wrap: Block), as in "
+            f"configs/accelerate/fsdp.yaml; this launch config has {why}. Use that config, or train.compile=false"
+        )
+    units = [m for m in model.modules() if type(m).__name__ in names]
+    if not units:
+        raise ValueError(
+            f"train.compile under FSDP: the model has no module of the wrap class(es) {sorted(names)} to compile "
+            f"(fsdp_transformer_layer_cls_to_wrap); use train.compile=false or name the model's block class"
+        )
+    for unit in units:
+        compile_in_place(unit)
+    return f"each {'/'.join(sorted(names))}, the FSDP shard units"
 
 
 def peak_memory_mib(device: torch.device) -> float:
@@ -167,6 +218,14 @@ class Trainer:
         if self.resumed_from is not None:
             # config keys and weight shapes, against the model as built (before prepare wraps or shards it)
             ckpt.check_compatible(cfg, self.resumed_from, model)
+        # in place and before prepare: the keys stay unprefixed, DDP and FSDP wrap the compiled modules (module
+        # docstring); `generate` never runs compiled code (under FSDP, whose blocks are compiled, it is skipped)
+        self.compiled = resolve_compile(t.compile, acc.device)
+        if self.compiled:
+            what = compile_for_training(model, acc)
+            acc.print(f"compile: on (inductor{', ' + what if what else ''})")
+        else:
+            acc.print("compile: off")
         datasets = self.task.datasets()
         self.datasets = datasets
         optimizer = torch.optim.AdamW(
@@ -376,6 +435,7 @@ class Trainer:
         )
         self.model.train()
         start_tokens, train_seconds = self.state.tokens, 0.0
+        compiled_step_done = False
         log_tokens, log_time = self.state.tokens, time.perf_counter()
         try:
             # a run that stopped early and is resumed (a sweep rerun) stays stopped: it only reports again
@@ -383,6 +443,11 @@ class Trainer:
                 step_start = time.perf_counter()
                 loss, grad_norm = self.train_step(batches)  # returns host floats: the step has finished
                 train_seconds += time.perf_counter() - step_start
+                if self.compiled and not compiled_step_done and self.state.step < t.max_steps:
+                    # the first step compiles (a minute on a GPU, longer for some models than others): the
+                    # throughput compared across runs starts after it, unless it was the only step
+                    compiled_step_done = True
+                    start_tokens, train_seconds = self.state.tokens, 0.0
                 step = self.state.step
                 bar.update(1)
                 if step % t.log_every == 0 or step == t.max_steps:
@@ -451,7 +516,8 @@ class Trainer:
         if self.state.best_step is not None:
             final.update(self.task.loss_metrics(self.state.best_val_loss, "best_val"), best_step=self.state.best_step)
         final.update(
-            tokens_per_s=(self.state.tokens - start_tokens) / max(train_seconds, 1e-9),  # training steps only
+            # training steps only (with train.compile, those after this process's first)
+            tokens_per_s=(self.state.tokens - start_tokens) / max(train_seconds, 1e-9),
             memory_mib=peak_memory_mib(acc.device),
             num_params=self.num_params,
         )
