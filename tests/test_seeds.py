@@ -92,3 +92,16 @@ def test_report_writes_the_seed_section(sweep):
     text = (out / "results.md").read_text()
     assert "## Over seeds" in text and (out / "seeds.png").exists()
     assert set(json.loads((out / "results.json").read_text())["seeds"]) == {"cosine", "regular"}
+
+
+def test_gap_prefers_the_evaluations_own_train_loss(tmp_path):
+    write_run(tmp_path / "a", "cosine", 0, [1.5, 1.2], [1.0, 0.9])
+    lines = (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    for r in records:
+        if "val_loss" in r:
+            r["train_loss"] = r["val_loss"] - 0.25
+    (tmp_path / "a" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    run = find_runs([tmp_path])[0]
+    _, gaps = seeds.gap_curve(run, "val_loss")
+    assert gaps.tolist() == pytest.approx([0.25, 0.25])

@@ -161,6 +161,27 @@ def test_full_split_loss_is_exact(corpus, tmp_path, clean_accelerate):
     assert got == pytest.approx(want, rel=1e-5)
 
 
+def test_evaluation_logs_the_loss_on_fixed_training_items(corpus, tmp_path, clean_accelerate):
+    """train_loss at an evaluation: the eval-mode loss on the first len(val) training crops, computed directly."""
+    out = tmp_path / "run"
+    cfg = tiny(corpus, out, "train.max_steps=6", "train.eval_every=3", "model.dropout=0.3")
+    trainer = Trainer(cfg)
+    try:
+        trainer.train()
+        n = len(trainer.datasets["val"])
+        crops = torch.stack([trainer.datasets["train"][i]["x"] for i in range(n)])
+        model = trainer.accelerator.unwrap_model(trainer.model).eval()
+        with torch.no_grad():
+            logits = model.net(crops[:, :-1])
+            want = torch.nn.functional.cross_entropy(logits.flatten(0, 1), crops[:, 1:].flatten()).item()
+    finally:
+        trainer.close()
+    evals = [r for r in records(out) if "train_loss" in r and not r.get("final")]
+    assert [r["step"] for r in evals] == [3, 6]
+    assert evals[-1]["train_loss"] == pytest.approx(want, rel=1e-5)
+    assert evals[-1]["train_bpc"] == pytest.approx(want / math.log(2))
+
+
 class StopAtStep(Trainer):
     """Delivers SIGTERM to this process right after a given step, as a scheduler or Ctrl-C would."""
 

@@ -25,8 +25,9 @@ SEED_KEY = "train.seed"
 TABLE_NOTE = (
     "Mean ± standard deviation over seeds. Best val: the lowest evaluation of each run (the trainer's record when "
     "the run finished); final val: its last evaluation, on the same fixed validation batches; val − train: the "
-    "last evaluation's val loss minus the mean training loss logged since the evaluation before it (training "
-    "losses carry dropout, so this understates over-fitting; it compares variants trained alike)."
+    "last evaluation's val loss minus its loss on fixed training items in eval mode, or, for runs that did not log "
+    "that, minus the mean training loss logged since the evaluation before it (training losses carry dropout, so "
+    "that understates over-fitting; it still compares variants trained alike)."
 )
 _IGNORED = ("train.out_dir", "train.resume", "log.")
 
@@ -74,7 +75,9 @@ def best_value(run: RunLog, key: str) -> tuple[float | None, int | None]:
 
 
 def gap_curve(run: RunLog, key: str) -> tuple[np.ndarray, np.ndarray]:
-    """(steps, val − train) in the units of `key`, the train loss averaged over the steps since the last evaluation."""
+    """(steps, val − train) in the units of `key`. The train loss is the evaluation's own (`train_loss`: fixed
+    training items in eval mode) when the run logged it, else the training loss averaged over the steps since the
+    evaluation before (dropout on, moving batches)."""
     to_units = float(run.evals[0][key]) / float(run.evals[0]["val_loss"]) if run.evals and key != "val_loss" else 1.0
     train = [(r["step"], float(r["loss"])) for r in run.train if _is_number(r.get("loss"))]
     out, previous = [], 0
@@ -83,7 +86,9 @@ def gap_curve(run: RunLog, key: str) -> tuple[np.ndarray, np.ndarray]:
             continue
         window = [loss for step, loss in train if previous < step <= record["step"]]
         previous = record["step"]
-        if window:
+        if _is_number(record.get("train_loss")):
+            out.append((record["step"], (float(record["val_loss"]) - float(record["train_loss"])) * to_units))
+        elif window:
             out.append((record["step"], (float(record["val_loss"]) - statistics.fmean(window)) * to_units))
     steps, values = zip(*out) if out else ((), ())
     return np.asarray(steps), np.asarray(values)

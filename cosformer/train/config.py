@@ -92,6 +92,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.1
     eval_every: int = 50  # 0 = only at the end
     eval_batches: int = 8
+    eval_train: bool = True  # also the loss on as many fixed training items, in eval mode: the train–val gap
     patience: int = 0  # stop after this many evaluations in a row without a lower val loss; 0 = never stop early
     checkpoint_every: int = 0  # 0 = only at the end
     keep_checkpoints: int = 2

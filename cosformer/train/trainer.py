@@ -77,8 +77,9 @@ from dataclasses import dataclass
 
 import torch
 from accelerate import Accelerator
+from accelerate.data_loader import prepare_data_loader
 from accelerate.utils import DistributedType, parse_flag_from_env, set_seed
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from cosformer.compiling import compile_in_place
 
@@ -239,6 +240,19 @@ class Trainer:
         self.model, self.optimizer, self.train_loader, self.val_loader = acc.prepare(
             model, optimizer, train_loader, val_loader
         )
+        # fixed training items (the first ones a train set yields: crops that are a pure function of the seed and
+        # their index, or the first examples), as many as the validation batches: their loss in eval mode, beside
+        # val's, is the generalisation gap without dropout. Not registered with the accelerator: nothing to resume.
+        self.train_probe_loader = None
+        if t.eval_train:
+            probe = Subset(datasets["train"], range(min(len(datasets["val"]), len(datasets["train"]))))
+            self.train_probe_loader = prepare_data_loader(
+                DataLoader(probe, batch_size=t.batch_size, num_workers=t.num_workers, pin_memory=pin),
+                device=acc.device,
+                num_processes=acc.num_processes,
+                process_index=acc.process_index,
+                put_on_device=True,
+            )
         self.state = TrainState()
         if self.resumed_from is not None:
             saved = ckpt.load_checkpoint(acc, self.resumed_from)
@@ -373,6 +387,9 @@ class Trainer:
         metrics = {}
         if with_loss:
             metrics.update(self.task.loss_metrics(self.evaluate_loss(), "val"))
+            if self.train_probe_loader is not None:
+                train_loss = mean_loss(self.model, self.accelerator, self.train_probe_loader)
+                metrics.update(self.task.loss_metrics(train_loss, "train"))
         self.model.eval()
         metrics.update(self.task.evaluate(self.model, self.accelerator, step, self.out_dir))
         self.model.train()
