@@ -67,6 +67,7 @@ from accelerate.utils import DistributedType, parse_flag_from_env, set_seed
 from torch.utils.data import DataLoader
 
 from . import checkpoint as ckpt
+from .attn_stats import ATTN_STATS_ITEMS, attention_stats
 from .config import Config, dump_yaml, save_yaml, to_dict
 from .rng import fork_rng
 from .tasks import Task, build_task, mean_loss
@@ -169,6 +170,11 @@ class Trainer:
             ckpt.check_compatible(cfg, self.resumed_from, model)
         datasets = self.task.datasets()
         self.datasets = datasets
+        # the same validation items at every evaluation and on every process, so the statistics form one curve
+        self.attn_stats_batch = None
+        if t.attn_stats:
+            items = [datasets["val"][n] for n in range(min(ATTN_STATS_ITEMS, len(datasets["val"])))]
+            self.attn_stats_batch = torch.utils.data.default_collate(items)
         optimizer = torch.optim.AdamW(
             param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), fused=False
         )
@@ -314,11 +320,20 @@ class Trainer:
         metrics = {}
         if with_loss:
             metrics.update(self.task.loss_metrics(self.evaluate_loss(), "val"))
+            if self.attn_stats_batch is not None:
+                metrics.update(self.attention_stats())
         self.model.eval()
         metrics.update(self.task.evaluate(self.model, self.accelerator, step, self.out_dir))
         self.model.train()
         self.last_eval.update({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
         return metrics
+
+    def attention_stats(self) -> dict[str, float]:
+        """`cosformer.train.attn_stats` on the fixed validation items, outside the training RNG stream."""
+        device = self.accelerator.device
+        batch = {k: v.to(device) for k, v in self.attn_stats_batch.items()}
+        with fork_rng(device):
+            return attention_stats(self.model, batch)
 
     def save(self, best: bool = False) -> pathlib.Path:
         """A checkpoint of this step boundary; `best`: it is the new best (checkpoints/best names it)."""
