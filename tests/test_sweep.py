@@ -40,8 +40,20 @@ SWEEP_FILES = sorted(SWEEP_DIR.glob("*.yaml"))
 # file -> (base config, {swept key: values in file order}, constants every run must carry)
 EXPECTED = {
     "lm_attn_norm": ("configs/default.yaml", {"model.attn": ["cosine", "regular"], "model.pre_norm": [False, True]}),
-    "lm_scale": ("configs/default.yaml", {"model.scale": [5, 10, 20]}),
-    "lm_groups": ("configs/default.yaml", {"model.groups": [1, 4, 8]}),
+    "lm_scale_groups": (
+        "configs/lm/char_small.yaml",
+        {"model.scale": [5, 8, 10, 16, 32], "model.groups": [1, 2, 4], "train.seed": [0, 1]},
+    ),
+    "stability": (
+        "configs/lm/char_small.yaml",
+        {
+            "model.depth": [48, 24, 6],
+            "train.lr": [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2],
+            "train.mixed_precision": ["bf16", "fp16"],
+            "model.attn": ["cosine", "regular"],
+            "model.pre_norm": [False, True],
+        },
+    ),
     "t2i_attn_norm": (
         "configs/t2i/cosine.yaml",
         {"model.attn": ["cosine", "regular"], "model.pre_norm": [False, True]},
@@ -99,8 +111,10 @@ def test_sweep_expands_to_expected_runs(name, tmp_path):
     assert [{k: r.params[k] for k in swept} for r in runs] == expected_points
     assert swept_keys(sweep) == list(swept)
     assert len({r.name for r in runs}) == len(runs)
-    # equal budgets: every run shares steps and seed; cosine-only knobs are swept on cosine attention
-    assert len({(r.params["train.max_steps"], r.params["train.seed"]) for r in runs}) == 1
+    # equal budgets: every run shares steps and, unless seeds are swept, the seed; cosine-only knobs are swept on
+    # cosine attention
+    assert len({r.params["train.max_steps"] for r in runs}) == 1
+    assert "train.seed" in swept or len({r.params["train.seed"] for r in runs}) == 1
     if "model.attn" not in swept:
         assert all(r.params["model.attn"] == "cosine" for r in runs)
     for run in runs:
