@@ -48,8 +48,20 @@ EXPECTED = {
         "configs/lm/char_small.yaml",
         {"model.attn": ["cosine", "regular"], "model.pre_norm": [False, True], "train.seed": [0, 1]},
     ),
-    "lm_scale": ("configs/default.yaml", {"model.scale": [5, 10, 20]}),
-    "lm_groups": ("configs/default.yaml", {"model.groups": [1, 4, 8]}),
+    "lm_scale_groups": (
+        "configs/lm/char_small.yaml",
+        {"model.scale": [5, 8, 10, 16, 32], "model.groups": [1, 2, 4], "train.seed": [0, 1]},
+    ),
+    "stability": (
+        "configs/lm/char_small.yaml",
+        {
+            "model.depth": [48, 24, 6],
+            "train.lr": [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2],
+            "train.mixed_precision": ["bf16", "fp16"],
+            "model.attn": ["cosine", "regular"],
+            "model.pre_norm": [False, True],
+        },
+    ),
     "t2i_attn_norm": (
         "configs/t2i/cosine.yaml",
         {"model.attn": ["cosine", "regular"], "model.pre_norm": [False, True]},

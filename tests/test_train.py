@@ -139,11 +139,23 @@ def test_tiny_run_learns_and_writes_its_files(corpus, tmp_path, clean_accelerate
     assert last["final"] is True and last["val_bpc"] == pytest.approx(final["val_bpc"])
     evals = [r for r in records(out) if "val_bpc" in r and not r.get("final")]
     assert [r["step"] for r in evals] == [5, 10, 15, 20, 25, 30]
+    for r in evals:  # attention statistics (train.attn_stats, on by default): cosine logits lie within ±scale
+        assert -10.0 < r["attn_max_logit"] <= 10.0 + 1e-4 and r["attn_max_logit/0"] == r["attn_max_logit"]
+        assert 0.0 < r["attn_entropy"] < math.log(32)
     train_line = next(r for r in records(out) if "loss" in r)
     assert {"step", "loss", "lr", "tokens_per_s", "memory_mib"} <= set(train_line)
     assert load_config([out / "config.yaml"]).train.max_steps == 30
     assert (out / "samples" / "sample_step_000030.txt").read_text()
     assert ckpt.checkpoint_step(ckpt.latest_checkpoint(out)) == 30
+
+
+def test_attention_statistics_can_be_switched_off(corpus, tmp_path, clean_accelerate):
+    out = tmp_path / "run"
+    train(
+        tiny(corpus, out, "train.max_steps=2", "train.eval_every=1", "train.sample_length=0", "train.attn_stats=false")
+    )
+    evals = [r for r in records(out) if "val_loss" in r]
+    assert len(evals) == 3 and not any(k.startswith("attn_") for r in evals for k in r)
 
 
 def test_full_split_loss_is_exact(corpus, tmp_path, clean_accelerate):

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from cosformer.tools.stability import write_stability_maps
 from cosformer.train.tracking import read_metrics as load_metrics
 
 # Keys that differ between runs by construction and say nothing about the variant.
@@ -420,7 +421,8 @@ def write_report(
     paths: list[str | os.PathLike], out: str | os.PathLike, title: str | None = None, notes: str | None = None
 ) -> dict:
     """Write `<out>/curves.png`, `<out>/results.md`, `<out>/results.json` and, when runs saved image
-    samples, `<out>/samples.png`. Returns {"runs", "curves", "table", "markdown", "json", "samples"}."""
+    samples, `<out>/samples.png`; for a learning rate × depth grid, `<out>/stability_<attn>.png` (see
+    `cosformer.tools.stability`). Returns {"runs", "curves", "table", "markdown", "json", "samples"}."""
     out = Path(out)
     runs = find_runs(paths)
     title = title or out.name
@@ -439,6 +441,7 @@ def write_report(
         lines += [f"\\* best finished run by {column} (a diverged or unfinished run is never marked).", ""]
     if samples is not None:
         lines += ["Last samples of each run:", "", f"![samples]({samples.name})", ""]
+    lines += write_stability_maps(runs, out, title)[0]  # nothing unless the runs vary learning rate and depth
     lines += [
         "Steps are the last step each run logged; tokens/s is the median over logged intervals; "
         "results come from a run's final line when it has one, else its last evaluation.",

@@ -100,6 +100,7 @@ class TrainConfig:
     sample_every: int = 0  # 0 = at every evaluation
     sample_length: int = 96  # bytes generated after the prompt; within data.seq_len the KV cache serves them
     final_eval: bool = True  # full-split val and test at the end
+    attn_stats: bool = True  # at each evaluation: max pre-softmax logit, mean attention entropy (train/attn_stats.py)
     out_dir: str = "runs/default"
     resume: bool | str = False  # true = latest checkpoint in out_dir, or a checkpoint path
     seed: int = 0

@@ -1,11 +1,11 @@
 """Experiment tracking: a local JSONL log every run writes, plus wandb when `log.tracker=wandb`.
 
 `out_dir/metrics.jsonl` holds one JSON object per line: train lines {step, loss, lr, tokens_per_s, memory_mib},
-eval lines {step, val_loss, val_bpc, ...task metrics}, a last {"final": true, ...} line, or {"step", "diverged":
-true} when the loss went non-finite. The final line holds the final values and, beside them, the best evaluation's
-{best_val_loss, best_step, best_val_bpc (or the task's other derived best)}; `"stopped_early": true` when
-`train.patience` ended the run, whose step is then the line's `step`. On resume the file is cut back to the
-resumed step, so it always shows one clean curve. Only the main process writes.
+eval lines {step, val_loss, val_bpc, ...task metrics, attn_max_logit, attn_entropy, attn_max_logit/<n>}, a last
+{"final": true, ...} line, or {"step", "diverged": true} when the loss went non-finite. The final line holds the
+final values and, beside them, the best evaluation's {best_val_loss, best_step, best_val_bpc (or the task's other
+derived best)}; `"stopped_early": true` when `train.patience` ended the run, whose step is then the line's `step`.
+On resume the file is cut back to the resumed step, so it always shows one clean curve. Only the main process writes.
 
 wandb goes online when credentials exist (WANDB_API_KEY, or a netrc entry for api.wandb.ai) and offline otherwise;
 the choice is made before `wandb.init` and said once. A WANDB_MODE set in the environment always wins.

@@ -84,6 +84,7 @@ from torch.utils.data import DataLoader, Subset
 from cosformer.compiling import compile_in_place
 
 from . import checkpoint as ckpt
+from .attn_stats import ATTN_STATS_ITEMS, attention_stats
 from .config import Config, dump_yaml, save_yaml, to_dict
 from .rng import fork_rng
 from .tasks import Task, build_task, mean_loss
@@ -229,6 +230,11 @@ class Trainer:
             acc.print("compile: off")
         datasets = self.task.datasets()
         self.datasets = datasets
+        # the same validation items at every evaluation and on every process, so the statistics form one curve
+        self.attn_stats_batch = None
+        if t.attn_stats:
+            items = [datasets["val"][n] for n in range(min(ATTN_STATS_ITEMS, len(datasets["val"])))]
+            self.attn_stats_batch = torch.utils.data.default_collate(items)
         optimizer = torch.optim.AdamW(
             param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), fused=False
         )
@@ -390,11 +396,20 @@ class Trainer:
             if self.train_probe_loader is not None:
                 train_loss = mean_loss(self.model, self.accelerator, self.train_probe_loader)
                 metrics.update(self.task.loss_metrics(train_loss, "train"))
+            if self.attn_stats_batch is not None:
+                metrics.update(self.attention_stats())
         self.model.eval()
         metrics.update(self.task.evaluate(self.model, self.accelerator, step, self.out_dir))
         self.model.train()
         self.last_eval.update({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
         return metrics
+
+    def attention_stats(self) -> dict[str, float]:
+        """`cosformer.train.attn_stats` on the fixed validation items, outside the training RNG stream."""
+        device = self.accelerator.device
+        batch = {k: v.to(device) for k, v in self.attn_stats_batch.items()}
+        with fork_rng(device):
+            return attention_stats(self.model, batch)
 
     def save(self, best: bool = False) -> pathlib.Path:
         """A checkpoint of this step boundary; `best`: it is the new best (checkpoints/best names it)."""
