@@ -107,7 +107,7 @@ class TrainConfig:
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     grad_clip: float = 1.0  # 0 = no clipping
     num_workers: int = 0
-    compile: bool | Literal["auto"] = "auto"  # torch.compile the model (trainer.resolve_compile): auto = on CUDA only
+    compile: bool | Literal["auto"] = False  # torch.compile the model (trainer.resolve_compile): auto = on CUDA only
 
 
 @dataclass
