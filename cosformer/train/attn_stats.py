@@ -72,7 +72,10 @@ def attention_stats(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> d
     was_training = model.training
     model.eval()
     try:
-        model(**batch)
+        # a compiled model (train.compile) runs this one call eagerly: the hooks and the non-fused path are for one
+        # batch, not worth a graph of their own (and their data-dependent checks would break a fullgraph trace)
+        with torch.compiler.set_stance("force_eager"):
+            model(**batch)
     finally:
         model.train(was_training)
         for h in handles:
