@@ -61,6 +61,8 @@ def _accelerator():
     return types.SimpleNamespace(
         distributed_type=DistributedType.NO,
         is_main_process=True,
+        num_processes=1,
+        process_index=0,
         device=torch.device("cpu"),
         unwrap_model=lambda m: m,
         autocast=contextlib.nullcontext,
