@@ -70,9 +70,14 @@ class ModelConfig:
         )
 
 
+# data.name values served by the text-to-image task: the procedural pairs and scenes, and Hugging Face sets
+T2I_DATA = ("shapes", "scenes", "hf")
+PROCEDURAL_T2I_DATA = ("shapes", "scenes")
+
+
 @dataclass
 class DataConfig:
-    name: Literal["enwik8", "text", "pystdlib", "shapes", "hf"] = "pystdlib"
+    name: Literal["enwik8", "text", "pystdlib", "shapes", "scenes", "hf"] = "pystdlib"
     path: str = ""  # a local copy of the corpus (enwik8 or its zip; the file for `text`)
     seq_len: int = 128
     cache_dir: str = "~/.cache/cosformer"
@@ -131,7 +136,8 @@ class T2IConfig:
     fid_samples: int = 256
     sample_temperature: float = 1.0
     data_seed: int = 0  # draws (shapes) / shuffles (hf) the data; independent of train.seed
-    holdout: Literal["none", "combinations"] = "none"  # combinations: val / test hold shapes triples train never has
+    # combinations: val / test hold (colour, shape, relation) triples train never has (data.name shapes or scenes)
+    holdout: Literal["none", "combinations"] = "none"
 
 
 @dataclass
@@ -381,8 +387,8 @@ def validate(cfg: Config) -> Config:
         if value not in interval:
             raise ConfigError(f"config key '{key}' must be {interval}, got {value!r}")
     m, t, d = cfg.model, cfg.train, cfg.data
-    check_model_options(m, cross_attend=d.name in ("shapes", "hf"))
-    if m.alibi and d.name in ("shapes", "hf"):
+    check_model_options(m, cross_attend=d.name in T2I_DATA)
+    if m.alibi and d.name in T2I_DATA:
         raise ConfigError(
             f"model.alibi does not apply to data.name={d.name}: the text-to-image decoder cross-attends, and ALiBi "
             "is defined for self-attention only (use model.rotary)"
