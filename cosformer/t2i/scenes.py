@@ -3,8 +3,8 @@
 "two small red circles above a large blue square": 2-4 objects in two groups (1-3 each), every object of a group of
 one count, size, colour and shape, the groups differing in colour or shape (or both), twelve colours, six shapes
 (`SCENE_SHAPES`), two sizes, and a relation between the groups ("above", "below", "left of", "right of"). The pairs
-dataset of `shapes.py` (one object, or two in a relation) is learned to the metrics' real-vs-real floor by the
-models compared; this task asks for counting, binding attributes to the right group and placing groups, at once.
+dataset of `shapes.py` (one object, or two in a relation) did not separate the attention kinds in the runs so far;
+this task asks for counting, binding attributes to the right group and placing groups, at once.
 
 What a caption says is true of its image by construction, and nothing else is:
 - every object is a separate connected component of one colour (8-connectivity): boxes never overlap and keep at
@@ -18,7 +18,7 @@ Each shape reaches all four sides of its box (`shapes.shape_mask`), so an object
 
 Determinism and splits follow `shapes.py`: each draw has its own generator seeded from (seed, split, draw index),
 each image is owned by one split by a hash of its palette-index bytes (`shapes.split_of`), so the splits are disjoint
-by content. The space of scenes is far larger than the space of pair images, so the hash rule rarely drops a draw.
+by content. The space of scenes is far larger than that of pairs, so an image rarely occurs twice even in one split.
 
 Attribute labels for the fidelity classifier are canonical (a function of the image alone, not of which group the
 caption names first): the layout (vertical, horizontal), then shape / colour / size / count of the first group (top
@@ -49,6 +49,7 @@ from .shapes import (
     COLOURS,
     INVERSE,
     RELATIONS,
+    SHAPE_KINDS,
     ImageCaptionDataset,
     collect_items,
     is_held_out,
@@ -56,7 +57,7 @@ from .shapes import (
     shapes_palette,
 )
 
-SCENE_SHAPES = ("circle", "square", "triangle", "cross", "diamond", "ring")
+SCENE_SHAPES = SHAPE_KINDS  # all six
 PLURALS = {"cross": "crosses"}
 SIZES = ("small", "large")
 COUNT_WORDS = ("a", "two", "three")  # counts 1, 2, 3

@@ -349,7 +349,7 @@ RANGES: dict[str, Interval] = {
     "train.seed": Interval(0, 2**32 - 1),  # numpy's seed range: accelerate's set_seed seeds numpy too
     "train.grad_clip": AT_LEAST_0,
     "train.num_workers": AT_LEAST_0,
-    "t2i.image_size": AT_LEAST_1,  # the shapes dataset needs more, and says how much when it is built
+    "t2i.image_size": AT_LEAST_1,  # shapes and scenes need more (8, 32), and say so when built
     "t2i.palette": Interval(2, 256),  # colour indices are stored as uint8
     "t2i.num_train": AT_LEAST_1,
     "t2i.num_val": AT_LEAST_1,
