@@ -228,3 +228,25 @@ def test_fidelity_judge_reads_real_scenes(seed):
     assert metrics.caption_fidelity(judge, test.images()[shuffled], test.labels()) < 0.42
     collapsed = test.images()[:1].expand(len(test), -1, -1, -1)
     assert metrics.caption_fidelity(judge, collapsed, test.labels()) < 0.42
+
+
+def test_scenes_task_builds_data_and_model(tmp_path, torch_attention_path):
+    """data.name=scenes through the config: scenes of t2i.data_seed in every split, a model whose sequence is the
+    image's pixels plus BOS, and a finite loss that depends on the caption."""
+    from cosformer.train.config import load_config
+    from cosformer.train.tasks import task_class
+
+    overrides = ["data.name=scenes", f"data.cache_dir={tmp_path}", "t2i.image_size=32", "t2i.palette=6"]
+    overrides += ["t2i.text_max_len=72", "t2i.num_train=8", "t2i.num_val=4", "t2i.num_test=4", "t2i.data_seed=9"]
+    overrides += ["t2i.fid_samples=2", "t2i.enc_depth=1", "model.dim=32", "model.depth=1", "model.heads=2"]
+    task = task_class("scenes")(load_config(overrides=[*overrides, "model.dim_head=16"]))
+    for split, n in (("train", 8), ("val", 4), ("test", 4)):
+        drawn = SceneDataset(split, n, image_size=32, palette=6, text_max_len=72, seed=9)
+        assert torch.equal(task.splits[split].indices, drawn.indices), split
+    batch = torch.utils.data.default_collate([task.datasets()["train"][i] for i in range(3)])
+    assert batch["image_tokens"].shape == (3, 32 * 32 + 1)
+    model = task.build_model().eval()
+    loss = model(**batch)
+    assert torch.isfinite(loss)
+    swapped = dict(batch, text=batch["text"].roll(1, 0), text_mask=batch["text_mask"].roll(1, 0))
+    assert not torch.allclose(model(**swapped), loss)
