@@ -151,7 +151,10 @@ NETS: dict[str, tuple[type[nn.Module], dict, dict]] = {
     "fidelity": (
         AttributeClassifier,
         {"width": 32, "hidden": 256},
-        {"steps": 350, "batch_size": 128, "lr": 3e-3, "seed": 1},
+        # counting and binding attributes to the top / left group need more steps than the pairs did: on 32x32 scenes
+        # (8000 training images, one seed) balanced accuracy on 400 real test scenes rose from 0.88 at 350 steps to
+        # 0.95 at 1200
+        {"steps": 1500, "batch_size": 128, "lr": 3e-3, "seed": 1},
     ),
 }
 
