@@ -12,6 +12,10 @@ FlashAttention-2 style running maximum, with the logits, bias and ALiBi in natur
 saves one fp32 number per query row, the log-sum-exp in the logits' units (offset + log2(rowsum), or
 max + ln(rowsum); +inf for a row with no visible key), and the backward recomputes P from it tile by tile.
 
+Per-head scales (SCALE_PER_HEAD): each head's scale is loaded from an (h,) float64 tensor, clamped by the host to
+[0, scale_max]; the host picks USE_MAX from scale_max as from a float scale, and each head's offset follows its own
+scale. The dq pass then also writes the scale gradient's part of each query row (SCALE_GRAD).
+
 Backward (per group): dq = (dq̂ − q̂⟨q̂, dq̂⟩)/‖q‖, the same for k, applied in each pass's epilogue with the
 norms from its prologue. No float atomics: dk/dv programs own a key block and loop over the query heads of their
 kv head (GQA), dq programs own a query block, so gradients are bitwise deterministic.
@@ -34,6 +38,8 @@ import triton.language as tl
 LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): natural units -> log2 units (exp(x) = exp2(x · LOG2E))
 LN2 = tl.constexpr(0.6931471805599453)  # ln(2) = 1 / LOG2E
 NORM_EPS = tl.constexpr(1e-12)  # F.normalize's eps: a vector shorter than this is divided by it instead
+# exp2 headroom of the fixed offset: the largest term is 2^15, below fp16's max (65504)
+HEADROOM = tl.constexpr(15.0)
 
 
 @triton.jit
@@ -117,6 +123,22 @@ def _alibi_slope(SLOPES, h, HAS_ALIBI: tl.constexpr):
     if HAS_ALIBI:
         slope = tl.load(SLOPES + h).to(tl.float32)
     return slope
+
+
+@triton.jit
+def _head_scale(SCALES, h, GROUPS: tl.constexpr, USE_MAX: tl.constexpr):
+    """Head h's scale from SCALES (a per-head scale: (h,) float64, clamped to [0, scale_max] by the host) and the two
+    numbers derived from it: (scale, qk_scale, offset2), as the host derives them from a float scale, by the same
+    float64 operations rounded to fp32 as a float argument is, so a tensor of equal values gives the float path's
+    bits. The fixed offset follows the head's own scale: its largest term is 2^HEADROOM and every row's largest term
+    at least 2^(HEADROOM − 2·scale_h·groups·log2 e), which scale_max, by the host's rule, keeps a normal number."""
+    s = tl.load(SCALES + h)
+    if USE_MAX:
+        qk_scale = s
+    else:
+        qk_scale = s * LOG2E
+    offset2 = s * GROUPS * LOG2E - HEADROOM
+    return s.to(tl.float32), qk_scale.to(tl.float32), offset2.to(tl.float32)
 
 
 @triton.jit
@@ -243,13 +265,14 @@ def _fwd_kernel(
     MASK,  # (b, j) int8 key-padding mask (1 = visible)
     BIAS,  # (bb, bh, i, j) additive bias, broadcast through zero strides
     SLOPES,  # (h,) ALiBi slopes
+    SCALES,  # (h,) float64 per-head scales, clamped (only when SCALE_PER_HEAD: then qk_scale, offset2 come from it)
     stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd, stride_mb, stride_mn, stride_bb, stride_bh, stride_bm, stride_bn,
     H, HK, M, N, qk_scale, offset2,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, GROUPS: tl.constexpr, L2NORM: tl.constexpr, CAUSAL: tl.constexpr,
     HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr, USE_MAX: tl.constexpr,
     K_INLINE: tl.constexpr, USE_TMA: tl.constexpr, ROWSUM_TILE: tl.constexpr, EVEN_N: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr, SCALE_PER_HEAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -267,6 +290,8 @@ def _fwd_kernel(
     q32 = q.to(tl.float32)
     if L2NORM:
         q32, _ = _l2norm_rows(q32, cols, GROUPS, HEAD_DIM)
+    if SCALE_PER_HEAD:
+        _, qk_scale, offset2 = _head_scale(SCALES, h, GROUPS, USE_MAX)
     # fold scale·log2(e) into q̂ once: the inner loop then needs one exp2 per logit and no multiply
     q = (q32 * qk_scale).to(q.dtype)
 
@@ -321,11 +346,12 @@ def _bwd_prep_kernel(
     KH,  # (b, hk, j, d) contiguous out: k̂ (when NORM_K)
     RK,  # (b, hk, j) fp32 out: 1/‖k‖ (otherwise)
     DELTA,  # (b, h, i) fp32 out: rowsum(dO ⊙ O)
+    SCALES,  # (h,) float64 per-head scales (only when SCALE_PER_HEAD), as in the forward
     stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
     stride_db, stride_dh, stride_dm, stride_dd,
     H, HK, M, N, qk_scale,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, GROUPS: tl.constexpr, L2NORM: tl.constexpr, BLOCK: tl.constexpr,
-    NORM_K: tl.constexpr,
+    NORM_K: tl.constexpr, USE_MAX: tl.constexpr, SCALE_PER_HEAD: tl.constexpr,
 ):
     """Everything the two backward passes need precomputed, in one launch: per (b, h) row block, delta and the
     scaled q̂; the programs with h < hk also normalise a block of k for kv head h."""
@@ -346,6 +372,8 @@ def _bwd_prep_kernel(
         x = x.to(tl.float32)
         if L2NORM:
             x, _ = _l2norm_rows(x, cols, GROUPS, HEAD_DIM)
+        if SCALE_PER_HEAD:
+            _, qk_scale, _ = _head_scale(SCALES, h, GROUPS, USE_MAX)
         tl.store(QS + bh * M * HEAD_DIM + rows[:, None] * HEAD_DIM + cols[None, :],
                  (x * qk_scale).to(QS.dtype.element_ty), mask=m)
     if (h < HK) and (pid * BLOCK < N):
@@ -487,14 +515,14 @@ def _bwd_dkdv_kernel(
 
 
 @triton.jit
-def _bwd_dq_inner(dq, q, do, lse, delta, offs_m, cols,
+def _bwd_dq_inner(dq, ds_sum, pc_sum, q, do, lse, delta, offs_m, cols,
                   K_base, RK_base, V_base, K_desc, V_desc, b32, hk32, bias_base, mask_base, slope,
                   stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn, stride_mn,
                   M, N, lo, hi,
                   HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
                   CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr,
                   USE_MAX: tl.constexpr, PRECISION: tl.constexpr, K_INLINE: tl.constexpr, USE_TMA: tl.constexpr,
-                  MASKED: tl.constexpr):
+                  SCALE_GRAD: tl.constexpr, MASKED: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         if MASKED:
@@ -514,6 +542,8 @@ def _bwd_dq_inner(dq, q, do, lse, delta, offs_m, cols,
             # compiled, pipelined loop (docs/benchmarks/NOTES.md)
             rk = tl.load(RK_base + offs_n, mask=offs_n < N, other=0.0)
             qk = qk * rk[None, :]
+        if SCALE_GRAD:
+            cos_scaled = qk  # qk_scale · q̂·k̂, before bias and masks
         qpos = offs_m[:, None]
         kpos = offs_n[None, :]
         qk = _logits_mods(qk, qpos, kpos, M, N, bias_base + qpos * stride_bm + kpos * stride_bn, slope,
@@ -521,10 +551,14 @@ def _bwd_dq_inner(dq, q, do, lse, delta, offs_m, cols,
         p = _probs(qk, lse[:, None], USE_MAX)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
+        if SCALE_GRAD:
+            # the row sums the scale gradient's correction needs (see the dq kernel's epilogue)
+            ds_sum += tl.sum(ds, 1)
+            pc_sum += tl.sum(p * cos_scaled, 1)
         if K_INLINE:
             ds = ds * rk[None, :]  # dq̂ = Σ dS·k̂ = Σ (dS·rk)·k
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
-    return dq
+    return dq, ds_sum, pc_sum
 
 
 @triton.jit
@@ -536,7 +570,8 @@ def _bwd_dq_kernel(
     K_desc, V_desc,  # descriptors of K and V, block (1, 1, BLOCK_N, D_PAD) (only when USE_TMA)
     DO, LSE, DELTA,  # as in the dk/dv pass
     DQ,  # (b, h, i, d) contiguous
-    MASK, BIAS, SLOPES,  # as in the forward
+    MASK, BIAS, SLOPES, SCALES,  # as in the forward
+    DSCALE,  # (b, h, i) fp32 out: ⟨dS k̂, q̂⟩ per query row, the row's part of dL/dscale_h (only when SCALE_GRAD)
     stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd, stride_db, stride_dh, stride_dm, stride_dd,
     stride_mb, stride_mn, stride_bb, stride_bh, stride_bm, stride_bn,
@@ -544,7 +579,7 @@ def _bwd_dq_kernel(
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, GROUPS: tl.constexpr, L2NORM: tl.constexpr, CAUSAL: tl.constexpr,
     HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr, USE_MAX: tl.constexpr,
     PRECISION: tl.constexpr, K_INLINE: tl.constexpr, USE_TMA: tl.constexpr, EVEN_N: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SCALE_PER_HEAD: tl.constexpr, SCALE_GRAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -562,6 +597,8 @@ def _bwd_dq_kernel(
     inv_q = tl.zeros_like(q32)
     if L2NORM:
         q32, inv_q = _l2norm_rows(q32, cols, GROUPS, HEAD_DIM)
+    if SCALE_PER_HEAD:
+        scale, qk_scale, _ = _head_scale(SCALES, h, GROUPS, USE_MAX)
     q = (q32 * qk_scale).to(q_raw.dtype)
     do = tl.load(DO + b * stride_db + h * stride_dh + offs_m[:, None] * stride_dm + cols[None, :] * stride_dd,
                  mask=q_mask, other=0.0)
@@ -575,20 +612,30 @@ def _bwd_dq_kernel(
     slope = _alibi_slope(SLOPES, h, HAS_ALIBI)
 
     dq = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
+    ds_sum = tl.zeros([BLOCK_M], dtype=tl.float32)  # Σ_j dS_ij (SCALE_GRAD)
+    pc_sum = tl.zeros([BLOCK_M], dtype=tl.float32)  # Σ_j P_ij · qk_scale · q̂_i·k̂_j (SCALE_GRAD)
     full_end, hi = _key_range(pid_m, M, N, CAUSAL, BLOCK_M, BLOCK_N)
-    dq = _bwd_dq_inner(dq, q, do, lse, delta, offs_m, cols,
-                       K_base, RK_base, V_base, K_desc, V_desc, b32, hk32, bias_base, mask_base, slope,
-                       stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn, stride_mn,
-                       M, N, 0, full_end,
-                       HEAD_DIM, D_PAD, BLOCK_N, CAUSAL, HAS_MASK, HAS_BIAS, HAS_ALIBI,
-                       USE_MAX, PRECISION, K_INLINE, USE_TMA, MASKED=False)
+    dq, ds_sum, pc_sum = _bwd_dq_inner(dq, ds_sum, pc_sum, q, do, lse, delta, offs_m, cols,
+                                       K_base, RK_base, V_base, K_desc, V_desc, b32, hk32, bias_base, mask_base, slope,
+                                       stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn, stride_mn,
+                                       M, N, 0, full_end,
+                                       HEAD_DIM, D_PAD, BLOCK_N, CAUSAL, HAS_MASK, HAS_BIAS, HAS_ALIBI,
+                                       USE_MAX, PRECISION, K_INLINE, USE_TMA, SCALE_GRAD, MASKED=False)
     if CAUSAL or not EVEN_N:  # the ragged last key block or the causal diagonal: masked tiles
-        dq = _bwd_dq_inner(dq, q, do, lse, delta, offs_m, cols,
-                           K_base, RK_base, V_base, K_desc, V_desc, b32, hk32, bias_base, mask_base, slope,
-                           stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn, stride_mn,
-                           M, N, full_end, hi,
-                           HEAD_DIM, D_PAD, BLOCK_N, CAUSAL, HAS_MASK, HAS_BIAS, HAS_ALIBI,
-                           USE_MAX, PRECISION, K_INLINE, USE_TMA, MASKED=True)
+        dq, ds_sum, pc_sum = _bwd_dq_inner(dq, ds_sum, pc_sum, q, do, lse, delta, offs_m, cols,
+                                           K_base, RK_base, V_base, K_desc, V_desc, b32, hk32, bias_base, mask_base,
+                                           slope, stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn,
+                                           stride_mn, M, N, full_end, hi,
+                                           HEAD_DIM, D_PAD, BLOCK_N, CAUSAL, HAS_MASK, HAS_BIAS, HAS_ALIBI,
+                                           USE_MAX, PRECISION, K_INLINE, USE_TMA, SCALE_GRAD, MASKED=True)
+    if SCALE_GRAD:
+        # dL/dscale_h = Σ_ij dS_ij c_ij with c = q̂·k̂. This row's part is ⟨dS k̂, q̂⟩ (the accumulator before its
+        # scale), less (Σ_j dS_ij)(Σ_j P_ij c_ij), which is zero in exact arithmetic (Σ_j dS_ij = 0) and cancels the
+        # rounding of delta, computed from the output as stored in q's dtype: ⟨dS k̂, q̂⟩ is a covariance under P,
+        # small, while delta's error enters it times the mean cosine, not small. The host sums the rows over batch
+        # and length (no atomics). A head clamped to scale 0 has no qk_scale to divide by: it skips the correction.
+        mean_cos = tl.where(qk_scale != 0.0, pc_sum / qk_scale, 0.0)
+        tl.store(DSCALE + bh * M + offs_m, tl.sum(dq * q32, 1) - ds_sum * mean_cos, mask=offs_m < M)
     dq = dq * scale
     if L2NORM:
         dq = _l2norm_bwd(q32, inv_q, dq, cols, GROUPS, HEAD_DIM)
