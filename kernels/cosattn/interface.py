@@ -13,6 +13,8 @@ import torch
 from .reference import attention_chunked
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# the integer dtypes segment ids may have (the kernels compare them as loaded)
+_SEGMENT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
 MAX_SCALE = 100.0
 
@@ -69,16 +71,55 @@ def check_attention_config(dim_head, heads, kv_heads, scale, groups) -> None:
         raise ValueError(f"groups must be a positive integer dividing dim_head={d}; got groups={groups!r}")
 
 
+def _check_segments(segment_ids, q, k, b: int, i: int, j: int):
+    """segment_ids: one (b, n) tensor (needs i == j) or a pair ((b, i), (b, j)) -> (q_segment_ids, k_segment_ids) of
+    one integer dtype (a pair of two dtypes is promoted: exact), or None."""
+    if segment_ids is None:
+        return None
+    if isinstance(segment_ids, torch.Tensor):
+        if i != j:
+            raise ValueError(
+                f"segment_ids as one tensor is for self-attention (q_len == k_len); got q {_shape(q)}, k {_shape(k)}: "
+                f"pass a pair (q_segment_ids (b, i), k_segment_ids (b, j))"
+            )
+        pair = (("segment_ids", segment_ids, "n", i), ("segment_ids", segment_ids, "n", j))
+    elif isinstance(segment_ids, (tuple, list)) and len(segment_ids) == 2:
+        pair = (("q_segment_ids", segment_ids[0], "i", i), ("k_segment_ids", segment_ids[1], "j", j))
+    else:
+        raise TypeError(
+            f"segment_ids must be an integer tensor (b, n) or a pair (q_segment_ids, k_segment_ids); "
+            f"got {type(segment_ids).__name__}"
+        )
+    for name, t, dim, n in pair:
+        if not isinstance(t, torch.Tensor) or t.dtype not in _SEGMENT_DTYPES:
+            raise TypeError(
+                f"{name} must be an integer tensor (int8, int16, int32, int64 or uint8); "
+                f"got {getattr(t, 'dtype', type(t).__name__)}"
+            )
+        if tuple(t.shape) != (b, n):
+            raise ValueError(
+                f"{name} must be (b, {dim}) = ({b}, {n}); got {_shape(t)} for q {_shape(q)}, k {_shape(k)}"
+            )
+        if t.device != q.device:
+            raise ValueError(f"{name} must be on {q.device}; got {t.device}")
+    q_seg, k_seg = pair[0][1], pair[1][1]
+    if q_seg.dtype != k_seg.dtype:
+        dtype = torch.promote_types(q_seg.dtype, k_seg.dtype)
+        q_seg, k_seg = q_seg.to(dtype), k_seg.to(dtype)
+    return q_seg, k_seg
+
+
 def _canonicalize(
-    q, k, v, mask, attn_bias, alibi_slopes, causal, scale, l2norm_qk, groups, attn_bias_batch_dim, scale_max
+    q, k, v, mask, attn_bias, alibi_slopes, causal, scale, l2norm_qk, groups, attn_bias_batch_dim, scale_max, segment_ids
 ):
-    """Validate and return canonical (q4, k4, v4, mask, bias4, slopes, scale, scale_max, groups, merged) before any
-    launch.
+    """Validate and return canonical (q4, k4, v4, mask, bias4, slopes, scale, scale_max, groups, segments, merged)
+    before any launch.
 
     q4 (b, h, i, d); k4, v4 (b, hk, j, d); mask (b, j) bool or None; bias4 (bb, bh, bi, bj), each dim 1 or the full
     size, a view of attn_bias (its size-1 dims are read with zero strides, and autograd maps its gradient back to
     attn_bias's own shape); scale a float (scale_max None) or the caller's (h,) tensor (scale_max a float: the
-    bound it is clamped to), groups an int; merged says q was 3-D.
+    bound it is clamped to), groups an int; segments None or (q_segment_ids (b, i), k_segment_ids (b, j)) of one
+    integer dtype; merged says q was 3-D.
     """
     for name, flag in (("causal", causal), ("l2norm_qk", l2norm_qk), ("attn_bias_batch_dim", attn_bias_batch_dim)):
         if not isinstance(flag, bool):
@@ -194,7 +235,8 @@ def _canonicalize(
                 "alibi_slopes must not require grad (the op returns no gradient for them); register them as a "
                 "buffer or pass alibi_slopes.detach()"
             )
-    return q4, k4, v4, mask, bias4, alibi_slopes, scale, scale_max, groups, merged
+    segments = _check_segments(segment_ids, q, k, b, i, j)
+    return q4, k4, v4, mask, bias4, alibi_slopes, scale, scale_max, groups, segments, merged
 
 
 def _use_triton(device: torch.device) -> bool:
@@ -217,6 +259,7 @@ def cosine_sim_attention(
     alibi_slopes: torch.Tensor | None = None,
     attn_bias_batch_dim: bool = False,
     scale_max: float | None = None,
+    segment_ids: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Cosine-similarity attention: softmax(scale · q̂ k̂ᵀ + attn_bias) v, with q̂, k̂ l2-normalised along d.
 
@@ -269,8 +312,9 @@ def cosine_sim_attention(
     Backends: CUDA tensors run the Triton kernels; CPU tensors run them under the Triton interpreter when
     TRITON_INTERPRET=1, otherwise a chunked PyTorch implementation of the same function (with autograd).
     """
-    q4, k4, v4, mask, bias4, slopes, scale, scale_max, groups, merged = _canonicalize(
-        q, k, v, mask, attn_bias, alibi_slopes, causal, scale, l2norm_qk, groups, attn_bias_batch_dim, scale_max
+    q4, k4, v4, mask, bias4, slopes, scale, scale_max, groups, segments, merged = _canonicalize(
+        q, k, v, mask, attn_bias, alibi_slopes, causal, scale, l2norm_qk, groups, attn_bias_batch_dim, scale_max,
+        segment_ids,
     )
     if _use_triton(q.device):
         from .ops import triton_attention
@@ -287,6 +331,7 @@ def cosine_sim_attention(
             groups=groups,
             alibi_slopes=slopes,
             scale_max=scale_max,
+            segment_ids=segments,
         )
     else:
         o = attention_chunked(
@@ -301,5 +346,6 @@ def cosine_sim_attention(
             groups=groups,
             alibi_slopes=slopes,
             scale_max=scale_max,
+            segment_ids=segments,
         )
     return o.squeeze(1) if merged else o
