@@ -575,14 +575,15 @@ def test_custom_op_opcheck_scale_tensor(seed, device):
     q, k, v = _inputs(1, 2, 1, 17, 19, 16, torch.float32, device)
     scales = torch.tensor([3.0, 9.0], dtype=torch.float64, device=device)
     args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), None, None, None, scales.requires_grad_())
+    args = (*args, None, None)  # no segment ids
     flags = (True, 16.0, True, 1)
     torch.library.opcheck(
         _attention_fwd_op, (*args, *flags), test_utils=("test_schema", "test_faketensor", "test_autograd_registration")
     )
     q, k, v, scales = (t.detach() for t in (q, k, v, scales))
-    o, lse = attention_forward(q, k, v, None, None, None, scales, *flags)
+    o, lse = attention_forward(q, k, v, None, None, None, scales, None, None, *flags)
     for scale_grad in (True, False):
-        bwd_args = (torch.randn_like(o), q, k, v, o, lse, None, None, None, scales, *flags, False, scale_grad)
+        bwd_args = (torch.randn_like(o), q, k, v, o, lse, None, None, None, scales, None, None, *flags, False, scale_grad)
         torch.library.opcheck(_attention_bwd_op, bwd_args, test_utils=("test_schema", "test_faketensor"))
 
 
@@ -638,7 +639,8 @@ def test_custom_op_opcheck(seed, device):
     from cosattn.ops import _attention_fwd_op
 
     q, k, v = _inputs(1, 2, 1, 17, 19, 16, torch.float32, device)
-    args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), None, None, None, None, True, 10.0, True, 1)
+    args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), None, None, None, None, None, None)
+    args = (*args, True, 10.0, True, 1)
     torch.library.opcheck(
         _attention_fwd_op, args, test_utils=("test_schema", "test_faketensor", "test_autograd_registration")
     )
