@@ -73,7 +73,8 @@ def check_attention_config(dim_head, heads, kv_heads, scale, groups) -> None:
 
 def _check_segments(segment_ids, q, k, b: int, i: int, j: int):
     """segment_ids: one (b, n) tensor (needs i == j) or a pair ((b, i), (b, j)) -> (q_segment_ids, k_segment_ids) of
-    one integer dtype (a pair of two dtypes is promoted: exact), or None."""
+    one integer dtype (a pair of two dtypes is promoted: exact), or None. b, i, j: the canonical q4's batch and
+    length and k4's length (b is the merged batch B for a 3-D q). Before any launch, like `_canonicalize`."""
     if segment_ids is None:
         return None
     if isinstance(segment_ids, torch.Tensor):
@@ -110,16 +111,15 @@ def _check_segments(segment_ids, q, k, b: int, i: int, j: int):
 
 
 def _canonicalize(
-    q, k, v, mask, attn_bias, alibi_slopes, causal, scale, l2norm_qk, groups, attn_bias_batch_dim, scale_max, segment_ids
+    q, k, v, mask, attn_bias, alibi_slopes, causal, scale, l2norm_qk, groups, attn_bias_batch_dim, scale_max
 ):
-    """Validate and return canonical (q4, k4, v4, mask, bias4, slopes, scale, scale_max, groups, segments, merged)
-    before any launch.
+    """Validate and return canonical (q4, k4, v4, mask, bias4, slopes, scale, scale_max, groups, merged) before any
+    launch.
 
     q4 (b, h, i, d); k4, v4 (b, hk, j, d); mask (b, j) bool or None; bias4 (bb, bh, bi, bj), each dim 1 or the full
     size, a view of attn_bias (its size-1 dims are read with zero strides, and autograd maps its gradient back to
     attn_bias's own shape); scale a float (scale_max None) or the caller's (h,) tensor (scale_max a float: the
-    bound it is clamped to), groups an int; segments None or (q_segment_ids (b, i), k_segment_ids (b, j)) of one
-    integer dtype; merged says q was 3-D.
+    bound it is clamped to), groups an int; merged says q was 3-D.
     """
     for name, flag in (("causal", causal), ("l2norm_qk", l2norm_qk), ("attn_bias_batch_dim", attn_bias_batch_dim)):
         if not isinstance(flag, bool):
@@ -235,8 +235,7 @@ def _canonicalize(
                 "alibi_slopes must not require grad (the op returns no gradient for them); register them as a "
                 "buffer or pass alibi_slopes.detach()"
             )
-    segments = _check_segments(segment_ids, q, k, b, i, j)
-    return q4, k4, v4, mask, bias4, alibi_slopes, scale, scale_max, groups, segments, merged
+    return q4, k4, v4, mask, bias4, alibi_slopes, scale, scale_max, groups, merged
 
 
 def _use_triton(device: torch.device) -> bool:
@@ -293,6 +292,16 @@ def cosine_sim_attention(
             this bound picks the kernel's path as a float scale does: keep it tight when learning scales, e.g. 16
             or 32: the fixed exponent offset (faster) needs scale_max·groups ≤ 48.8 in bf16/fp32 and ≤ 10.02 in
             fp16; beyond, the kernel runs the (exact) running-max path.
+        segment_ids: packed documents. One integer tensor (b, n) for self-attention (needs i == j), or a pair
+            (q_segment_ids (b, i), k_segment_ids (b, j)); with a 3-D q, b is its merged batch B. Integer dtypes
+            int8/16/32/64 or uint8 (a pair of two dtypes is promoted), on q's device. Query r sees key c only where
+            their ids are equal, on top of `mask`, `causal` (still aligned on the whole sequences: positions, ALiBi's
+            included, are those of the packed sequence, not per document) and −inf entries of `attn_bias`. Ids in any
+            order are exact. Where a batch element's ids are non-decreasing (as packing gives: checked on the device,
+            per batch element and side, no host sync), the kernels skip whole tiles: a tile of keys whose
+            [first id, last id] misses the query tile's [min id, max id] is never loaded (and likewise query tiles in
+            the backward), so a packed batch costs about the tiles its documents share, not b·i·j. A query whose
+            segment has no visible key is a row with no visible key (below).
 
     Returns: like q (shape and dtype). Rows with no visible key are zeros, with zero gradients.
 
@@ -312,10 +321,10 @@ def cosine_sim_attention(
     Backends: CUDA tensors run the Triton kernels; CPU tensors run them under the Triton interpreter when
     TRITON_INTERPRET=1, otherwise a chunked PyTorch implementation of the same function (with autograd).
     """
-    q4, k4, v4, mask, bias4, slopes, scale, scale_max, groups, segments, merged = _canonicalize(
-        q, k, v, mask, attn_bias, alibi_slopes, causal, scale, l2norm_qk, groups, attn_bias_batch_dim, scale_max,
-        segment_ids,
+    q4, k4, v4, mask, bias4, slopes, scale, scale_max, groups, merged = _canonicalize(
+        q, k, v, mask, attn_bias, alibi_slopes, causal, scale, l2norm_qk, groups, attn_bias_batch_dim, scale_max
     )
+    segments = _check_segments(segment_ids, q, k, q4.shape[0], q4.shape[2], k4.shape[2])
     if _use_triton(q.device):
         from .ops import triton_attention
 

@@ -16,6 +16,11 @@ Per-head scales (SCALE_PER_HEAD): each head's scale is loaded from an (h,) float
 [0, scale_max]; the host picks USE_MAX from scale_max as from a float scale, and each head's offset follows its own
 scale. The dq pass then also writes the scale gradient's part of each query row (SCALE_GRAD).
 
+Segment ids (HAS_SEGMENTS): a logit is −inf where the query's and the key's ids differ, in every visited tile; and
+each program loops only over the other side's tiles whose [first, last] ids meet its own tile's [min, max]
+(`_segment_phases`), a range exact for non-decreasing ids, which the host flags per batch element and side; rows
+flagged unsorted visit every tile and rely on the mask alone.
+
 Backward (per group): dq = (dq̂ − q̂⟨q̂, dq̂⟩)/‖q‖, the same for k, applied in each pass's epilogue with the
 norms from its prologue. No float atomics: dk/dv programs own a key block and loop over the query heads of their
 kv head (GQA), dq programs own a query block, so gradients are bitwise deterministic.

@@ -430,10 +430,8 @@ def _attention_bwd_op(
     bias_grad: bool,
     scale_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    dq, dk, dv, db, dscale = attention_backward(
-        do, q, k, v, o, lse, mask, bias, slopes, scales, q_seg, k_seg, causal, scale, l2norm, groups, bias_grad,
-        scale_grad,
-    )
+    flags = (causal, scale, l2norm, groups, bias_grad, scale_grad)
+    dq, dk, dv, db, dscale = attention_backward(do, q, k, v, o, lse, mask, bias, slopes, scales, q_seg, k_seg, *flags)
     if db is None:
         db = q.new_empty((0,), dtype=torch.float32)
     if dscale is None:
@@ -442,8 +440,9 @@ def _attention_bwd_op(
 
 
 @_attention_bwd_op.register_fake
-def _(do, q, k, v, o, lse, mask, bias, slopes, scales, q_seg, k_seg, causal, scale, l2norm, groups, bias_grad,
-      scale_grad):
+def _(
+    do, q, k, v, o, lse, mask, bias, slopes, scales, q_seg, k_seg, causal, scale, l2norm, groups, bias_grad, scale_grad
+):
     b, h, m, d = q.shape
     n = k.shape[2]
     db_shape = (b, h, m, n) if bias_grad else (0,)
