@@ -575,15 +575,221 @@ def test_custom_op_opcheck_scale_tensor(seed, device):
     q, k, v = _inputs(1, 2, 1, 17, 19, 16, torch.float32, device)
     scales = torch.tensor([3.0, 9.0], dtype=torch.float64, device=device)
     args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), None, None, None, scales.requires_grad_())
+    args = (*args, None, None)  # no segment ids
     flags = (True, 16.0, True, 1)
     torch.library.opcheck(
         _attention_fwd_op, (*args, *flags), test_utils=("test_schema", "test_faketensor", "test_autograd_registration")
     )
     q, k, v, scales = (t.detach() for t in (q, k, v, scales))
-    o, lse = attention_forward(q, k, v, None, None, None, scales, *flags)
+    o, lse = attention_forward(q, k, v, None, None, None, scales, None, None, *flags)
     for scale_grad in (True, False):
-        bwd_args = (torch.randn_like(o), q, k, v, o, lse, None, None, None, scales, *flags, False, scale_grad)
+        bwd_args = (
+            torch.randn_like(o),
+            q,
+            k,
+            v,
+            o,
+            lse,
+            None,
+            None,
+            None,
+            scales,
+            None,
+            None,
+            *flags,
+            False,
+            scale_grad,
+        )
         torch.library.opcheck(_attention_bwd_op, bwd_args, test_utils=("test_schema", "test_faketensor"))
+
+
+# ---------------------------------------------------------------------------------------------------- segment ids
+
+
+def packed_segment_ids(b, n, device, *, max_docs=4, dtype=torch.int64):
+    """(b, n) non-decreasing ids of packed documents of random lengths: a random number of documents per row, ids
+    starting anywhere and with gaps (only equality matters)."""
+    rows = []
+    for _ in range(b):
+        docs = int(torch.randint(1, max_docs + 1, ()))
+        cuts = torch.randperm(max(n - 1, 1))[: docs - 1].add(1).sort().values if n > 1 else torch.zeros(0, dtype=int)
+        starts = torch.zeros(n, dtype=torch.int64)
+        starts[cuts] = torch.randint(1, 3, (len(cuts),))
+        rows.append(starts.cumsum(0) + int(torch.randint(0, 5, ())))
+    return torch.stack(rows).to(device=device, dtype=dtype)
+
+
+# (b, h, hk, i, j, d, dtype) and options: self-attention (one (b, n) tensor) unless "pair"; lengths 1, 17, 63, 130;
+# head dims 16, 32, 40, 64; GQA, MQA, a merged 3-D q, and a mask, bias and ALiBi together
+SEGMENT_CASES = {
+    "1": ((1, 2, 1, 1, 1, 16, torch.float32), {}),
+    "17 gqa d32 fp16": ((2, 4, 2, 17, 17, 32, torch.float16), {}),
+    "63 d40": ((1, 1, 1, 63, 63, 40, torch.float32), {}),
+    "130 d16 fp16": ((1, 1, 1, 130, 130, 16, torch.float16), {}),
+    "pair 17x63 d64": ((2, 2, 1, 17, 63, 64, torch.float32), dict(pair=True)),
+    "mask bias alibi": ((2, 2, 1, 33, 33, 16, torch.float32), dict(mask=True, bias=True, alibi=True)),
+    "mqa 3-D kv fp16": ((2, 2, 1, 30, 30, 32, torch.float16), dict(kv3d=True)),
+    "merged 3-D q": ((2, 2, 2, 17, 17, 16, torch.float32), dict(q3d=True)),
+}
+
+
+def _segment_case(case, device):
+    (b, h, hk, i, j, d, dtype), opts = SEGMENT_CASES[case]
+    q, k, v = _inputs(b, h, hk, i, j, d, dtype, device, kv3d=opts.get("kv3d", False), q3d=opts.get("q3d", False))
+    rows = q.shape[0]  # b, or b·h for a merged q
+    kw, bias = {}, None
+    if opts.get("pair"):
+        # both sides cut from one id range, so some query segments may find no key
+        kw["segment_ids"] = (packed_segment_ids(rows, i, device), packed_segment_ids(rows, j, device))
+    else:
+        kw["segment_ids"] = packed_segment_ids(rows, i, device)
+    if opts.get("mask"):
+        kw["mask"] = torch.rand(b, j, device=device) > 0.2
+    if opts.get("bias"):
+        bias = torch.randn(h, i, j, device=device)
+    if opts.get("alibi"):
+        kw["alibi_slopes"] = 2.0 ** -torch.arange(1, h + 1, device=device, dtype=torch.float32)
+    return q, k, v, bias, kw
+
+
+@pytest.mark.parametrize("case", list(SEGMENT_CASES))
+@pytest.mark.parametrize("causal", [False, True])
+def test_segments(seed, backend_device, causal, case):
+    """Packed documents: the output and every gradient (q, k, v, bias) against the float64 reference, on both
+    backends, with every other option."""
+    q, k, v, bias, kw = _segment_case(case, backend_device)
+    _, grads = check_against_torch(q, k, v, bias=bias, causal=causal, **kw)
+    if bias is not None:
+        assert grads[3].shape == bias.shape
+
+
+def _sdpa_with_mask(q, k, v, *, segment_ids, causal, scale=10.0):
+    """PyTorch SDPA on normalised q, k with the segment (and causal) visibility as an explicit boolean mask."""
+    vis = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
+    if causal:
+        vis = vis & torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
+    qn, kn = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+    return F.scaled_dot_product_attention(qn, kn, v, attn_mask=vis, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+
+
+@pytest.mark.parametrize(
+    "dtype,causal",
+    [(torch.float32, False), (torch.float16, True)] + ([(torch.bfloat16, True)] if len(DTYPES) > 2 else []),
+)
+def test_segments_vs_sdpa(seed, device, dtype, causal):
+    """Error against the float64 reference no worse than SDPA's with the same visibility as a boolean mask, in the
+    same dtype (self-attention: every query sees at least itself, so SDPA has no empty rows)."""
+    q, k, v = _inputs(1, 4, 2, 50, 50, 32, dtype, device)
+    seg = packed_segment_ids(1, 50, device, max_docs=5)
+    do = torch.randn_like(q)
+    ours = _grads(lambda *t: cosine_sim_attention(*t, segment_ids=seg, causal=causal), [q, k, v], do)
+    ref = _grads(
+        lambda *t: attention_reference(*t, segment_ids=seg, causal=causal), [t.double() for t in (q, k, v)], do.double()
+    )
+    peer = _grads(lambda *t: _sdpa_with_mask(*t, segment_ids=seg, causal=causal), [q, k, v], do)
+    for name, a, r, p in zip(["out", "dq", "dk", "dv"], [ours[0], *ours[1]], [ref[0], *ref[1]], [peer[0], *peer[1]]):
+        assert_close_to_reference(name, a, r, p, FLOOR[dtype])
+
+
+def test_segment_rows_without_keys(seed, backend_device):
+    """A query whose segment has no visible key returns zeros with zero gradients: with causal alignment (i < j),
+    its segment starts later on the key side than its position reaches; or its id is absent from the keys."""
+    i, j = 6, 10  # bottom-right: query r sees keys c <= r + 4
+    q, k, v = _inputs(2, 2, 1, i, j, 16, torch.float32, backend_device)
+    q_seg = torch.tensor([[0, 0, 0, 1, 1, 1], [4, 4, 7, 7, 9, 9]], device=backend_device)
+    k_seg = torch.tensor([[0] * 8 + [1] * 2, [4] * 5 + [9] * 5], device=backend_device)
+    o, grads = check_against_torch(q, k, v, causal=True, segment_ids=(q_seg, k_seg))
+    empty = [(0, 3), (1, 2), (1, 3)]  # query 3 of row 0 sees keys 0..7 (segment 0); segment 7 has no keys
+    for b, r in empty:
+        assert o[b, :, r].abs().max() == 0 and grads[0][b, :, r].abs().max() == 0
+    assert torch.isfinite(o).all() and all(torch.isfinite(g).all() for g in grads)
+
+
+def test_unsorted_segment_ids(seed, backend_device):
+    """Ids in any order are exact (the masks decide; only sorted ids let whole tiles be skipped), per batch element:
+    one row sorted, one not, and sorted queries with unsorted keys. Two integer dtypes in a pair are promoted."""
+    q, k, v = _inputs(2, 1, 1, 40, 40, 16, torch.float32, backend_device)
+    seg = packed_segment_ids(2, 40, backend_device)
+    seg[1] = torch.randint(0, 3, (40,), device=backend_device)
+    check_against_torch(q, k, v, segment_ids=seg, causal=True)
+    q, k, v = _inputs(2, 1, 1, 33, 40, 16, torch.float32, backend_device)
+    q_seg = packed_segment_ids(2, 33, backend_device, dtype=torch.uint8)
+    k_seg = torch.randint(0, 4, (2, 40), device=backend_device, dtype=torch.int16)
+    check_against_torch(q, k, v, segment_ids=(q_seg, k_seg))
+    check_against_torch(q, k, v, segment_ids=(k_seg[:, :33], q_seg[:, 0, None].expand(2, 40)), causal=True)
+
+
+def test_one_segment_is_no_segments(seed, backend_device):
+    """Every id equal: the same output and gradients, bit for bit, as without segment ids."""
+    q, k, v = _inputs(2, 1, 1, 37, 37, 16, torch.float32, backend_device)
+    do = torch.randn_like(q)
+    seg = torch.full((2, 37), 3, device=backend_device, dtype=torch.int32)
+    o, g = _grads(lambda *t: cosine_sim_attention(*t, causal=True), [q, k, v], do)
+    o_s, g_s = _grads(lambda *t: cosine_sim_attention(*t, causal=True, segment_ids=seg), [q, k, v], do)
+    for a, b in zip([o, *g], [o_s, *g_s]):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_segment_tiles_are_skipped(seed, device, monkeypatch, causal):
+    """With sorted ids, tiles of other segments are never read. Documents aligned to the kernels' tiles; q, k and v
+    of every other document poisoned with NaN: a visited tile would spread it (P·V with P = 0 and V = NaN is NaN, in
+    the forward, and likewise in dq and, through D = rowsum(dO ⊙ O), in dk). So a document's outputs and gradients
+    stay finite and bitwise equal to the clean run's only if all three passes skip those tiles; with skipping
+    disabled (every row treated as unsorted) the poison does reach them, which shows the test can fail."""
+    from cosattn import ops
+
+    d, dtype = 16, torch.float32
+    kernels = ("fwd", "fwd_tma", "dkdv", "dq", "dq_tma")
+    align = max(max(ops.launch_config(name, d, dtype, causal)[:2]) for name in kernels)
+    lengths = [align, 2 * align, align]
+    seg = torch.cat([torch.full((n,), s) for s, n in enumerate(lengths)])[None].to(device)
+    n = seg.shape[1]
+    q, k, v = _inputs(1, 2, 1, n, n, d, dtype, device)  # GQA: the dk/dv pass loops over two query heads
+    do = torch.randn_like(q)
+
+    def run(q, k, v):
+        return _grads(lambda *t: cosine_sim_attention(*t, causal=causal, segment_ids=seg), [q, k, v], do)
+
+    clean = run(q, k, v)
+    rows = seg[0] == 1  # the middle document: tiles on both sides of it are to be skipped
+    poisoned = [t.clone() for t in (q, k, v)]
+    for t in poisoned:
+        t[:, :, ~rows] = float("nan")
+    o, grads = run(*poisoned)
+    for name, a, b in zip(["out", "dq", "dk", "dv"], [o, *grads], [clean[0], *clean[1]]):
+        assert torch.equal(a[:, :, rows], b[:, :, rows]), name
+    monkeypatch.setattr(ops, "_non_decreasing", lambda ids: torch.zeros_like(ids[:, 0], dtype=torch.bool))
+    o, grads = run(*poisoned)
+    assert torch.isnan(o[:, :, rows]).any() and torch.isnan(grads[0][:, :, rows]).any()
+    assert torch.isnan(grads[1][:, :, rows]).any()
+
+
+def test_chunked_path_segments(seed, one_thread):
+    """The CPU path's query chunks slice the query ids: chunks smaller than a document, pair ids, ALiBi, causal."""
+    from cosattn.reference import attention_chunked
+
+    q, k, v = (t.double() for t in _inputs(2, 2, 1, 23, 31, 16, torch.float32, "cpu"))
+    q_seg, k_seg = packed_segment_ids(2, 23, "cpu"), packed_segment_ids(2, 31, "cpu")
+    kw = dict(causal=True, alibi_slopes=torch.tensor([0.5, 0.25], dtype=torch.float64), segment_ids=(q_seg, k_seg))
+    torch.testing.assert_close(attention_chunked(q, k, v, chunk_size=5, **kw), attention_reference(q, k, v, **kw))
+
+
+def test_torch_compile_fullgraph_segments(seed, device):
+    q, k, v = _inputs(1, 2, 1, 17, 17, 16, torch.float32, device)
+    seg = packed_segment_ids(1, 17, device)
+
+    def f(q, k, v):
+        return cosine_sim_attention(q * 2, k, v, causal=True, segment_ids=seg).sum()
+
+    q.requires_grad_()
+    out = torch.compile(f, fullgraph=True, backend="aot_eager")(q, k, v)
+    out.backward()
+    ref_q = q.detach().clone().requires_grad_()
+    ref = f(ref_q, k, v)
+    ref.backward()
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(q.grad, ref_q.grad)
 
 
 # ---------------------------------------------------------------------------------------------------- integration
@@ -638,7 +844,8 @@ def test_custom_op_opcheck(seed, device):
     from cosattn.ops import _attention_fwd_op
 
     q, k, v = _inputs(1, 2, 1, 17, 19, 16, torch.float32, device)
-    args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), None, None, None, None, True, 10.0, True, 1)
+    args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), None, None, None, None, None, None)
+    args = (*args, True, 10.0, True, 1)
     torch.library.opcheck(
         _attention_fwd_op, args, test_utils=("test_schema", "test_faketensor", "test_autograd_registration")
     )
@@ -680,6 +887,35 @@ def test_custom_op_opcheck(seed, device):
         (lambda t: dict(scale=t(2), scale_max=float("nan")), ValueError, "scale_max"),
         (lambda t: dict(scale=t(2), scale_max=True), ValueError, "scale_max"),
         (lambda t: dict(scale_max=16.0), ValueError, "scale_max bounds a per-head scale tensor"),
+        (lambda t: dict(segment_ids=t(1, 8)), TypeError, "segment_ids must be an integer tensor"),
+        (lambda t: dict(segment_ids=torch.ones(1, 8, dtype=torch.bool)), TypeError, "segment_ids must be an integer"),
+        (
+            lambda t: dict(segment_ids=torch.ones(1, 7, dtype=torch.long)),
+            ValueError,
+            "segment_ids must be (b, n) = (1, 8)",
+        ),
+        (lambda t: dict(segment_ids=torch.ones(8, dtype=torch.long)), ValueError, "segment_ids must be (b, n)"),
+        (
+            lambda t: dict(k=t(1, 1, 9, 16), v=t(1, 1, 9, 16), segment_ids=torch.ones(1, 8, dtype=torch.long)),
+            ValueError,
+            "q_len == k_len",
+        ),
+        (
+            lambda t: dict(segment_ids=(torch.ones(1, 8, dtype=torch.long), torch.ones(1, 7, dtype=torch.long))),
+            ValueError,
+            "k_segment_ids must be (b, j) = (1, 8); got (1, 7)",
+        ),
+        (
+            lambda t: dict(segment_ids=(t(1, 8), torch.ones(1, 8, dtype=torch.long))),
+            TypeError,
+            "q_segment_ids must be an integer tensor",
+        ),
+        (lambda t: dict(segment_ids=[torch.ones(1, 8, dtype=torch.long)] * 3), TypeError, "a pair"),
+        (
+            lambda t: dict(segment_ids=torch.ones(1, 8, dtype=torch.long, device="meta")),
+            ValueError,
+            "segment_ids must be on cpu",
+        ),
     ],
 )
 def test_bad_inputs_raise(make, exc, words):

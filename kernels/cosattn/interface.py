@@ -13,6 +13,8 @@ import torch
 from .reference import attention_chunked
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# the integer dtypes segment ids may have (the kernels compare them as loaded)
+_SEGMENT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
 MAX_SCALE = 100.0
 
@@ -67,6 +69,45 @@ def check_attention_config(dim_head, heads, kv_heads, scale, groups) -> None:
     g = _integer("groups", groups)
     if g < 1 or d % g != 0:
         raise ValueError(f"groups must be a positive integer dividing dim_head={d}; got groups={groups!r}")
+
+
+def _check_segments(segment_ids, q, k, b: int, i: int, j: int):
+    """segment_ids: one (b, n) tensor (needs i == j) or a pair ((b, i), (b, j)) -> (q_segment_ids, k_segment_ids) of
+    one integer dtype (a pair of two dtypes is promoted: exact), or None. b, i, j: the canonical q4's batch and
+    length and k4's length (b is the merged batch B for a 3-D q). Before any launch, like `_canonicalize`."""
+    if segment_ids is None:
+        return None
+    if isinstance(segment_ids, torch.Tensor):
+        if i != j:
+            raise ValueError(
+                f"segment_ids as one tensor is for self-attention (q_len == k_len); got q {_shape(q)}, k {_shape(k)}: "
+                f"pass a pair (q_segment_ids (b, i), k_segment_ids (b, j))"
+            )
+        pair = (("segment_ids", segment_ids, "n", i), ("segment_ids", segment_ids, "n", j))
+    elif isinstance(segment_ids, (tuple, list)) and len(segment_ids) == 2:
+        pair = (("q_segment_ids", segment_ids[0], "i", i), ("k_segment_ids", segment_ids[1], "j", j))
+    else:
+        raise TypeError(
+            f"segment_ids must be an integer tensor (b, n) or a pair (q_segment_ids, k_segment_ids); "
+            f"got {type(segment_ids).__name__}"
+        )
+    for name, t, dim, n in pair:
+        if not isinstance(t, torch.Tensor) or t.dtype not in _SEGMENT_DTYPES:
+            raise TypeError(
+                f"{name} must be an integer tensor (int8, int16, int32, int64 or uint8); "
+                f"got {getattr(t, 'dtype', type(t).__name__)}"
+            )
+        if tuple(t.shape) != (b, n):
+            raise ValueError(
+                f"{name} must be (b, {dim}) = ({b}, {n}); got {_shape(t)} for q {_shape(q)}, k {_shape(k)}"
+            )
+        if t.device != q.device:
+            raise ValueError(f"{name} must be on {q.device}; got {t.device}")
+    q_seg, k_seg = pair[0][1], pair[1][1]
+    if q_seg.dtype != k_seg.dtype:
+        dtype = torch.promote_types(q_seg.dtype, k_seg.dtype)
+        q_seg, k_seg = q_seg.to(dtype), k_seg.to(dtype)
+    return q_seg, k_seg
 
 
 def _canonicalize(
@@ -217,6 +258,7 @@ def cosine_sim_attention(
     alibi_slopes: torch.Tensor | None = None,
     attn_bias_batch_dim: bool = False,
     scale_max: float | None = None,
+    segment_ids: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Cosine-similarity attention: softmax(scale · q̂ k̂ᵀ + attn_bias) v, with q̂, k̂ l2-normalised along d.
 
@@ -250,6 +292,16 @@ def cosine_sim_attention(
             this bound picks the kernel's path as a float scale does: keep it tight when learning scales, e.g. 16
             or 32: the fixed exponent offset (faster) needs scale_max·groups ≤ 48.8 in bf16/fp32 and ≤ 10.02 in
             fp16; beyond, the kernel runs the (exact) running-max path.
+        segment_ids: packed documents. One integer tensor (b, n) for self-attention (needs i == j), or a pair
+            (q_segment_ids (b, i), k_segment_ids (b, j)); with a 3-D q, b is its merged batch B. Integer dtypes
+            int8/16/32/64 or uint8 (a pair of two dtypes is promoted), on q's device. Query r sees key c only where
+            their ids are equal, on top of `mask`, `causal` (still aligned on the whole sequences: positions, ALiBi's
+            included, are those of the packed sequence, not per document) and −inf entries of `attn_bias`. Ids in any
+            order are exact. Where a batch element's ids are non-decreasing (as packing gives: checked on the device,
+            per batch element and side, no host sync), the kernels skip whole tiles: a tile of keys whose
+            [first id, last id] misses the query tile's [min id, max id] is never loaded (and likewise query tiles in
+            the backward), so a packed batch costs about the tiles its documents share, not b·i·j. A query whose
+            segment has no visible key is a row with no visible key (below).
 
     Returns: like q (shape and dtype). Rows with no visible key are zeros, with zero gradients.
 
@@ -272,6 +324,7 @@ def cosine_sim_attention(
     q4, k4, v4, mask, bias4, slopes, scale, scale_max, groups, merged = _canonicalize(
         q, k, v, mask, attn_bias, alibi_slopes, causal, scale, l2norm_qk, groups, attn_bias_batch_dim, scale_max
     )
+    segments = _check_segments(segment_ids, q, k, q4.shape[0], q4.shape[2], k4.shape[2])
     if _use_triton(q.device):
         from .ops import triton_attention
 
@@ -287,6 +340,7 @@ def cosine_sim_attention(
             groups=groups,
             alibi_slopes=slopes,
             scale_max=scale_max,
+            segment_ids=segments,
         )
     else:
         o = attention_chunked(
@@ -301,5 +355,6 @@ def cosine_sim_attention(
             groups=groups,
             alibi_slopes=slopes,
             scale_max=scale_max,
+            segment_ids=segments,
         )
     return o.squeeze(1) if merged else o

@@ -4,7 +4,8 @@
 against (run it in float64) and nothing else. `attention_chunked` computes the same function in query chunks
 with autograd, so memory stays O(chunk · j): it is what the op runs on a CPU when the Triton interpreter
 is off. Both take canonical 4-D inputs (see `cosattn.interface`), and a float scale or a per-head (h,) tensor, clamped
-by `clamp_scale` as the kernels' path clamps it.
+by `clamp_scale` as the kernels' path clamps it. `segment_ids` is one (b, n) integer tensor (self-attention) or a
+pair (q_segment_ids (b, i), k_segment_ids (b, j)): a query sees a key only where their ids are equal.
 """
 
 from __future__ import annotations
@@ -42,16 +43,30 @@ def _head_scale(scale, scale_max, dtype):
     return clamp_scale(scale, scale_max, torch.promote_types(scale.dtype, dtype))[:, None, None]
 
 
-def visibility(i: int, j: int, *, causal: bool, mask: torch.Tensor | None, device) -> torch.Tensor | None:
-    """Bool (b or 1, 1, i, j): True where query r may see key c. Causal is aligned bottom-right."""
+def segment_pair(segment_ids):
+    """(q_segment_ids, k_segment_ids) from one tensor (self-attention: both the same) or a pair; None stays None."""
+    if segment_ids is None or isinstance(segment_ids, torch.Tensor):
+        return segment_ids, segment_ids
+    return tuple(segment_ids)
+
+
+def visibility(
+    i: int, j: int, *, causal: bool, mask: torch.Tensor | None, device, segment_ids=None, rows: slice = slice(None)
+) -> torch.Tensor | None:
+    """Bool (b or 1, 1, i, j): True where query r may see key c. Causal is aligned bottom-right; with `segment_ids`
+    only keys of the query's own segment. `rows` restricts the queries (a chunk of them: (.., len(rows), j))."""
     vis = None
     if causal:
-        r = torch.arange(i, device=device)[:, None]
+        r = torch.arange(i, device=device)[rows, None]
         c = torch.arange(j, device=device)[None, :]
         vis = (c <= r + (j - i))[None, None]
     if mask is not None:
         m = mask[:, None, None, :]
         vis = m if vis is None else vis & m
+    q_seg, k_seg = segment_pair(segment_ids)
+    if q_seg is not None:
+        s = (q_seg[:, rows, None] == k_seg[:, None, :])[:, None]
+        vis = s if vis is None else vis & s
     return vis
 
 
@@ -94,10 +109,12 @@ def attention_reference(
     groups=1,
     alibi_slopes=None,
     scale_max=None,
+    segment_ids=None,
 ):
     """Canonical inputs: q (b, h, i, d), k/v (b, hk, j, d), mask (b, j) bool, attn_bias broadcastable to
-    (b, h, i, j), alibi_slopes (h,), scale a float or (h,) tensor (clamped to [0, scale_max]). Computes in the dtype
-    of q (pass float64 for ground truth); autograd gives every gradient, the scale's included."""
+    (b, h, i, j), alibi_slopes (h,), scale a float or (h,) tensor (clamped to [0, scale_max]), segment_ids (b, n) or a
+    pair ((b, i), (b, j)). Computes in the dtype of q (pass float64 for ground truth); autograd gives every gradient,
+    the scale's included."""
     b, h, i, _ = q.shape
     j = k.shape[2]
     scale = _head_scale(scale, scale_max, q.dtype)
@@ -108,7 +125,7 @@ def attention_reference(
     if alibi_slopes is not None:
         ab = alibi_bias(alibi_slopes, i, j, q.dtype)
         bias = ab if bias is None else bias + ab
-    vis = visibility(i, j, causal=causal, mask=mask, device=q.device)
+    vis = visibility(i, j, causal=causal, mask=mask, device=q.device, segment_ids=segment_ids)
     return _attend(q, k, v, bias=bias, vis=vis, scale=scale)
 
 
@@ -125,6 +142,7 @@ def attention_chunked(
     groups=1,
     alibi_slopes=None,
     scale_max=None,
+    segment_ids=None,
     chunk_size=1024,
 ):
     """The same function as `attention_reference`, computed over query chunks: memory O(chunk · j).
@@ -150,11 +168,8 @@ def attention_chunked(
             pk = torch.arange(j, device=q.device, dtype=cdt)[None, :]
             ab = -alibi_slopes.to(cdt)[None, :, None, None] * (pq - pk).abs()[None, None]
             bias = ab if bias is None else bias + ab
-        vis = None
-        if causal:
-            vis = (torch.arange(j, device=q.device)[None, :] <= (r + (j - i))[:, None])[None, None]
-        if mask is not None:
-            m = mask[:, None, None, :]
-            vis = m if vis is None else vis & m
+        vis = visibility(
+            i, j, causal=causal, mask=mask, device=q.device, segment_ids=segment_ids, rows=slice(start, stop)
+        )
         outs.append(_attend(q[:, :, start:stop], k, v, bias=bias, vis=vis, scale=scale))
     return torch.cat(outs, dim=2).to(out_dtype)
