@@ -11,6 +11,7 @@ import os
 
 import torch
 
+from . import decode
 from . import kernels as K
 from .launch import Launcher, cdiv, next_power_of_2
 
@@ -439,12 +440,16 @@ class _AttentionFunction(torch.autograd.Function):
 def triton_attention(q, k, v, *, mask, attn_bias, causal, scale, l2norm_qk, groups, alibi_slopes):
     """Canonical inputs (see module docstring) -> output (b, h, i, d) in q's dtype. Eager calls go through an
     autograd.Function (or straight to the launcher when no gradient can flow: inference and sampling skip the
-    autograd bookkeeping); under torch.compile the registered custom op is traced instead."""
+    autograd bookkeeping); under torch.compile the registered custom op is traced instead. Calls with no gradient,
+    few queries and many keys (decoding with a KV cache: `decode.use_decode`) take the split-KV decode path."""
     args = (q, k, v, mask, attn_bias, alibi_slopes, causal, scale, l2norm_qk, groups)
+    no_grad = not torch.is_grad_enabled() or not any(
+        t is not None and t.requires_grad for t in (q, k, v, attn_bias, alibi_slopes)
+    )
+    if no_grad and decode.use_decode(q, k):
+        return decode.decode_attention(*args)
     if torch.compiler.is_compiling():
         return _attention_fwd_op(*args)[0]
-    if not torch.is_grad_enabled() or not any(
-        t is not None and t.requires_grad for t in (q, k, v, attn_bias, alibi_slopes)
-    ):
+    if no_grad:
         return attention_forward(*args)[0]
     return _AttentionFunction.apply(*args)
