@@ -221,3 +221,21 @@ def test_decode_under_torch_compile(seed, device, decode_spy):
         (q, k, v, None, None, None, True, 10.0, True, 1),
         test_utils=("test_schema", "test_faketensor"),
     )
+
+
+def test_zoo_decoding_through_the_kv_cache(seed, device, decode_spy, monkeypatch, one_thread):
+    """The zoo's cached decoding (strided views of KVBuffer, bottom-right causal, GQA) takes the decode path, and
+    its logits match a full forward pass with the path disabled."""
+    from cosformer import Decoder, TransformerWrapper
+
+    net = TransformerWrapper(
+        num_tokens=37, max_seq_len=16, attn_layers=Decoder(dim=32, depth=1, heads=4, kv_heads=2, dim_head=16)
+    ).eval()
+    x = torch.randint(0, 37, (2, 9))
+    with torch.no_grad():
+        _, cache = net(x[:, :6], return_cache=True)
+        steps = [net(x[:, t : t + 1], cache=cache) for t in range(6, 9)]
+        assert decode_spy["decode"] == 4  # the prompt (6 queries) and each of the 3 steps
+        monkeypatch.setattr(decode, "ENABLED", False)
+        full = net(x)
+    torch.testing.assert_close(torch.cat(steps, dim=1), full[:, 6:], atol=1e-5, rtol=1e-5)
