@@ -319,7 +319,9 @@ def cosine_sim_attention(
     raise ValueError naming the argument. All checks run before any kernel launch, the same on every backend.
 
     Backends: CUDA tensors run the Triton kernels; CPU tensors run them under the Triton interpreter when
-    TRITON_INTERPRET=1, otherwise a chunked PyTorch implementation of the same function (with autograd).
+    TRITON_INTERPRET=1, otherwise a chunked PyTorch implementation of the same function (with autograd). On the
+    Triton backend, calls that need no gradient with few queries against many keys (decoding with a KV cache; the
+    rule is `cosattn.decode.use_decode`) take a split-KV decode path: the same function, keys read once per kv head.
     """
     q4, k4, v4, mask, bias4, slopes, scale, scale_max, groups, merged = _canonicalize(
         q, k, v, mask, attn_bias, alibi_slopes, causal, scale, l2norm_qk, groups, attn_bias_batch_dim, scale_max

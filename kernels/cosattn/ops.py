@@ -14,6 +14,7 @@ import os
 
 import torch
 
+from . import decode
 from . import kernels as K
 from .launch import Launcher, cdiv, next_power_of_2
 from .reference import clamp_scale
@@ -513,18 +514,23 @@ def triton_attention(
 ):
     """Canonical inputs (see module docstring; `segment_ids` the (q, k) pair or None) -> output (b, h, i, d) in q's
     dtype. `scale` a float, or an (h,) tensor clamped here to [0, scale_max] (torch.clamp: its gradient is zero
-    outside). Eager calls go through an autograd.Function (or straight to the launcher when no gradient can flow: inference and sampling skip the
-    autograd bookkeeping); under torch.compile the registered custom op is traced instead."""
+    outside). Eager calls go through an autograd.Function (or straight to the launcher when no gradient can flow:
+    inference and sampling skip the autograd bookkeeping); under torch.compile the registered custom op is traced
+    instead. Calls with no gradient, few queries and many keys (decoding with a KV cache: `decode.use_decode`) take
+    the split-KV decode path, which has no segment ids or per-head scales: those calls take the main forward."""
     scales = None
     if isinstance(scale, torch.Tensor):
         # float64, so the kernels derive each head's numbers as the host does from a float scale
         scales, scale = clamp_scale(scale, scale_max, torch.float64).contiguous(), float(scale_max)
     q_seg, k_seg = segment_ids if segment_ids is not None else (None, None)
     args = (q, k, v, mask, attn_bias, alibi_slopes, scales, q_seg, k_seg, causal, scale, l2norm_qk, groups)
+    no_grad = not torch.is_grad_enabled() or not any(
+        t is not None and t.requires_grad for t in (q, k, v, attn_bias, alibi_slopes, scales)
+    )
+    if no_grad and scales is None and segment_ids is None and decode.use_decode(q, k):
+        return decode.decode_attention(q, k, v, mask, attn_bias, alibi_slopes, causal, scale, l2norm_qk, groups)
     if torch.compiler.is_compiling():
         return _attention_fwd_op(*args)[0]
-    if not torch.is_grad_enabled() or not any(
-        t is not None and t.requires_grad for t in (q, k, v, attn_bias, alibi_slopes, scales)
-    ):
+    if no_grad:
         return attention_forward(*args)[0]
     return _AttentionFunction.apply(*args)
