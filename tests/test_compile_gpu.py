@@ -90,17 +90,6 @@ def test_encoder_decoder_compiles_across_lengths(attn):
 # ---------------------------------------------------------------------------------------------- trainer and bench
 
 
-@pytest.fixture
-def fresh_accelerate():
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-
-
 def test_trainer_compiled_on_cuda_matches_eager_and_resumes_either_way(tmp_path, fresh_accelerate, capsys):
     """train.compile on a CUDA device (auto turns it on there): losses as the eager run's within fp32 rounding (TF32
     off by default), generation stays out of the compiled code, and checkpoints resume across compile on/off."""

@@ -59,7 +59,7 @@ def test_shapes_splits_are_disjoint_by_content(size, palette):
     assert len(contents["train"]) < 300
     # a split owns its share of the image space: the held-out splits are a fixed function of the image
     for split, ds in splits.items():
-        assert all(shapes.split_of(image.numpy(), None) == split for image in ds.indices[:50])
+        assert all(shapes.split_of(image.numpy()) == split for image in ds.indices[:50])
 
 
 _INVERSE = {"above": "below", "below": "above", "left of": "right of", "right of": "left of"}

@@ -61,6 +61,8 @@ def _accelerator():
     return types.SimpleNamespace(
         distributed_type=DistributedType.NO,
         is_main_process=True,
+        num_processes=1,
+        process_index=0,
         device=torch.device("cpu"),
         unwrap_model=lambda m: m,
         autocast=contextlib.nullcontext,
@@ -257,3 +259,35 @@ def test_hf_layout_and_floor(tmp_path, torch_attention_path, small_evaluation, m
     cfg.t2i.fid_samples = 7  # 20 // 7 - 1 = 1 floor subset: no std, refused before training
     with pytest.raises(ValueError, match="fid_samples=7"):
         t2i_task.TextToImageTask(cfg).datasets()
+
+
+def test_scenes_evaluation_pool_floor_and_ceiling(tmp_path, torch_attention_path, small_evaluation, monkeypatch):
+    """data.name=scenes: the splits and the evaluation pool are the scenes of t2i.data_seed; the floor subsets are the
+    disjoint n-row blocks after the reference; real images of the generated captions score the first subset's FID and,
+    as fidelity, the ceiling, which the judge reaches on the scenes' own labels."""
+    from cosformer.t2i.scenes import SceneDataset, scene_classes
+
+    for kind, (cls, arch, train) in list(metrics.NETS.items()):  # 32x32 scenes: smaller batches keep the test short
+        monkeypatch.setitem(metrics.NETS, kind, (cls, arch, train | {"batch_size": 16}))
+
+    cfg = _config(tmp_path / "cache", "data.name=scenes", "t2i.image_size=32", "t2i.palette=7", "t2i.text_max_len=72")
+    task = t2i_task.TextToImageTask(cfg)
+    pool = task.eval_pool("test")
+    drawn = SceneDataset("test", SIZES["test"] + SUBSETS * N, image_size=32, palette=7, text_max_len=72, seed=3)
+    assert torch.equal(pool.indices, drawn.indices) and pool.captions == drawn.captions
+    assert torch.equal(pool.labels(), drawn.labels()) and task.splits["train"].attribute_classes() == scene_classes(7)
+    layout = task.layout("test")
+    first = SIZES["test"]
+    assert layout.reference == slice(0, first)
+    assert layout.floor == tuple(slice(first + i * N, first + (i + 1) * N) for i in range(SUBSETS))
+    rows = list(range(first, first + N)) + [r for r in range(len(pool)) if not first <= r < first + N]
+    stub = StubGenerator({"images": pool.images(torch.tensor(rows)), "captions": [pool.captions[r] for r in rows]})
+    out = task.final_evaluate(stub, _accelerator(), tmp_path)
+    net = task.net("feature")
+    reference = metrics.extract_features(net, pool.images(layout.reference))
+    floor = [metrics.frechet_distance(metrics.extract_features(net, pool.images(s)), reference) for s in layout.floor]
+    assert out["test_fid"] == pytest.approx(floor[0], rel=1e-9)
+    assert (out["test_fid_floor_mean"], out["test_fid_floor_std"]) == pytest.approx(_mean_std(floor), rel=1e-9)
+    labels = pool.labels(layout.captions).numpy()
+    ceiling = _balanced_accuracy(_predict(task.net("fidelity"), pool.images(layout.captions)), labels)
+    assert out["test_fidelity_ceiling"] == pytest.approx(ceiling) and out["test_fidelity"] == pytest.approx(ceiling)

@@ -12,18 +12,14 @@ import torch
 from cosformer.train.config import load_config
 from cosformer.train.trainer import Trainer
 
+from .test_t2i import _tiny_overrides
+
 pytestmark = pytest.mark.gpu
 
 
 @pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+def _fresh_state(fresh_accelerate):
     yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
 
 
 COMMON = ["model.dim=32", "model.depth=2", "model.heads=2", "model.dim_head=16", "train.batch_size=8",
@@ -32,16 +28,8 @@ COMMON = ["model.dim=32", "model.depth=2", "model.heads=2", "model.dim_head=16",
 
 TASKS = {
     "lm": ["data.name=pystdlib", "data.max_bytes=200000", "data.seq_len=64", "train.sample_length=16"],
-    "t2i": [
-        "data.name=shapes",
-        "t2i.image_size=8",
-        "t2i.palette=5",
-        "t2i.num_train=96",
-        "t2i.num_val=16",
-        "t2i.num_test=12",
-        "t2i.fid_samples=8",
-        "t2i.enc_depth=1",
-    ],  # fmt: skip
+    # the text-to-image suite's tiny shapes run, less what COMMON and the test set
+    "t2i": [o for o in _tiny_overrides(pathlib.Path("unused")) if o.startswith(("data.name", "t2i."))],
 }
 
 

@@ -1,4 +1,4 @@
-"""Text-to-image experiments: data (procedural shapes, Hugging Face image-caption sets), the model (caption
+"""Text-to-image experiments: data (procedural scenes and shapes, Hugging Face image-caption sets), the model (caption
 encoder + autoregressive palette-token decoder), image-quality metrics (in-project FID and KID, caption fidelity
 by an independent classifier, diversity) and sample grids. The training task that ties them to the trainer is
 `cosformer.train.tasks.t2i`."""
@@ -19,12 +19,14 @@ from .metrics import (
     train_net,
 )
 from .model import TextToImage
+from .scenes import SceneDataset
 from .shapes import ImageCaptionDataset, ShapesDataset, decode_caption, encode_captions
 
 __all__ = [
     "AttributeClassifier",
     "FeatureNet",
     "ImageCaptionDataset",
+    "SceneDataset",
     "ShapesDataset",
     "TextToImage",
     "caption_fidelity",

@@ -2,15 +2,16 @@
 training images: FID and KID in the feature space of one net, caption fidelity by a second, independent one, and
 the diversity of images generated for one caption.
 
-Why in-project nets: Inception features do not suit 8-32 pixel synthetic images (and its weights are a download).
+Why in-project nets: Inception features do not suit 8-64 pixel synthetic images (and its weights are a download).
 
-Feature space. FID and KID read the penultimate layer of `FeatureNet`, trained as the attribute classifier on the real
-training images: for the shapes dataset it predicts layout, and shape / colour / size of each object; for captioned
-photos, which caption words are present. Its features therefore see what the captions talk about. There is one such
-net per training set, not per run: it is trained on the CPU from a fixed seed (not the run's), and cached under
-data.cache_dir by a content hash of everything that determines it (the training images and labels, the
-architecture and the training hyper-parameters; `load_or_train_net`), so every run on the same data measures in
-the same space and a changed training set can never reuse a stale net.
+Feature space. FID and KID read the penultimate layer of `FeatureNet`, trained as the attribute classifier on the
+real training images: for scenes it predicts the layout and shape / colour / size / count of each group
+(`scenes.py`), for the shapes pairs the layout and shape / colour / size of each object; for captioned photos, which
+caption words are present. Its features therefore see what the captions talk about. There is one such net per
+training set, not per run: it is trained on the CPU from a fixed seed (not the run's), and cached under
+data.cache_dir by a content hash of everything that determines it (the training images and labels, the architecture
+and the training hyper-parameters; `load_or_train_net`), so every run on the same data measures in the same space
+and a changed training set can never reuse a stale net.
 
 FID (Heusel et al., 2017): with (mu, S) the mean and covariance of each feature set,
     FID = ||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)),
@@ -150,7 +151,10 @@ NETS: dict[str, tuple[type[nn.Module], dict, dict]] = {
     "fidelity": (
         AttributeClassifier,
         {"width": 32, "hidden": 256},
-        {"steps": 350, "batch_size": 128, "lr": 3e-3, "seed": 1},
+        # counting and binding attributes to the top / left group need more steps than the pairs did: on 32x32 scenes
+        # (8000 training images, one seed) balanced accuracy on 400 real test scenes rose from 0.88 at 350 steps to
+        # 0.95 at 1200
+        {"steps": 1500, "batch_size": 128, "lr": 3e-3, "seed": 1},
     ),
 }
 

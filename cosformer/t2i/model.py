@@ -3,12 +3,12 @@
     caption bytes (b, L) --Encoder (self-attention, key-padding mask)--> context (b, L, dim)
     [BOS, p_1, ..., p_{S*S}] --Decoder (causal self-attention + cross-attention to context, caption mask)--> logits
 
-Every pixel is one token: its index in a small palette (the shapes dataset is drawn from the palette, so this is
-lossless there), in raster order after a BOS token (id = number of colours). Why autoregressive over discrete
-tokens: the loss is an exact likelihood (bits per pixel), the zoo's `AutoregressiveWrapper` and its KV-cached
-generation serve as they are, and the cross-attention exercises the attention op's key-padding mask on every
-layer. Every attention of both stacks is of one kind (`attn="cosine"` or `"regular"`), so the two variants differ
-in nothing else.
+Every pixel is one token: its index in a small palette (the scenes and shapes datasets are drawn from the palette, so
+this is lossless there), in raster order after a BOS token (id = number of colours); a 64x64 scene is 4096 tokens
+(`scenes.py` says why no patch tokeniser sits in between). Why autoregressive over discrete tokens: the loss is an
+exact likelihood (bits per pixel), the zoo's `AutoregressiveWrapper` and its KV-cached generation serve as they are,
+and the cross-attention exercises the attention op's key-padding mask on every layer. Every attention of both stacks
+is of one kind (`attn="cosine"` or `"regular"`), so the two variants differ in nothing else.
 """
 
 from __future__ import annotations

@@ -61,6 +61,8 @@ COLOURS = (
     ("orange", (250, 140, 20)),
     ("purple", (130, 60, 200)),
     ("brown", (140, 90, 40)),
+    ("pink", (250, 160, 200)),
+    ("grey", (128, 128, 128)),
 )
 SPLITS = ("train", "val", "test")
 # Share of the image space each split owns (see `split_of`); val and test are kept equal.
@@ -99,9 +101,14 @@ def object_sizes(image_size: int) -> tuple[int, int]:
     return small, large
 
 
+# Every shape either dataset draws (shapes: the first four; scenes: all six).
+SHAPE_KINDS = ("circle", "square", "triangle", "cross", "diamond", "ring")
+
+
 @functools.cache
-def _shape_mask(shape: str, side: int) -> np.ndarray:
-    """(side, side) bool: the shape drawn in its bounding box, sampled at pixel centres (cached: read only)."""
+def shape_mask(shape: str, side: int) -> np.ndarray:
+    """(side, side) bool: the shape drawn in its bounding box, sampled at pixel centres (cached: read only). Each
+    shape reaches all four sides of its box, so the box of its pixels is the box it was drawn in."""
     c = (np.arange(side) + 0.5) / side
     v, u = np.meshgrid(c, c, indexing="ij")  # v: row (down), u: column (right), both in (0, 1)
     if shape == "square":
@@ -112,8 +119,13 @@ def _shape_mask(shape: str, side: int) -> np.ndarray:
         mask = np.abs(u - 0.5) <= v / 2 + 0.5 / side
     elif shape == "cross":  # a plus sign with arms a third of the side thick
         mask = (np.abs(u - 0.5) <= 1 / 6 + 0.5 / side) | (np.abs(v - 0.5) <= 1 / 6 + 0.5 / side)
+    elif shape == "diamond":  # the tolerance keeps the centre pixel(s) of the first and last rows and columns
+        mask = np.abs(u - 0.5) + np.abs(v - 0.5) <= 0.5 + 1e-9
+    elif shape == "ring":  # a circle with a hole of half its radius
+        r2 = (u - 0.5) ** 2 + (v - 0.5) ** 2
+        mask = (r2 <= 0.25) & (r2 > 0.0625)
     else:
-        raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
+        raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPE_KINDS}")
     mask.setflags(write=False)
     return mask
 
@@ -166,7 +178,7 @@ def draw_item(description: dict, image_size: int) -> np.ndarray:
     image = np.zeros((image_size, image_size), dtype=np.uint8)
     for obj in description["objects"]:
         y, x, side = obj["box"]  # top row, left column, side
-        image[y : y + side, x : x + side][_shape_mask(SHAPES[obj["shape"]], side)] = obj["colour"] + 1
+        image[y : y + side, x : x + side][shape_mask(SHAPES[obj["shape"]], side)] = obj["colour"] + 1
     return image
 
 
@@ -215,19 +227,53 @@ def has_held_out_triple(description: dict) -> bool:
     return any(is_held_out(t) for t in relation_triples(description))
 
 
-def split_of(image: np.ndarray, description: dict, holdout: str = "none") -> str | None:
+def split_of(image: np.ndarray, held_out: bool = False, holdout: str = "none") -> str | None:
     """The split that owns an item: by a hash of the image bytes; with holdout="combinations", None for an item that
-    belongs to no split (a held-out combination hashed to train, or an item without one hashed to val / test)."""
+    belongs to no split (`held_out`, i.e. holding a held-out combination, hashed to train, or not held out and hashed
+    to val / test)."""
     digest = hashlib.blake2b(np.ascontiguousarray(image).tobytes(), digest_size=8).digest()
     u = int.from_bytes(digest, "little") / 2**64  # uniform in [0, 1)
     split = "test" if u < SPLIT_SHARES["test"] else "val" if u < SPLIT_SHARES["test"] + SPLIT_SHARES["val"] else "train"
-    if holdout == "combinations" and has_held_out_triple(description) != (split != "train"):
+    if holdout == "combinations" and held_out != (split != "train"):
         return None
     return split
 
 
 def _item_rng(seed: int, split: str, index: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([seed, SPLITS.index(split), index]))
+
+
+def collect_items(
+    split: str, num_items: int, image_size: int, seed: int, holdout: str, describe, draw, held_out, label
+) -> tuple[np.ndarray, list[str], list[list[int]], int]:
+    """The first `num_items` items that split `split` owns (see the module docstring), for any procedural dataset:
+    describe(rng) -> description with a "caption", draw(description) -> (S, S) uint8 image, held_out(description) ->
+    bool, label(description) -> attribute labels. Returns (images (n, S, S), captions, labels, draws used)."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}; got {split!r}")
+    if holdout not in HOLDOUTS:
+        raise ValueError(f"holdout must be one of {HOLDOUTS}; got {holdout!r}")
+    if num_items < 1:
+        raise ValueError(f"num_items must be positive; got {num_items}")
+    captions, labels = [], []
+    indices = np.empty((num_items, image_size, image_size), dtype=np.uint8)
+    draw_index, max_draws = 0, 1000 * num_items + 10_000  # the rarest split owns a few percent of all draws
+    while len(captions) < num_items:
+        if draw_index == max_draws:
+            raise RuntimeError(f"{split} owned {len(captions)} of {draw_index} draws; cannot reach {num_items} items")
+        description = describe(_item_rng(seed, split, draw_index))
+        draw_index += 1
+        is_held_out = holdout == "combinations" and held_out(description)
+        # the holdout rule needs no pixels: skip the drawing where it already says no
+        if holdout == "combinations" and is_held_out == (split == "train"):
+            continue
+        image = draw(description)
+        if split_of(image, is_held_out, holdout) != split:
+            continue
+        indices[len(captions)] = image
+        captions.append(description["caption"])
+        labels.append(label(description))
+    return indices, captions, labels, draw_index
 
 
 class ImageCaptionDataset(Dataset):
@@ -305,12 +351,6 @@ class ShapesDataset(ImageCaptionDataset):
         seed: int = 0,
         holdout: str = "none",
     ):
-        if split not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS}; got {split!r}")
-        if holdout not in HOLDOUTS:
-            raise ValueError(f"holdout must be one of {HOLDOUTS}; got {holdout!r}")
-        if num_items < 1:
-            raise ValueError(f"num_items must be positive; got {num_items}")
         if image_size < 8:
             raise ValueError(f"image_size must be at least 8 for two objects to fit; got {image_size}")
         colours = shapes_palette(palette)
@@ -318,23 +358,17 @@ class ShapesDataset(ImageCaptionDataset):
         longest_caption = 2 * len(f"a small {'x' * longest} triangle") + len(" right of ")
         if text_max_len < longest_caption:
             raise ValueError(f"text_max_len must be >= {longest_caption} to hold every caption; got {text_max_len}")
-        captions, labels = [], []
-        indices = np.empty((num_items, image_size, image_size), dtype=np.uint8)
-        draw, max_draws = 0, 1000 * num_items + 10_000  # the rarest split owns a few percent of all draws
-        while len(captions) < num_items:
-            if draw == max_draws:
-                raise RuntimeError(f"{split} owned {len(captions)} of {draw} draws; cannot reach {num_items} items")
-            description = describe_item(_item_rng(seed, split, draw), image_size, palette - 1)
-            draw += 1
-            # the holdout rule needs no pixels: skip the drawing where it already says no
-            if holdout == "combinations" and has_held_out_triple(description) == (split == "train"):
-                continue
-            image = draw_item(description, image_size)
-            if split_of(image, description, holdout) != split:
-                continue
-            indices[len(captions)] = image
-            captions.append(description["caption"])
-            labels.append(canonical_labels(description))
+        indices, captions, labels, draws = collect_items(
+            split,
+            num_items,
+            image_size,
+            seed,
+            holdout,
+            describe=lambda rng: describe_item(rng, image_size, palette - 1),
+            draw=lambda description: draw_item(description, image_size),
+            held_out=has_held_out_triple,
+            label=canonical_labels,
+        )
         super().__init__(
             torch.from_numpy(indices),
             colours,
@@ -343,4 +377,4 @@ class ShapesDataset(ImageCaptionDataset):
             attribute_classes(palette),
             text_max_len,
         )
-        self.split, self.seed, self.holdout, self.draws = split, seed, holdout, draw
+        self.split, self.seed, self.holdout, self.draws = split, seed, holdout, draws

@@ -70,9 +70,14 @@ class ModelConfig:
         )
 
 
+# data.name values served by the text-to-image task: the procedural pairs and scenes, and Hugging Face sets
+T2I_DATA = ("shapes", "scenes", "hf")
+PROCEDURAL_T2I_DATA = ("shapes", "scenes")
+
+
 @dataclass
 class DataConfig:
-    name: Literal["enwik8", "text", "pystdlib", "shapes", "hf"] = "pystdlib"
+    name: Literal["enwik8", "text", "pystdlib", "shapes", "scenes", "hf"] = "pystdlib"
     path: str = ""  # a local copy of the corpus (enwik8 or its zip; the file for `text`)
     seq_len: int = 128
     cache_dir: str = "~/.cache/cosformer"
@@ -134,7 +139,8 @@ class T2IConfig:
     fid_samples: int = 256
     sample_temperature: float = 1.0
     data_seed: int = 0  # draws (shapes) / shuffles (hf) the data; independent of train.seed
-    holdout: Literal["none", "combinations"] = "none"  # combinations: val / test hold shapes triples train never has
+    # combinations: val / test hold (colour, shape, relation) triples train never has (data.name shapes or scenes)
+    holdout: Literal["none", "combinations"] = "none"
 
 
 @dataclass
@@ -346,7 +352,7 @@ RANGES: dict[str, Interval] = {
     "train.seed": Interval(0, 2**32 - 1),  # numpy's seed range: accelerate's set_seed seeds numpy too
     "train.grad_clip": AT_LEAST_0,
     "train.num_workers": AT_LEAST_0,
-    "t2i.image_size": AT_LEAST_1,  # the shapes dataset needs more, and says how much when it is built
+    "t2i.image_size": AT_LEAST_1,  # shapes and scenes need more (8, 32), and say so when built
     "t2i.palette": Interval(2, 256),  # colour indices are stored as uint8
     "t2i.num_train": AT_LEAST_1,
     "t2i.num_val": AT_LEAST_1,
@@ -384,8 +390,8 @@ def validate(cfg: Config) -> Config:
         if value not in interval:
             raise ConfigError(f"config key '{key}' must be {interval}, got {value!r}")
     m, t, d = cfg.model, cfg.train, cfg.data
-    check_model_options(m, cross_attend=d.name in ("shapes", "hf"))
-    if m.alibi and d.name in ("shapes", "hf"):
+    check_model_options(m, cross_attend=d.name in T2I_DATA)
+    if m.alibi and d.name in T2I_DATA:
         raise ConfigError(
             f"model.alibi does not apply to data.name={d.name}: the text-to-image decoder cross-attends, and ALiBi "
             "is defined for self-attention only (use model.rotary)"

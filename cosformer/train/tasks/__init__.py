@@ -2,7 +2,7 @@
 the trainer owns the loop (Accelerate, optimiser, schedule, checkpoints, tracking).
 
 Registry, keyed by `data.name`: "enwik8", "text", "pystdlib" -> `LMTask` (byte-level language modelling);
-"shapes", "hf" -> the text-to-image task in `cosformer.train.tasks.t2i`, imported only when asked for.
+"shapes", "scenes", "hf" -> the text-to-image task in `cosformer.train.tasks.t2i`, imported only when asked for.
 """
 
 from __future__ import annotations
@@ -65,6 +65,7 @@ _REGISTRY: dict[str, tuple[str, str | None]] = {
     "text": ("cosformer.train.tasks.lm", "LMTask"),
     "pystdlib": ("cosformer.train.tasks.lm", "LMTask"),
     "shapes": ("cosformer.train.tasks.t2i", None),
+    "scenes": ("cosformer.train.tasks.t2i", None),
     "hf": ("cosformer.train.tasks.t2i", None),
 }
 

@@ -1,4 +1,6 @@
-"""Text-to-image task (data.name "shapes" or "hf"): cosine vs regular attention judged on image quality, not loss.
+"""Text-to-image task (data.name "scenes", "shapes" or "hf"): cosine vs regular attention judged on image quality, not
+loss. "scenes" (`cosformer.t2i.scenes`: counted groups of objects in a relation) is the task the configs run; "shapes"
+(`cosformer.t2i.shapes`: one object or a pair) is the easier one, which the models compared learn to the floor.
 
 Loss alone can hide a difference in sample quality, so every evaluation also generates images and measures them
 with the nets of `cosformer.t2i.metrics` (one feature net and one fidelity judge per training set, trained on the
@@ -9,9 +11,10 @@ real training images from fixed seeds and cached by content, so every run on the
   so only the distance to the floor means something, and only with the floor's std beside it;
 - {split}_kid, {split}_kid_std: KID (unbiased; 0 in expectation for a perfect generator) and its std over subsets,
   in the same feature space; {split}_kid_floor_mean / _std as for FID;
-- {split}_fidelity: balanced accuracy with which the fidelity judge recovers the captioned attributes (shape,
-  colour, size per object, and their layout) from the generated images; {split}_fidelity_ceiling: the same on the
-  real images of the same captions;
+- {split}_fidelity: balanced accuracy with which the fidelity judge recovers the captioned attributes (for scenes:
+  shape, colour, size and count of each group, and the relation as the layout plus which group comes first; for
+  shapes: shape, colour, size per object and the layout) from the generated images; {split}_fidelity_ceiling: the
+  same on the real images of the same captions;
 - {split}_diversity: the mean feature distance between images generated for one caption, relative to the same for
   real images of one caption (DIVERSITY_CAPTIONS captions, the most frequent of the split, DIVERSITY_SAMPLES images
   each): about 1 for a generator that varies what the caption leaves open (where the objects go), 0 for one that
@@ -24,13 +27,13 @@ directory), test_* at the end. Losses are reported in nats per pixel token and a
 Which real images play which part (`EvalLayout`): the last FLOOR_SUBSETS * n images of a split's evaluation pool are
 the floor subsets, the rest is the reference. The first floor subset's captions are the ones generated for, so the
 generated images and each floor subset are n images of captions drawn alike, none of them in the reference. For
-shapes the pool is the split followed by FLOOR_SUBSETS * n more items of its stream (the reference is the split
-itself); for hf it is the split, and fewer floor subsets are used where it is too small for FLOOR_SUBSETS.
+scenes and shapes the pool is the split followed by FLOOR_SUBSETS * n more items of its stream (the reference is the
+split itself); for hf it is the split, and fewer floor subsets are used where it is too small for FLOOR_SUBSETS.
 
-The data (shapes drawing, hf shuffling) follows t2i.data_seed, not train.seed: runs with different seeds train on
-the same data and are measured on the same images. Generation runs on the main process only, under its own seeded
-RNG (seed + step), so evaluating never moves the training random stream and a resumed run stays identical; the
-metric nets run on the CPU.
+The data (scenes and shapes drawing, hf shuffling) follows t2i.data_seed, not train.seed: runs with different seeds
+train on the same data and are measured on the same images. Generation runs on the main process only, under its own
+seeded RNG (seed + step), so evaluating never moves the training random stream and a resumed run stays identical;
+the metric nets run on the CPU.
 """
 
 from __future__ import annotations
@@ -57,10 +60,11 @@ from cosformer.t2i.metrics import (
     mean_pairwise_distance,
 )
 from cosformer.t2i.model import TextToImage
+from cosformer.t2i.scenes import SceneDataset
 from cosformer.t2i.shapes import ImageCaptionDataset, ShapesDataset
 
 from ..checkpoint import wait_for_everyone
-from ..config import Config
+from ..config import PROCEDURAL_T2I_DATA, T2I_DATA, Config
 from ..rng import fork_rng
 from . import LN2, full_split_loss, may_generate
 
@@ -99,12 +103,12 @@ class TextToImageTask:
     DATA_KEYS = ("train.seed", "t2i.data_seed", "t2i.holdout")  # which data each step sees
 
     def __init__(self, cfg: Config):
-        if cfg.data.name not in ("shapes", "hf"):
-            raise ValueError(f"TextToImageTask serves data.name 'shapes' or 'hf'; got {cfg.data.name!r}")
+        if cfg.data.name not in T2I_DATA:
+            raise ValueError(f"TextToImageTask serves data.name {' | '.join(T2I_DATA)}; got {cfg.data.name!r}")
         if cfg.data.name == "hf" and not cfg.t2i.hf_dataset:
             raise ValueError("data.name=hf needs t2i.hf_dataset (a Hugging Face dataset name)")
         if cfg.data.name == "hf" and cfg.t2i.holdout != "none":
-            raise ValueError(f"t2i.holdout={cfg.t2i.holdout} is defined for data.name=shapes only")
+            raise ValueError(f"t2i.holdout={cfg.t2i.holdout} is defined for data.name scenes and shapes only")
         if cfg.t2i.fid_samples < 2:
             raise ValueError(f"t2i.fid_samples must be >= 2 (FID needs a covariance); got {cfg.t2i.fid_samples}")
         self.cfg = cfg
@@ -120,9 +124,9 @@ class TextToImageTask:
     def splits(self) -> dict[str, ImageCaptionDataset]:
         if self._splits is None:
             t = self.cfg.t2i
-            if self.cfg.data.name == "shapes":
+            if self.cfg.data.name in PROCEDURAL_T2I_DATA:
                 sizes = {"train": t.num_train, "val": t.num_val, "test": t.num_test}
-                self._splits = {split: self._shapes(split, n) for split, n in sizes.items()}
+                self._splits = {split: self._procedural(split, n) for split, n in sizes.items()}
             else:
                 # one process decodes and quantises into the cache, the others then read it
                 state = PartialState()
@@ -133,9 +137,10 @@ class TextToImageTask:
                     wait_for_everyone(state)
         return self._splits
 
-    def _shapes(self, split: str, num_items: int) -> ShapesDataset:
+    def _procedural(self, split: str, num_items: int) -> ImageCaptionDataset:
         t = self.cfg.t2i
-        return ShapesDataset(split, num_items, t.image_size, t.palette, t.text_max_len, t.data_seed, t.holdout)
+        dataset = SceneDataset if self.cfg.data.name == "scenes" else ShapesDataset
+        return dataset(split, num_items, t.image_size, t.palette, t.text_max_len, t.data_seed, t.holdout)
 
     def load_hf(self, source=None) -> dict[str, ImageCaptionDataset]:
         """The hf splits from t2i.hf_dataset, or from `source` (a `datasets.Dataset`) when given."""
@@ -197,7 +202,7 @@ class TextToImageTask:
     def layout(self, split: str) -> EvalLayout:
         """Which rows of `eval_pool(split)` are reference and floor subsets (see module docstring)."""
         n = self.cfg.t2i.fid_samples
-        if self.cfg.data.name == "shapes":
+        if self.cfg.data.name in PROCEDURAL_T2I_DATA:
             pool_size, subsets = len(self.splits[split]) + FLOOR_SUBSETS * n, FLOOR_SUBSETS
         else:
             pool_size = len(self.splits[split])
@@ -215,8 +220,10 @@ class TextToImageTask:
     def eval_pool(self, split: str) -> ImageCaptionDataset:
         """The real images of `split` that evaluation uses (see module docstring)."""
         if split not in self._pools:
-            if self.cfg.data.name == "shapes":
-                self._pools[split] = self._shapes(split, len(self.splits[split]) + FLOOR_SUBSETS * self.layout(split).n)
+            if self.cfg.data.name in PROCEDURAL_T2I_DATA:
+                self._pools[split] = self._procedural(
+                    split, len(self.splits[split]) + FLOOR_SUBSETS * self.layout(split).n
+                )
             else:
                 self._pools[split] = self.splits[split]
         return self._pools[split]
