@@ -140,3 +140,22 @@ def test_bad_segment_ids_and_combinations_are_refused():
     mem_kv = TransformerWrapper(NUM_TOKENS, 16, Decoder(32, 1, 2, attn_dim_head=16, attn_num_mem_kv=2))
     with pytest.raises(ValueError, match="memory key/values"):
         mem_kv(x, segment_ids=ids)
+
+
+def test_rotary_and_absolute_positions_restart_at_each_document(seed):
+    """Rotary logits depend on position differences only, so a rotation that did not restart would show in the
+    logits as rounding alone: the angles themselves are compared here (bitwise, as a document alone gets them)."""
+    net = TransformerWrapper(NUM_TOKENS, 64, Decoder(32, 1, 2, attn_dim_head=16, rotary_pos_emb=True))
+    net.pos_emb = make_net("regular", "absolute").pos_emb  # both kinds at once: use_abs_pos_emb=True
+    seen = {}
+    net.attn_layers.rotary.register_forward_hook(lambda m, args, out: seen.__setitem__("rotary", out))
+    net.pos_emb.register_forward_hook(lambda m, args, out: seen.__setitem__("absolute", out))
+    ids = random_packing(2, 40)
+    with torch.no_grad():
+        net(torch.randint(0, NUM_TOKENS, ids.shape), segment_ids=ids)
+        packed = seen.copy()
+        for r, start, end in documents(ids):
+            net(torch.randint(0, NUM_TOKENS, (1, end - start)))
+            assert torch.equal(packed["absolute"][r, start:end], seen["absolute"])
+            for got, alone in zip(packed["rotary"], seen["rotary"]):  # cos, sin
+                assert torch.equal(got[r, 0, start:end], alone)
