@@ -77,11 +77,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def normalize_sdpa(q, k, v, *, mask=None, attn_bias=None, causal=False, scale=10.0, l2norm_qk=True, groups=1,
-                   alibi_slopes=None, attn_bias_batch_dim=False):  # fmt: skip
+                   alibi_slopes=None, attn_bias_batch_dim=False, segment_ids=None):  # fmt: skip
     """The op's function through the regular kernels: SDPA on F.normalize'd q and k with a fixed scale. Only what
-    this benchmark's model uses (no mask, bias, ALiBi or l2norm groups; causal with as many queries as keys)."""
-    if mask is not None or attn_bias is not None or alibi_slopes is not None or groups != 1:
-        raise ValueError("normalize_sdpa: mask, attn_bias, alibi_slopes and groups > 1 are not part of the benchmark")
+    this benchmark's model uses (no mask, bias, ALiBi, segment ids or l2norm groups; causal with as many queries as
+    keys)."""
+    if mask is not None or attn_bias is not None or alibi_slopes is not None or segment_ids is not None or groups != 1:
+        raise ValueError(
+            "normalize_sdpa: mask, attn_bias, alibi_slopes, segment_ids and groups > 1 are not part of the benchmark"
+        )
     if causal and q.shape[-2] != k.shape[-2]:
         raise ValueError(
             f"normalize_sdpa: causal needs q_len == k_len (SDPA aligns top-left), got {q.shape}, {k.shape}"
