@@ -611,14 +611,12 @@ def test_xtransformer_every_parameter_gets_a_gradient(tie_token_emb, seed, torch
     assert not unused
 
 
-def test_triton_interpreter_matches_torch_path(seed, monkeypatch):
-    """Runs the fused op's Triton kernels (interpreted on CPU) inside the model; tiny on purpose."""
+def assert_triton_matches_torch_path(model, x, monkeypatch):
+    """Output and every parameter gradient of `model(x)` through the op's Triton kernels (interpreted on CPU) and
+    through its PyTorch path. The parameters keep the PyTorch path's gradients."""
     pytest.importorskip("cosattn.ops", reason="the Triton kernels of cosattn are not importable")
     if not torch.cuda.is_available():
         monkeypatch.setenv("TRITON_INTERPRET", "1")
-    layers = Decoder(dim=32, depth=1, heads=2, dim_head=16)
-    model = TransformerWrapper(num_tokens=16, max_seq_len=8, attn_layers=layers)
-    x = torch.randint(0, 16, (1, 8))
     out_triton = model(x)
     out_triton.sum().backward()
     grads_triton = [p.grad.clone() for p in model.parameters()]
@@ -629,6 +627,13 @@ def test_triton_interpreter_matches_torch_path(seed, monkeypatch):
     torch.testing.assert_close(out_triton, out_torch, atol=1e-4, rtol=1e-4)
     for g, p in zip(grads_triton, model.parameters()):
         torch.testing.assert_close(g, p.grad, atol=1e-4, rtol=1e-3)
+
+
+def test_triton_interpreter_matches_torch_path(seed, monkeypatch):
+    """Runs the fused op's Triton kernels (interpreted on CPU) inside the model; tiny on purpose."""
+    layers = Decoder(dim=32, depth=1, heads=2, dim_head=16)
+    model = TransformerWrapper(num_tokens=16, max_seq_len=8, attn_layers=layers)
+    assert_triton_matches_torch_path(model, torch.randint(0, 16, (1, 8)), monkeypatch)
 
 
 @pytest.mark.parametrize("attn", ["cosine", "regular"])

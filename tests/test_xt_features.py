@@ -16,7 +16,18 @@ from cosformer import (
     TransformerWrapper,
     XTransformer,
 )
-from tests.test_model import BASE, DPB, T5, _lin, _ln, build, ref_layers, ref_memory_tokens, ref_wrapper
+from tests.test_model import (
+    BASE,
+    DPB,
+    T5,
+    _lin,
+    _ln,
+    assert_triton_matches_torch_path,
+    build,
+    ref_layers,
+    ref_memory_tokens,
+    ref_wrapper,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -292,20 +303,7 @@ def test_new_options_compile_without_graph_breaks(attn, seed, torch_attention_pa
 def test_triton_interpreter_matches_torch_path_with_bias_and_memory(seed, monkeypatch):
     """The op's Triton kernels (interpreted on CPU) with a learned position bias and memory key/values: the bias
     gradient comes back from the kernel. Tiny on purpose."""
-    pytest.importorskip("cosattn.ops", reason="the Triton kernels of cosattn are not importable")
-    if not torch.cuda.is_available():
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
     layers = Decoder(dim=32, depth=1, heads=2, attn_dim_head=16, rel_pos_bias=True, attn_num_mem_kv=2)
     model = TransformerWrapper(num_tokens=16, max_seq_len=8, attn_layers=layers)
-    x = torch.randint(0, 16, (1, 8))
-    out_triton = model(x)
-    out_triton.sum().backward()
-    grads_triton = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad()
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    out_torch = model(x)
-    out_torch.sum().backward()
-    torch.testing.assert_close(out_triton, out_torch, atol=1e-4, rtol=1e-4)
+    assert_triton_matches_torch_path(model, torch.randint(0, 16, (1, 8)), monkeypatch)
     assert layers.rel_pos.relative_attention_bias.weight.grad.abs().sum() > 0
-    for g, p in zip(grads_triton, model.parameters()):
-        torch.testing.assert_close(g, p.grad, atol=1e-4, rtol=1e-3)

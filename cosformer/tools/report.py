@@ -169,12 +169,17 @@ def _describe(key: str, value) -> str:
     return f"{key.rsplit('.', 1)[-1]}={value}"
 
 
+def varying_keys(runs: list[RunLog], exclude: tuple[str, ...] = ()) -> list[str]:
+    """The config keys whose values differ across runs (ignored prefixes and `exclude` left out): the attention type
+    and norm placement first, any other key after them in name order."""
+    keys = sorted({k for r in runs for k in r.config if not k.startswith(IGNORED_KEY_PREFIXES) and k not in exclude})
+    varying = [k for k in keys if len({repr(r.config.get(k)) for r in runs}) > 1]
+    return [k for k in _FIRST_KEYS if k in varying] + [k for k in varying if k not in _FIRST_KEYS]
+
+
 def label_runs(runs: list[RunLog]) -> None:
     """Label each run by the config keys whose values differ across runs; fall back on directory names."""
-    keys = sorted({k for r in runs for k in r.config if not k.startswith(IGNORED_KEY_PREFIXES)})
-    varying = [k for k in keys if len({repr(r.config.get(k)) for r in runs}) > 1]
-    # The attention type and norm placement lead; any other key that varies follows in name order.
-    varying = [k for k in _FIRST_KEYS if k in varying] + [k for k in varying if k not in _FIRST_KEYS]
+    varying = varying_keys(runs)
     # A cosine-only knob (scale, groups) shown on a regular-attention run would suggest it had an effect.
     cosine_only = {"model.scale", "model.groups"}
     for run in runs:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cosformer.tools.report import RunLog, _describe, _is_number
+from cosformer.tools.report import RunLog, _describe, _is_number, varying_keys
 
 SEED_KEY = "train.seed"
 TABLE_NOTE = (
@@ -29,22 +29,15 @@ TABLE_NOTE = (
     "that, minus the mean training loss logged since the evaluation before it (training losses carry dropout, so "
     "that understates over-fitting; it still compares variants trained alike)."
 )
-_IGNORED = ("train.out_dir", "train.resume", "log.")
-
-
-def variant_of(run: RunLog, varying: list[str]) -> str:
-    return " ".join(_describe(k, run.config.get(k)) for k in varying) or "all runs"
 
 
 def group_by_variant(runs: list[RunLog]) -> dict[str, list[RunLog]]:
     """Runs keyed by a label of the config values that vary across runs, the seed excepted (order of appearance)."""
-    keys = sorted({k for r in runs for k in r.config if not k.startswith(_IGNORED) and k != SEED_KEY})
-    varying = [k for k in keys if len({repr(r.config.get(k)) for r in runs}) > 1]
-    first = [k for k in ("model.attn", "model.pre_norm") if k in varying]
-    varying = first + [k for k in varying if k not in first]
+    varying = varying_keys(runs, exclude=(SEED_KEY,))
     groups: dict[str, list[RunLog]] = {}
     for run in runs:
-        groups.setdefault(variant_of(run, varying), []).append(run)
+        label = " ".join(_describe(k, run.config.get(k)) for k in varying) or "all runs"
+        groups.setdefault(label, []).append(run)
     return groups
 
 
@@ -145,14 +138,14 @@ def summary_rows(groups: dict[str, list[RunLog]], key: str) -> tuple[list[str], 
     rows, raw = [], {}
     for name, runs in groups.items():
         best = [best_value(r, key) for r in runs]
-        final = [eval_curve(r, key)[1][-1] if len(eval_curve(r, key)[1]) else None for r in runs]
-        gaps = [gap_curve(r, key)[1][-1] if len(gap_curve(r, key)[1]) else None for r in runs]
+        finals = [eval_curve(r, key)[1] for r in runs]
+        gaps = [gap_curve(r, key)[1] for r in runs]
         values = {
             "seeds": [r.config.get(SEED_KEY) for r in runs],
             "best": [b for b, _ in best],
             "best_step": [s for _, s in best],
-            "final": [float(v) if v is not None else None for v in final],
-            "gap": [float(v) if v is not None else None for v in gaps],
+            "final": [float(v[-1]) if len(v) else None for v in finals],
+            "gap": [float(v[-1]) if len(v) else None for v in gaps],
             "full_val": [r.final.get(key) if r.final else None for r in runs],
             "test": [r.final.get(f"test_{unit}") for r in runs],
             "status": [r.status for r in runs],

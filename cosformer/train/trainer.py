@@ -77,7 +77,6 @@ from dataclasses import dataclass
 
 import torch
 from accelerate import Accelerator
-from accelerate.data_loader import prepare_data_loader
 from accelerate.utils import DistributedType, parse_flag_from_env, set_seed
 from torch.utils.data import DataLoader, Subset
 
@@ -87,7 +86,7 @@ from . import checkpoint as ckpt
 from .attn_stats import ATTN_STATS_ITEMS, attention_stats
 from .config import Config, dump_yaml, save_yaml, to_dict
 from .rng import fork_rng
-from .tasks import Task, build_task, mean_loss
+from .tasks import Task, build_task, evaluation_loader, mean_loss
 from .tracking import Tracker, configure_wandb
 
 
@@ -248,17 +247,11 @@ class Trainer:
         )
         # fixed training items (the first ones a train set yields: crops that are a pure function of the seed and
         # their index, or the first examples), as many as the validation batches: their loss in eval mode, beside
-        # val's, is the generalisation gap without dropout. Not registered with the accelerator: nothing to resume.
+        # val's, is the generalisation gap without dropout.
         self.train_probe_loader = None
         if t.eval_train:
             probe = Subset(datasets["train"], range(min(len(datasets["val"]), len(datasets["train"]))))
-            self.train_probe_loader = prepare_data_loader(
-                DataLoader(probe, batch_size=t.batch_size, num_workers=t.num_workers, pin_memory=pin),
-                device=acc.device,
-                num_processes=acc.num_processes,
-                process_index=acc.process_index,
-                put_on_device=True,
-            )
+            self.train_probe_loader = evaluation_loader(acc, probe, t.batch_size, t.num_workers)
         self.state = TrainState()
         if self.resumed_from is not None:
             saved = ckpt.load_checkpoint(acc, self.resumed_from)

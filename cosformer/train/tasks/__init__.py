@@ -70,18 +70,23 @@ _REGISTRY: dict[str, tuple[str, str | None]] = {
 }
 
 
-def full_split_loss(model, accelerator, dataset: Dataset, batch_size: int, num_workers: int = 0) -> float:
-    """Exact mean loss over a whole split: its loader is sharded over processes and its batches put on the model's
-    device, as `accelerator.prepare` would, but without registering it with the accelerator (a registered loader
-    would join the checkpointed state, and this one exists only for the final evaluation)."""
-    loader = prepare_data_loader(
-        DataLoader(dataset, batch_size=batch_size, num_workers=num_workers),
+def evaluation_loader(accelerator, dataset: Dataset, batch_size: int, num_workers: int = 0) -> DataLoader:
+    """A loader for evaluation only: sharded over processes and its batches put on the model's device, as
+    `accelerator.prepare` would, but not registered with the accelerator (a registered loader would join the
+    checkpointed state, and this one has nothing to resume)."""
+    pin = accelerator.device.type == "cuda"
+    return prepare_data_loader(
+        DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=pin),
         device=accelerator.device,
         num_processes=accelerator.num_processes,
         process_index=accelerator.process_index,
         put_on_device=True,
     )
-    return mean_loss(model, accelerator, loader)
+
+
+def full_split_loss(model, accelerator, dataset: Dataset, batch_size: int, num_workers: int = 0) -> float:
+    """Exact mean loss over a whole split (the final evaluation), through an `evaluation_loader`."""
+    return mean_loss(model, accelerator, evaluation_loader(accelerator, dataset, batch_size, num_workers))
 
 
 @torch.no_grad()
