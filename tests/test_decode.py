@@ -59,10 +59,10 @@ def _peer_and_reference(
     qn, kn = l2norm_tensors(q, k, groups=groups) if l2norm_qk else (q, k)
     kn, vn = kn.repeat_interleave(h // k.shape[1], 1), v.repeat_interleave(h // k.shape[1], 1)
     vis = visibility(i, j, causal=causal, mask=mask, device=q.device)
-    vis = torch.ones(1, 1, i, j, dtype=torch.bool) if vis is None else vis.expand(-1, 1, i, j)
+    vis = torch.ones(1, 1, i, j, dtype=torch.bool, device=q.device) if vis is None else vis.expand(-1, 1, i, j)
     attn_mask = vis
     if alibi_slopes is not None or attn_bias is not None:
-        add = torch.zeros(1, h, i, j, dtype=torch.float64)
+        add = torch.zeros(1, h, i, j, dtype=torch.float64, device=q.device)
         add = add + alibi_bias(alibi_slopes.double(), i, j, torch.float64) if alibi_slopes is not None else add
         add = add + attn_bias.double() if attn_bias is not None else add
         attn_mask = add.masked_fill(~vis, float("-inf")).to(q.dtype)
@@ -230,8 +230,8 @@ def test_zoo_decoding_through_the_kv_cache(seed, device, decode_spy, monkeypatch
 
     net = TransformerWrapper(
         num_tokens=37, max_seq_len=16, attn_layers=Decoder(dim=32, depth=1, heads=4, kv_heads=2, dim_head=16)
-    ).eval()
-    x = torch.randint(0, 37, (2, 9))
+    ).to(device).eval()
+    x = torch.randint(0, 37, (2, 9), device=device)
     with torch.no_grad():
         _, cache = net(x[:, :6], return_cache=True)
         steps = [net(x[:, t : t + 1], cache=cache) for t in range(6, 9)]

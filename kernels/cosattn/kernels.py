@@ -590,7 +590,7 @@ def _bwd_dkdv_kernel(
 
 
 @triton.jit
-def _bwd_dq_inner(dq, ds_sum, pc_sum, q, do, lse, delta, offs_m, cols,
+def _bwd_dq_inner(dq, ds_sum, pc_sum, dc_sum, q, do, lse, delta, offs_m, cols,
                   K_base, RK_base, V_base, K_desc, V_desc, b32, hk32, bias_base, mask_base, slope, KSEG_base, seg_q,
                   stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn, stride_mn, stride_skn,
                   M, N, lo, hi,
@@ -631,13 +631,14 @@ def _bwd_dq_inner(dq, ds_sum, pc_sum, q, do, lse, delta, offs_m, cols,
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
         if SCALE_GRAD:
-            # the row sums the scale gradient's correction needs (see the dq kernel's epilogue)
+            # the row sums of the scale gradient (see the dq kernel's epilogue), from dS in fp32
             ds_sum += tl.sum(ds, 1)
             pc_sum += tl.sum(p * cos_scaled, 1)
+            dc_sum += tl.sum(ds * cos_scaled, 1)
         if K_INLINE:
             ds = ds * rk[None, :]  # dq̂ = Σ dS·k̂ = Σ (dS·rk)·k
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
-    return dq, ds_sum, pc_sum
+    return dq, ds_sum, pc_sum, dc_sum
 
 
 @triton.jit
@@ -695,13 +696,14 @@ def _bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
     ds_sum = tl.zeros([BLOCK_M], dtype=tl.float32)  # Σ_j dS_ij (SCALE_GRAD)
     pc_sum = tl.zeros([BLOCK_M], dtype=tl.float32)  # Σ_j P_ij · qk_scale · q̂_i·k̂_j (SCALE_GRAD)
+    dc_sum = tl.zeros([BLOCK_M], dtype=tl.float32)  # Σ_j dS_ij · qk_scale · q̂_i·k̂_j (SCALE_GRAD)
     full_end, hi = _key_range(pid_m, M, N, CAUSAL, BLOCK_M, BLOCK_N)
     KSEG_base = KSEG + b * stride_skb
     seg_q, lo1, hi1, lo2, hi2 = 0, 0, full_end, full_end, hi
     if HAS_SEGMENTS:
         seg_q, lo1, hi1, lo2, hi2 = _segment_phases(QSEG + b * stride_sqb, stride_sqm, offs_m, M, KSEG_base,
                                                     stride_skn, N, SEG_SORTED + 2 * b + 1, 0, full_end, hi, BLOCK_N)
-    dq, ds_sum, pc_sum = _bwd_dq_inner(dq, ds_sum, pc_sum, q, do, lse, delta, offs_m, cols,
+    dq, ds_sum, pc_sum, dc_sum = _bwd_dq_inner(dq, ds_sum, pc_sum, dc_sum, q, do, lse, delta, offs_m, cols,
                                        K_base, RK_base, V_base, K_desc, V_desc, b32, hk32, bias_base, mask_base, slope,
                                        KSEG_base, seg_q,
                                        stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn, stride_mn,
@@ -709,7 +711,7 @@ def _bwd_dq_kernel(
                                        HEAD_DIM, D_PAD, BLOCK_N, CAUSAL, HAS_MASK, HAS_BIAS, HAS_ALIBI,
                                        USE_MAX, PRECISION, K_INLINE, USE_TMA, SCALE_GRAD, HAS_SEGMENTS, MASKED=False)
     if CAUSAL or not EVEN_N:  # the ragged last key block or the causal diagonal: masked tiles
-        dq, ds_sum, pc_sum = _bwd_dq_inner(dq, ds_sum, pc_sum, q, do, lse, delta, offs_m, cols,
+        dq, ds_sum, pc_sum, dc_sum = _bwd_dq_inner(dq, ds_sum, pc_sum, dc_sum, q, do, lse, delta, offs_m, cols,
                                            K_base, RK_base, V_base, K_desc, V_desc, b32, hk32, bias_base, mask_base,
                                            slope, KSEG_base, seg_q, stride_kn, stride_kd, stride_vn, stride_vd,
                                            stride_bm, stride_bn, stride_mn, stride_skn, M, N, lo2, hi2,
@@ -717,13 +719,16 @@ def _bwd_dq_kernel(
                                            USE_MAX, PRECISION, K_INLINE, USE_TMA, SCALE_GRAD, HAS_SEGMENTS,
                                            MASKED=True)
     if SCALE_GRAD:
-        # dL/dscale_h = Σ_ij dS_ij c_ij with c = q̂·k̂. This row's part is ⟨dS k̂, q̂⟩ (the accumulator before its
-        # scale), less (Σ_j dS_ij)(Σ_j P_ij c_ij), which is zero in exact arithmetic (Σ_j dS_ij = 0) and cancels the
-        # rounding of delta, computed from the output as stored in q's dtype: ⟨dS k̂, q̂⟩ is a covariance under P,
-        # small, while delta's error enters it times the mean cosine, not small. The host sums the rows over batch
-        # and length (no atomics). A head clamped to scale 0 has no qk_scale to divide by: it skips the correction.
-        mean_cos = tl.where(qk_scale != 0.0, pc_sum / qk_scale, 0.0)
-        tl.store(DSCALE + bh * M + offs_m, tl.sum(dq * q32, 1) - ds_sum * mean_cos, mask=offs_m < M)
+        # dL/dscale_h = Σ_ij dS_ij c_ij with c = q̂·k̂. This row's part is Σ_j dS_ij c_ij, summed in fp32 from dS
+        # before it is rounded for the dq product (a sum through that product, ⟨dS k̂, q̂⟩, carries the rounding of
+        # every dS_ij, more than PyTorch's own error at head dim 128), less (Σ_j dS_ij)(Σ_j P_ij c_ij), which is
+        # zero in exact arithmetic (Σ_j dS_ij = 0) and cancels the rounding of delta, computed from the output as
+        # stored in q's dtype: the row's part is a covariance under P, small, while delta's error enters it times
+        # the mean cosine, not small. The sums hold qk_scale · c, hence the division. A head clamped to scale 0 has
+        # no qk_scale to divide by: its part comes from ⟨dS k̂, q̂⟩. The host sums the rows (no atomics).
+        nonzero = qk_scale != 0.0
+        row = (dc_sum - ds_sum * pc_sum) / tl.where(nonzero, qk_scale, 1.0)
+        tl.store(DSCALE + bh * M + offs_m, tl.where(nonzero, row, tl.sum(dq * q32, 1)), mask=offs_m < M)
     dq = dq * scale
     if L2NORM:
         dq = _l2norm_bwd(q32, inv_q, dq, cols, GROUPS, HEAD_DIM)
