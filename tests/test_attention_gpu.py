@@ -271,7 +271,9 @@ def test_scale_cuda_graph_capture(seed):
         o = cosine_sim_attention(q, k, v, causal=True, scale=scale, scale_max=16.0)
         return (o, *torch.autograd.grad(o, (q, k, v, scale), do))
 
-    eager = step()
+    # detached: the eager outputs must not keep their autograd graph alive, or its AccumulateGrad nodes, made on the
+    # default stream, would serve the captured backward too and tie the legacy stream into the capture
+    eager = [t.detach() for t in step()]
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
