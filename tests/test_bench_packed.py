@@ -96,6 +96,21 @@ def test_cpu_smoke_run(tool, seed, tmp_path, capsys, one_thread):
     assert all(line.split()[-1] == "ok" for line in lines)
 
 
+def test_failing_variant_reads_na(tool, monkeypatch, capsys, one_thread):
+    def refuse(seg):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 512.00 MiB")
+
+    monkeypatch.setattr(tool, "document_mask", refuse)
+    argv = ["--device", "cpu", "--dtype", "fp32", "--ns", "32", "--doc-lens", "16", "--heads", "1", "--dim-heads", "16"]
+    assert tool.main([*argv, "--smoke-reps", "1", "--modes", "fwd"]) == 0
+    text = capsys.readouterr().out
+    assert text.count("sdpa_mask: n/a (RuntimeError: CUDA out of memory.") == 1  # the reason, once
+    row = text.rstrip().splitlines()[-2].split()
+    assert row[tool.COLUMNS.index("sdpa_mask_ms")] == "n/a" and row[tool.COLUMNS.index("vs_sdpa_mask")] == "n/a"
+    assert row[-1] == "-"  # nothing to check against
+    assert row[tool.COLUMNS.index("ours_ms")] != "n/a"
+
+
 def test_target_line(tool):
     base = dict(n=16384, doc_len=1024, d=128, mode="fwdbwd", h=8, b=1, dtype="bf16", errors={})
     assert "1.80x" in tool.target_line([{**base, "vs_flex": 1.8, "flex_ms": 9.0, "ours_ms": 5.0}])
