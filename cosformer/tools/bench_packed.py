@@ -395,7 +395,12 @@ def target_line(rows: list[dict]) -> str:
 def build_parser() -> argparse.ArgumentParser:
     full, quick = GRIDS["full"], GRIDS["quick"]
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument(
+        "--device",
+        choices=["cuda", "cpu"],
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help=f"cpu: a smoke run, never written to docs/, grid defaults {GRIDS['smoke']}",
+    )
     ap.add_argument("--dtype", choices=list(DTYPES), default="bf16")
     ap.add_argument("--ns", type=int, nargs="+", help=f"tokens per row (default {full['ns']}; --quick {quick['ns']})")
     ap.add_argument("--dim-heads", type=int, nargs="+", help=f"head dims (default {full['dims']})")
