@@ -33,7 +33,7 @@ LRS, DEPTHS, PRECISIONS, NORMS, ATTNS = (
 
 
 def write_run(path, *, attn, precision, pre_norm, depth, lr, train_loss=2.0, val_loss=1.5, diverge_at=None, final=True,
-              data="pystdlib"):  # fmt: skip
+              data="pystdlib", max_logit=5.0):  # fmt: skip
     """A run folder as the trainer leaves it (config.yaml + metrics.jsonl), steps 10..40."""
     path.mkdir(parents=True)
     config = {
@@ -52,7 +52,8 @@ def write_run(path, *, attn, precision, pre_norm, depth, lr, train_loss=2.0, val
         loss = train_loss if step == 40 else 3.0
         lines.append({"step": step, "loss": loss, "lr": lr, "tokens_per_s": 1e4, "memory_mib": 100.0})
         bpc = None if val_loss is None else val_loss / math.log(2)
-        lines.append({"step": step, "val_loss": val_loss, "val_bpc": bpc, "attn_max_logit": 5.0, "attn_entropy": 1.0})
+        stats = {"attn_max_logit": max_logit if step == 40 else 1.0, "attn_entropy": 1.0}
+        lines.append({"step": step, "val_loss": val_loss, "val_bpc": bpc, **stats})
     if final and diverge_at is None:
         lines.append({"step": 40, "final": True, "val_loss": val_loss, "val_bpc": bpc, "num_params": 1000})
     (path / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
@@ -100,6 +101,7 @@ def test_divergence_rule(tmp_path):
         "unfinished": ({"final": False, "train_loss": 9.0}, None),  # no result yet, whatever it logged
         "t2i_fine": ({"data": "shapes", "train_loss": 2.0, "val_loss": 2.0}, None),  # ln 8 ≈ 2.08
         "t2i_high": ({"data": "shapes", "train_loss": 2.1, "val_loss": 2.0}, "final train loss 2.1 ≥ ln 8"),
+        "scenes_high": ({"data": "scenes", "train_loss": 2.1, "val_loss": 2.0}, "final train loss 2.1 ≥ ln 8"),
     }
     for name, (logged, _) in cases.items():
         write_run(tmp_path / name, **base, **logged)
@@ -172,3 +174,37 @@ def test_other_sweeps_get_no_map_and_a_shared_cell_is_an_error(tmp_path):
     write_run(tmp_path / "dup" / "d", attn="cosine", precision="bf16", pre_norm=False, depth=2, lr=1e-2)
     with pytest.raises(ValueError, match="fall in one cell.*depth 2, lr 0.001"):
         stability_grids(find_runs([tmp_path / "dup"]))
+
+
+def test_statistic_tables_show_each_runs_last_evaluation(tmp_path):
+    """The max-logit table holds every run's value at its last evaluation (not an earlier one, not another run's),
+    placed in its own cell; a diverged run reads as on the map."""
+    rng = random.Random(0)
+    expected = {}
+    for attn in ATTNS:
+        for depth in DEPTHS:
+            for lr in LRS:
+                diverged = (attn, depth, lr) == ("regular", 4, 3e-2)
+                value = round(rng.uniform(2.0, 90.0), 1)
+                if (attn, depth, lr) == ("regular", 2, 1e-2):
+                    value = None  # overflowed (the tracker logs a non-finite value as null)
+                name = f"attn={attn},depth={depth},lr={lr:g}"
+                write_run(tmp_path / "s" / name, attn=attn, precision="bf16", pre_norm=False, depth=depth, lr=lr,
+                          max_logit=value, diverge_at=30 if diverged else None)  # fmt: skip
+                expected[(attn, depth, lr)] = "diverged" if diverged else value
+    write_report([tmp_path / "s"], tmp_path / "out", title="stability")
+    markdown = (tmp_path / "out" / "results.md").read_text()
+    section = markdown[markdown.index("### attn max logit") :]
+    for attn in ATTNS:
+        table = section[section.index(f"{attn} attention:") :].split("\n\n")[1].splitlines()[2:]
+        for r, depth in enumerate(DEPTHS):
+            cells = [c.strip() for c in table[r].strip("|").split("|")]
+            assert cells[:3] == ["bf16", "post-LN", str(depth)]
+            for c, lr in enumerate(LRS):
+                want = expected[(attn, depth, lr)]
+                if want == "diverged":
+                    assert cells[3 + c].startswith("diverged (")
+                elif want is None:
+                    assert cells[3 + c] == "non-finite"
+                else:
+                    assert cells[3 + c] == format(want, ".3g"), (attn, depth, lr)

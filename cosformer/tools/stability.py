@@ -37,7 +37,6 @@ LR_KEY, DEPTH_KEY, PRECISION_KEY, NORM_KEY, ATTN_KEY = (
     "model.pre_norm",
     "model.attn",
 )
-T2I_DATA = ("shapes", "hf")
 # Diverged cells are drawn in this colour, which the value colour map (viridis) never reaches, and carry a ×.
 DIVERGED_COLOUR = "#d62728"
 MISSING_COLOUR = "#ffffff"
@@ -46,6 +45,7 @@ VALUE_CMAP = "viridis"
 
 def uniform_loss(config: dict) -> float:
     """ln V, the loss of predicting every one of the V output classes equally, for a run's flattened config."""
+    from cosformer.train.config import T2I_DATA
     from cosformer.train.tasks.lm import NUM_TOKENS
 
     if config.get("data.name") in T2I_DATA:
@@ -100,7 +100,7 @@ class Panel:
     precision: str
     pre_norm: bool
     values: np.ndarray  # float, NaN where the cell has no finite result (diverged or missing)
-    status: np.ndarray  # "ok" | "diverged" | "missing"
+    status: np.ndarray  # "ok" | "diverged" | "missing" | "non-finite" (a statistic that overflowed)
     notes: np.ndarray  # the divergence reason, "" otherwise
 
     @property
@@ -117,14 +117,15 @@ class Grid:
     key: str  # the metric in `values`
 
 
-def stability_grids(runs: list[RunLog]) -> list[Grid]:
-    """One grid per attention kind over every learning rate, depth, precision and norm placement the runs hold.
-    Two runs in one cell (they differ in a key the map does not show, e.g. the seed) are an error, not a pick."""
+def stability_grids(runs: list[RunLog], key: str | None = None) -> list[Grid]:
+    """One grid per attention kind over every learning rate, depth, precision and norm placement the runs hold, the
+    cells holding each run's final `key` (default: the validation metric, `value_key`). Two runs in one cell (they
+    differ in a key the map does not show, e.g. the seed) are an error, not a pick."""
     for run in runs:
         missing = [k for k in (LR_KEY, DEPTH_KEY, PRECISION_KEY, NORM_KEY, ATTN_KEY) if k not in run.config]
         if missing:
             raise ValueError(f"run {run.path} has no {missing} in its config.yaml: cannot place it on the map")
-    key = value_key(runs)
+    key = key or value_key(runs)
     lrs = sorted({float(r.config[LR_KEY]) for r in runs})
     depths = sorted({int(r.config[DEPTH_KEY]) for r in runs})
     precisions = sorted({str(r.config[PRECISION_KEY]) for r in runs})
@@ -152,8 +153,12 @@ def stability_grids(runs: list[RunLog]) -> list[Grid]:
                     reason = diverged_reason(run)
                     if reason is not None:
                         panel.status[cell], panel.notes[cell] = "diverged", reason
-                    elif run.final and _final(run, key) is not None and math.isfinite(_final(run, key)):
-                        panel.status[cell], panel.values[cell] = "ok", _final(run, key)
+                    elif run.final and _final(run, key) is not None:
+                        value = _final(run, key)  # non-finite only for a statistic: a NaN val loss is divergence
+                        if math.isfinite(value):
+                            panel.status[cell], panel.values[cell] = "ok", value
+                        else:
+                            panel.status[cell] = "non-finite"
                 panels.append(panel)
         panels = [p for p in panels if (p.status != "missing").any()]  # e.g. a sweep with pre-LN only
         grids.append(Grid(attn, lrs, depths, panels, key))
@@ -208,7 +213,7 @@ def draw_stability_map(grid: Grid, vmin: float, vmax: float, title: str = ""):
     return fig
 
 
-def stability_table(grid: Grid) -> str:
+def stability_table(grid: Grid, fmt: str = ".3f") -> str:
     """A markdown table of one grid: a row per precision × norm × depth, a column per learning rate."""
     header = ["precision", "norm", "depth", *(f"lr {_lr_label(lr)}" for lr in grid.lrs)]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
@@ -218,9 +223,11 @@ def stability_table(grid: Grid) -> str:
             for c in range(len(grid.lrs)):
                 status = panel.status[r, c]
                 if status == "ok":
-                    cells.append(f"{panel.values[r, c]:.3f}")
+                    cells.append(format(panel.values[r, c], fmt))
+                elif status == "diverged":
+                    cells.append(f"diverged ({panel.notes[r, c]})")
                 else:
-                    cells.append(f"diverged ({panel.notes[r, c]})" if status == "diverged" else "–")
+                    cells.append("non-finite" if status == "non-finite" else "–")
             norm = "pre-LN" if panel.pre_norm else "post-LN"
             lines.append("| " + " | ".join([panel.precision, norm, str(depth), *cells]) + " |")
     return "\n".join(lines)
@@ -249,7 +256,29 @@ def write_stability_maps(runs: list[RunLog], out: str | os.PathLike, title: str 
         paths.append(path)
         lines += [f"### {grid.attn} attention", "", f"![stability map, {grid.attn}]({path.name})", ""]
         lines += [stability_table(grid), ""]
+    lines += _statistic_tables(runs)
     return lines, paths
+
+
+# the attention statistics the trainer logs at every evaluation (train.attn_stats), when the runs have them
+STATISTICS = {
+    "attn_max_logit": "Largest attention logit over all layers and heads (after the scale: cosine logits are bounded "
+    "by scale · groups, regular ones are not)",
+    "attn_entropy": "Mean attention entropy (nats) over layers, heads and queries",
+}
+
+
+def _statistic_tables(runs: list[RunLog]) -> list[str]:
+    """A table per logged attention statistic and attention kind: its value at each run's last evaluation; diverged
+    and missing runs read as on the map."""
+    lines = []
+    for key, what in STATISTICS.items():
+        if not any(_final(run, key) is not None for run in runs):
+            continue
+        lines += [f"### {key.replace('_', ' ')}", "", f"{what}, at each run's last evaluation.", ""]
+        for grid in stability_grids(runs, key):
+            lines += [f"{grid.attn} attention:", "", stability_table(grid, fmt=".3g"), ""]
+    return lines
 
 
 __all__ = ["diverged_reason", "draw_stability_map", "stability_grids", "stability_table", "uniform_loss"]
