@@ -24,6 +24,9 @@ x-transformers' extras, with its semantics:
 - gated values: `gate_values` multiplies the merged heads by sigmoid(W x) (W: dim → heads · dim_head, no bias,
   zero-initialised, so every gate starts at 0.5); `gate_value_heads` multiplies each head by sigmoid(w_h · x + b_h)
   (initialised w = 0, b = 10: gates start open), from "Attend to nothing" (arXiv:2306.12929).
+- packed documents (`segment_ids` (b, n), self-attention only): query r sees key c only where their ids are equal,
+  on top of the other masks; the op takes the ids itself (and skips tiles no document shares), regular attention
+  gets the equivalent boolean mask. Not with memory key/values (they belong to no document) nor a KV cache.
 - attention maps (`return_attn=True`): the forward runs a non-fused path that materialises the (b, h, i, j)
   logits and weights. Slow, with O(n²) memory: for inspection, not training.
 """
@@ -182,6 +185,7 @@ class Attention(nn.Module):
         attn_bias: torch.Tensor | None = None,
         value_residual: torch.Tensor | None = None,
         return_attn: bool = False,
+        segment_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor], AttentionIntermediates]:
         """x (b, i, dim); context (b, m, dim_context) for cross-attention; mask (b, j) bool over all keys
         (True = may attend; memory key/values are added to it); rotary (cos, sin) of the new positions
@@ -190,8 +194,17 @@ class Attention(nn.Module):
         afterwards (the context is then ignored). attn_bias (h, i, j) float added to the logits over the cached and
         new keys (relative position biases); value_residual (b, kv_heads, j_new, dim_head): the values of the
         stack's first attention, mixed into this call's; return_attn: compute the attention maps (slow, see the
-        module docstring).
+        module docstring); segment_ids (b, n) integer document ids of packed self-attention (no cache, no memory
+        key/values): a query sees the keys of its own document only.
         Returns (out (b, i, dim), (k, v) each (b, kv_heads, j, dim_head), AttentionIntermediates)."""
+        if segment_ids is not None:
+            if self.cross:
+                raise ValueError("segment_ids apply to self-attention; this Attention is cross-attention")
+            if kv_cache is not None or self.num_mem_kv:
+                raise ValueError(
+                    "segment_ids do not combine with a KV cache or memory key/values (num_mem_kv): cached and memory "
+                    "keys belong to no document of the packed row"
+                )
         q = self._split_heads(self.to_q(x), self.heads)  # (b, h, i, d)
         reuse = self.cross and kv_cache is not None and kv_cache.length > 0
         if reuse:
@@ -229,7 +242,9 @@ class Attention(nn.Module):
 
         inter = AttentionIntermediates(values=values)
         if return_attn:
-            out, inter.pre_softmax_attn, inter.post_softmax_attn = self._explicit(q, k, v, mask, bias, prenormed)
+            out, inter.pre_softmax_attn, inter.post_softmax_attn = self._explicit(
+                q, k, v, mask, bias, prenormed, segment_ids
+            )
         elif self.kind == "cosine":
             out = cosine_sim_attention(
                 q,
@@ -242,9 +257,10 @@ class Attention(nn.Module):
                 l2norm_qk=not prenormed,
                 groups=self.groups,
                 alibi_slopes=slopes,
+                segment_ids=segment_ids,
             )
         else:
-            out = self._regular(q, k, v, mask, bias)
+            out = self._regular(q, k, v, mask, bias, segment_ids)
         if self.to_v_head_gate is not None:
             out = out * rearrange(self.to_v_head_gate(x).sigmoid(), "b n h -> b h n 1").to(out.dtype)
         out = rearrange(out, "b h i d -> b i (h d)")
@@ -265,8 +281,9 @@ class Attention(nn.Module):
             bias = F.pad(bias, (n_mem, 0), value=0.0)
         return k, v, mask, bias
 
-    def _visibility(self, q, k, mask):
-        """Bool broadcastable to (b, h, i, j), True = may attend; None when every key is visible."""
+    def _visibility(self, q, k, mask, segment_ids=None):
+        """Bool broadcastable to (b, h, i, j), True = may attend; None when every key is visible. segment_ids (b, n)
+        with i == j == n (self-attention without cache or memory keys, as `forward` ensures)."""
         i, j = q.shape[-2], k.shape[-2]
         vis = None
         if self.causal:
@@ -275,9 +292,12 @@ class Attention(nn.Module):
         if mask is not None:
             key_mask = mask[:, None, None, :]
             vis = key_mask if vis is None else vis & key_mask
+        if segment_ids is not None:
+            same = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]  # (b, 1, i, j)
+            vis = same if vis is None else vis & same
         return vis
 
-    def _explicit(self, q, k, v, mask, bias, prenormed):
+    def _explicit(self, q, k, v, mask, bias, prenormed, segment_ids=None):
         """The attention written out, returning (out, logits, weights): what `return_attn` exposes."""
         if self.kind == "cosine" and not prenormed:
             q, k = l2norm_tensors(q, k, groups=self.groups)
@@ -287,7 +307,7 @@ class Attention(nn.Module):
         logits = scale * (q.float() @ k.float().transpose(-1, -2))  # (b, h, i, j)
         if bias is not None:
             logits = logits + bias.float()
-        vis = self._visibility(q, k, mask)
+        vis = self._visibility(q, k, mask, segment_ids)
         if vis is not None:
             logits = logits.masked_fill(~vis, float("-inf"))
         # a row with no visible key gives zero weights (and a zero output), as the op does
@@ -296,10 +316,10 @@ class Attention(nn.Module):
         out = (weights.to(v.dtype) @ v).to(q.dtype)
         return out, logits, weights
 
-    def _regular(self, q, k, v, mask, bias):
+    def _regular(self, q, k, v, mask, bias, segment_ids=None):
         # SDPA's is_causal aligns top-left: with i != j, a mask or a bias, build the bottom-right mask the op uses
-        needs_vis = q.shape[-2] != k.shape[-2] or mask is not None or bias is not None
-        vis = self._visibility(q, k, mask) if needs_vis else None
+        needs_vis = q.shape[-2] != k.shape[-2] or mask is not None or bias is not None or segment_ids is not None
+        vis = self._visibility(q, k, mask, segment_ids) if needs_vis else None
         has_key = None
         if vis is not None:
             # SDPA returns NaN on a row with no visible key; open such rows, then zero them like the op does

@@ -16,6 +16,11 @@ x-transformers normalises first too.
 ALiBi (Press et al., 2022, "Train Short, Test Long") adds −slope_h · |pos_q − pos_k| to the logits, with queries
 aligned bottom-right (pos_q = r + j − i) like the causal mask, so a KV cache sees the same biases.
 
+Packed documents (`segment_ids`): learned absolute and rotary positions restart at every document
+(`segment_positions`), so a document packed after others gets the embeddings and angles it gets alone. ALiBi and
+the learned relative biases need nothing more than the segment mask: they depend only on pos_q − pos_k, which
+packing leaves unchanged between two tokens of one document.
+
 References: Su et al., 2021, "RoFormer" (arXiv:2104.09864); Press et al., 2022 (arXiv:2108.12409).
 """
 
@@ -50,6 +55,33 @@ def positions(
     return pos.to(dtype)
 
 
+def check_segment_ids(segment_ids: torch.Tensor | None, b: int, n: int) -> None:
+    """segment_ids: None, or (b, n) integers, one document id per token."""
+    if segment_ids is None:
+        return
+    if not isinstance(segment_ids, torch.Tensor) or tuple(segment_ids.shape) != (b, n):
+        shape = tuple(segment_ids.shape) if isinstance(segment_ids, torch.Tensor) else type(segment_ids).__name__
+        raise ValueError(f"segment_ids must be (b, n) = ({b}, {n}) document ids, one per token; got {shape}")
+    if segment_ids.dtype.is_floating_point or segment_ids.dtype.is_complex or segment_ids.dtype == torch.bool:
+        raise TypeError(f"segment_ids must hold integers; got {segment_ids.dtype}")
+
+
+def segment_positions(segment_ids: torch.Tensor, dtype: torch.dtype = torch.long) -> torch.Tensor:
+    """(b, n) document ids -> (b, n) positions: how many earlier tokens of the row share the token's id. For packed
+    documents (contiguous runs of one id) that is the index within the document. The attention matches ids, not
+    runs, so a repeated id continues its count, consistently with what its tokens see."""
+    b, n = segment_ids.shape
+    order = segment_ids.argsort(dim=1, stable=True)  # each id's tokens together, in sequence order
+    ranked = segment_ids.gather(1, order)
+    index = torch.arange(n, device=segment_ids.device).expand(b, n)
+    first = torch.ones_like(ranked, dtype=torch.bool)
+    first[:, 1:] = ranked[:, 1:] != ranked[:, :-1]
+    start = torch.where(first, index, torch.zeros_like(index)).cummax(dim=1).values
+    pos = torch.empty_like(index)
+    pos.scatter_(1, order, index - start)
+    return pos.to(dtype)
+
+
 class AbsolutePositionalEmbedding(nn.Module):
     """Learned absolute position embeddings for positions [offset, offset + n), per row with seq_start_pos."""
 
@@ -59,11 +91,16 @@ class AbsolutePositionalEmbedding(nn.Module):
         self.emb = nn.Embedding(max_seq_len, dim)
         nn.init.normal_(self.emb.weight, std=0.02)
 
-    def forward(self, n: int, offset: int = 0, seq_start_pos: torch.Tensor | None = None) -> torch.Tensor:
-        """-> (n, dim), or (b, n, dim) with seq_start_pos (b,)."""
+    def forward(
+        self, n: int, offset: int = 0, seq_start_pos: torch.Tensor | None = None, pos: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """-> (n, dim), or (b, n, dim) with seq_start_pos (b,) or explicit positions pos (b, n) (packed documents:
+        `segment_positions`)."""
         if offset + n > self.max_seq_len:
             raise ValueError(f"positions [{offset}, {offset + n}) exceed max_seq_len={self.max_seq_len}")
-        return self.emb(positions(n, offset, seq_start_pos, self.emb.weight.device))
+        if pos is None:
+            pos = positions(n, offset, seq_start_pos, self.emb.weight.device)
+        return self.emb(pos.to(self.emb.weight.device))
 
 
 class RotaryEmbedding(nn.Module):
@@ -80,14 +117,16 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)  # (dim / 2,)
 
     def forward(
-        self, n: int, offset: int = 0, seq_start_pos: torch.Tensor | None = None
+        self, n: int, offset: int = 0, seq_start_pos: torch.Tensor | None = None, pos: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> cos, sin (n, dim / 2), or (b, 1, n, dim / 2) with seq_start_pos (b,): per row, broadcast over heads.
-        Rotary scores depend only on position differences, but per-row positions give a left-padded row the very
-        angles (and so the very rounding) it would get alone."""
-        pos = positions(n, offset, seq_start_pos, self.inv_freq.device, torch.float32)
+        """-> cos, sin (n, dim / 2), or (b, 1, n, dim / 2) with seq_start_pos (b,) or explicit positions pos (b, n):
+        per row, broadcast over heads. Rotary scores depend only on position differences, but per-row positions give
+        a left-padded row, or a packed document, the very angles (and so the very rounding) it would get alone."""
+        if pos is None:
+            pos = positions(n, offset, seq_start_pos, self.inv_freq.device, torch.float32)
+        pos = pos.to(self.inv_freq.device, torch.float32)
         angles = pos[..., None] * self.inv_freq  # (n, dim / 2) or (b, n, dim / 2)
-        if seq_start_pos is not None:
+        if angles.dim() == 3:
             angles = angles[:, None]
         return angles.cos(), angles.sin()
 

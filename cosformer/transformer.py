@@ -31,7 +31,7 @@ from torch import nn
 from .attention import Attention, AttentionIntermediates, KVBuffer
 from .options import resolve_stack_options
 from .position_bias import DynamicPositionBias, RelativePositionBias
-from .positional import RotaryEmbedding, check_seq_start_pos
+from .positional import RotaryEmbedding, check_segment_ids, check_seq_start_pos, segment_positions
 
 
 class KVCache:
@@ -149,7 +149,20 @@ class Block(nn.Module):
     def _out(self, x, h, norm):
         return x + h if self.pre_norm else norm(self.alpha * x + h)
 
-    def forward(self, x, *, mask, context, context_mask, rotary, cache, attn_bias, value_residuals, return_attn):
+    def forward(
+        self,
+        x,
+        *,
+        mask,
+        context,
+        context_mask,
+        rotary,
+        cache,
+        attn_bias,
+        value_residuals,
+        return_attn,
+        segment_ids=None,
+    ):
         """Returns x, the (self, cross) key/values a cache keeps and the (self, cross) AttentionIntermediates."""
         self_cache, cross_cache = cache if cache is not None else (None, None)
         self_kv = cross_kv = self_inter = cross_inter = None
@@ -162,6 +175,7 @@ class Block(nn.Module):
                 attn_bias=attn_bias,
                 value_residual=value_residuals[0],
                 return_attn=return_attn,
+                segment_ids=segment_ids,
             )
             x = self._out(x, h, self.self_norm)
         if self.cross_attn is not None:
@@ -358,11 +372,24 @@ class Transformer(nn.Module):
             xavier(block.ff.proj_in, self.beta)
             xavier(block.ff.proj_out, self.beta)
 
-    def _check_inputs(self, x, mask, context, context_mask, cache, seq_start_pos):
+    def _check_inputs(self, x, mask, context, context_mask, cache, seq_start_pos, segment_ids=None, return_cache=False):
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"x must be (b, n, dim={self.dim}); got {tuple(x.shape)}")
         b, n, _ = x.shape
         check_seq_start_pos(seq_start_pos, b)
+        check_segment_ids(segment_ids, b, n)
+        if segment_ids is not None:
+            if self.only_cross:
+                raise ValueError("segment_ids apply to self-attention; cross-attention-only blocks have none")
+            if cache is not None or return_cache:
+                raise ValueError(
+                    "segment_ids (packed documents) do not combine with a KV cache (cache / return_cache): decode one "
+                    "document per row instead"
+                )
+            if seq_start_pos is not None:
+                raise ValueError(
+                    "segment_ids and seq_start_pos do not combine: give left padding its own segment id (and mask it)"
+                )
         if seq_start_pos is not None and self.only_cross:
             raise ValueError("seq_start_pos applies to self-attention; cross-attention-only blocks have none")
         offset = cache.length if cache is not None else 0
@@ -408,6 +435,7 @@ class Transformer(nn.Module):
         return_cache: bool = False,
         seq_start_pos: torch.Tensor | None = None,
         return_intermediates: bool = False,
+        segment_ids: torch.Tensor | None = None,
     ):
         """x (b, n, dim) -> (b, n, dim), final-normed.
 
@@ -421,8 +449,12 @@ class Transformer(nn.Module):
         return_cache: also return the cache (a new one when none was given).
         return_intermediates: also return a `LayerIntermediates` with every attention map, computed by a non-fused
         path (slow, O(n²) memory: for inspection, not training); not together with a cache.
+        segment_ids (b, n) integers: packed documents, one id per token. Self-attention sees only the keys of the
+        query's own document (causally within it for a causal stack) and rotary positions restart at every document
+        (see positional.py), so each document gets what it gets alone. Cross-attention is unaffected (every
+        document of a row sees the row's context). Not with a cache, nor with seq_start_pos.
         """
-        self._check_inputs(x, mask, context, context_mask, cache, seq_start_pos)
+        self._check_inputs(x, mask, context, context_mask, cache, seq_start_pos, segment_ids, return_cache)
         if return_intermediates and (cache is not None or return_cache):
             raise ValueError("return_intermediates=True does not combine with a KV cache (cache / return_cache)")
         if cache is None and return_cache:
@@ -444,7 +476,10 @@ class Transformer(nn.Module):
         if seq_start_pos is not None:
             left_pad = torch.arange(offset + n, device=x.device) >= seq_start_pos.to(x.device)[:, None]  # (b, j)
             mask = left_pad if mask is None else mask & left_pad
-        rotary = self.rotary(n, offset, seq_start_pos) if self.rotary is not None else None
+        rotary = None
+        if self.rotary is not None:
+            pos = segment_positions(segment_ids) if segment_ids is not None else None
+            rotary = self.rotary(n, offset, seq_start_pos, pos=pos)
         attn_bias = self.rel_pos(n, offset + n) if self.rel_pos is not None else None
         # stochastic depth only where no cache is built: a skipped block would leave a hole in it
         drop = self.training and self.layer_dropout > 0 and cache is None
@@ -465,6 +500,7 @@ class Transformer(nn.Module):
                 attn_bias=attn_bias,
                 value_residuals=first_values if self.add_value_residual else (None, None),
                 return_attn=return_intermediates,
+                segment_ids=segment_ids,
             )
             for kind, inter in enumerate(inters):
                 if inter is not None:

@@ -25,7 +25,7 @@ from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 
 from .attention import KVBuffer
-from .positional import AbsolutePositionalEmbedding, check_seq_start_pos
+from .positional import AbsolutePositionalEmbedding, check_segment_ids, check_seq_start_pos, segment_positions
 from .sampling import check_sampling_args, sample_next, top_k
 from .transformer import Decoder, Encoder, KVCache, Transformer
 
@@ -68,6 +68,9 @@ class StackWrapper(nn.Module):
         if n_mem and layer_kwargs.get("seq_start_pos") is not None:
             # left padding is counted from position 0, which memory tokens would occupy
             raise ValueError("seq_start_pos (left-padded rows) is not supported with num_memory_tokens > 0")
+        if n_mem and layer_kwargs.get("segment_ids") is not None:
+            # one set of memory tokens per row would be read and written by every document packed in it
+            raise ValueError("segment_ids (packed documents) are not supported with num_memory_tokens > 0")
         if n_mem:
             h = torch.cat((repeat(self.memory_tokens, "m d -> b m d", b=h.shape[0]).to(h.dtype), h), dim=1)
             mask = F.pad(mask, (n_mem, 0), value=True) if mask is not None else None
@@ -175,6 +178,7 @@ class TransformerWrapper(StackWrapper):
         seq_start_pos: torch.Tensor | None = None,
         return_intermediates: bool = False,
         return_attn: bool = False,
+        segment_ids: torch.Tensor | None = None,
     ):
         """x (b, n) token ids -> logits (b, n, num_tokens), or embeddings (b, n, dim) with return_embeddings.
         With return_cache, returns (output, cache). See `Transformer.forward` for mask, context and cache: with a
@@ -185,7 +189,10 @@ class TransformerWrapper(StackWrapper):
         alone. (A mask alone hides the padding but leaves absolute positions shifted.)
         return_intermediates: returns (output, `LayerIntermediates`); return_attn: returns (output, [post-softmax
         attention maps (b, h, i, j), one per attention sublayer]). Both run the attention through a non-fused path
-        that materialises the maps: slow, O(n²) memory, for inspection."""
+        that materialises the maps: slow, O(n²) memory, for inspection.
+        segment_ids (b, n) integers: documents packed in a row, one id per token (see `Transformer.forward`); the
+        absolute positions restart at every document too, so each document gets the logits it gets alone. Not with
+        a cache, seq_start_pos or memory tokens."""
         if x.dim() != 2 or x.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"x must be (b, n) integer token ids; got shape {tuple(x.shape)}, dtype {x.dtype}")
         self._check_returns(cache, return_cache, return_intermediates, return_attn)
@@ -198,12 +205,14 @@ class TransformerWrapper(StackWrapper):
                 f"sequence length {offset + n} (cached {offset} + new {n}) > max_seq_len={self.max_seq_len}"
             )
         check_seq_start_pos(seq_start_pos, x.shape[0])
+        check_segment_ids(segment_ids, *x.shape)
         if cache is not None:
             _check_only_new_tokens(x, cache)
             seq_start_pos = cache.resolve_seq_start_pos(seq_start_pos)
         h = self.token_emb(x)
         if self.pos_emb is not None:
-            h = h + self.pos_emb(n, offset, seq_start_pos)
+            pos = segment_positions(segment_ids) if segment_ids is not None else None
+            h = h + self.pos_emb(n, offset, seq_start_pos, pos=pos)
         h = self.emb_dropout(self.post_emb_norm(h))
         h = self.project_emb(h)
         h, extra = self._run_layers(
@@ -215,6 +224,7 @@ class TransformerWrapper(StackWrapper):
             return_cache=return_cache,
             intermediates=return_intermediates or return_attn,
             seq_start_pos=seq_start_pos,
+            segment_ids=segment_ids,
         )
         if cache is not None:
             if cache.tokens is None and offset == 0:
@@ -263,6 +273,7 @@ class AutoregressiveWrapper(nn.Module):
         mask: torch.Tensor | None = None,
         reduction: str = "mean",
         lens: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
         **kwargs,
     ) -> torch.Tensor:
         """x (b, n) -> mean cross-entropy of predicting x[:, 1:] from x[:, :-1], as x-transformers computes it.
@@ -272,7 +283,13 @@ class AutoregressiveWrapper(nn.Module):
         attends with (cut to the inputs, mask[:, :-1]): it removes no target from the loss, so a padded position
         still counts unless x holds ignore_index there (or lens says so). reduction="none" gives (b,) per-sequence
         means over the counted targets instead (exact evaluation over sequences of any length). kwargs (context,
-        context_mask) go to the net."""
+        context_mask) go to the net.
+
+        segment_ids (b, n) integers: documents packed in each row (see `TransformerWrapper.forward`). No target is
+        predicted across a boundary: where the id changes between x[:, t] and x[:, t + 1], target t is left out (as
+        ignore_index), so the first token of a document is never a target, as it is not when the document runs
+        alone. The mean is then over every document's own targets, the loss of the documents run one by one
+        (token-weighted)."""
         if reduction not in ("mean", "none"):
             raise ValueError(f"reduction must be 'mean' or 'none'; got reduction={reduction!r}")
         if x.dim() != 2 or x.shape[1] < 2:
@@ -284,6 +301,11 @@ class AutoregressiveWrapper(nn.Module):
             x = x.masked_fill(beyond, self.ignore_index)
         inp, target = x[:, :-1], x[:, 1:].long()
         inp = inp.masked_fill(inp == self.ignore_index, self.pad_value)
+        if segment_ids is not None:
+            check_segment_ids(segment_ids, *x.shape)
+            segment_ids = segment_ids.to(x.device)
+            target = target.masked_fill(segment_ids[:, 1:] != segment_ids[:, :-1], self.ignore_index)
+            kwargs["segment_ids"] = segment_ids[:, :-1]
         if mask is not None:
             if tuple(mask.shape) != tuple(x.shape):
                 raise ValueError(f"mask must be (b, n) = {tuple(x.shape)}; got {tuple(mask.shape)}")
@@ -331,6 +353,11 @@ class AutoregressiveWrapper(nn.Module):
           the cache (see the module docstring). A net that is not causal has no valid cache: it recomputes.
         kwargs (context, context_mask) go to the net.
         """
+        if "segment_ids" in kwargs:
+            raise ValueError(
+                "generate() continues one document per row: segment_ids (packed documents) are for the loss; pass "
+                "each document as its own prompt (prompts as a list for different lengths)"
+            )
         if "filter" in kwargs:
             raise TypeError(
                 "generate() takes filter_logits_fn= (x-transformers' name), not filter=; e.g. "

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from cosattn import cosine_sim_attention
 from cosattn.reference import attention_chunked
-from tests.test_attention import _inputs, assert_close_to_reference, check_against_torch
+from tests.test_attention import TIGHT_SCALE_MAX, _inputs, assert_close_to_reference, check_against_torch
 
 pytestmark = pytest.mark.gpu
 
@@ -185,3 +185,194 @@ def test_direct_launch_matches_jit(seed, monkeypatch, case):
             assert torch.equal(a, c)
     for a, x, y in zip(via_jit, first, again):
         assert torch.equal(a, x) and torch.equal(a, y)
+
+
+# ---------------------------------------------------------------------------------------------------- per-head scale
+
+
+def _count_descriptors(monkeypatch):
+    """Counts the tensor descriptors the host builds: proof that the descriptor-load path ran."""
+    from cosattn import ops
+
+    calls = []
+    real = ops._desc
+    monkeypatch.setattr(ops, "_desc", lambda *a: calls.append(a) or real(*a))
+    return calls
+
+
+@pytest.mark.parametrize("bound", ["tight", "default"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("n,d", [(1024, 64), (1024, 128), (2048, 64), (2048, 128)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_scale_per_head(seed, monkeypatch, dtype, n, d, causal, bound):
+    """(h,) scales with GQA: the output and every gradient, dscale included, against the float64 reference under the
+    GPU's launch configurations: in-loop k normalisation (d 64, 1024 keys), descriptor loads in the forward and
+    both backward passes (d 128, 2048 keys), the fixed offset (a tight scale_max) and the running max (the default
+    bound)."""
+    descriptors = _count_descriptors(monkeypatch)
+    q, k, v = _inputs(2, 4, 2, n, n, d, dtype, "cuda")
+    if bound == "tight":
+        kw = dict(scale_max=TIGHT_SCALE_MAX[dtype])
+        scale = torch.empty(4, device="cuda").uniform_(0.25 * kw["scale_max"], kw["scale_max"])
+    else:
+        kw = {}
+        scale = torch.empty(4, device="cuda").uniform_(5.0, 40.0)
+    _, grads = check_against_torch(q, k, v, causal=causal, scale=scale, **kw)
+    assert grads[-1].shape == (4,)
+    if (n, d) == (2048, 128) and torch.cuda.get_device_capability()[0] >= 9:
+        assert descriptors, "the descriptor-load path did not run"
+
+
+@pytest.mark.parametrize("scale", [10.0, 50.0])
+@pytest.mark.parametrize("n,d", [(1024, 64), (2048, 128)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_scale_tensor_of_equal_values_matches_float(seed, dtype, n, d, scale):
+    """Equal per-head scales with scale_max = the float scale: the float path's bits (10: the fixed offset; 50: the
+    running max), for the output and the q, k, v gradients; and dscale bitwise the same run to run."""
+    q, k, v = _inputs(2, 4, 2, n, n, d, dtype, "cuda")
+    do = torch.randn_like(q)
+    scales = torch.full((4,), scale, device="cuda")
+    ours_float = _fwd_bwd(lambda *t: cosine_sim_attention(*t, scale=scale, causal=True), [q, k, v], do)
+
+    def per_head(q, k, v, s):
+        return cosine_sim_attention(q, k, v, scale=s, scale_max=scale, causal=True)
+
+    ours_tensor = _fwd_bwd(per_head, [q, k, v, scales], do)
+    for name, a, b in zip(["out", "dq", "dk", "dv"], ours_float, ours_tensor):
+        assert torch.equal(a, b), name
+    assert torch.equal(ours_tensor[-1], _fwd_bwd(per_head, [q, k, v, scales], do)[-1])
+
+
+def test_scale_compile_fullgraph_inductor(seed):
+    q = torch.randn(2, 4, 256, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k, v = torch.randn_like(q), torch.randn_like(q)
+    log_scale = torch.full((4,), 2.3, device="cuda", requires_grad=True)
+
+    def f(q, k, v, log_scale):
+        return (cosine_sim_attention(q, k, v, causal=True, scale=log_scale.exp(), scale_max=32.0) * 2).sum()
+
+    out = torch.compile(f, fullgraph=True)(q, k, v, log_scale)
+    out.backward()
+    q_ref, s_ref = q.detach().requires_grad_(), log_scale.detach().requires_grad_()
+    f(q_ref, k, v, s_ref).backward()
+    torch.testing.assert_close(q.grad, q_ref.grad)
+    torch.testing.assert_close(log_scale.grad, s_ref.grad)
+
+
+def test_scale_cuda_graph_capture(seed):
+    """A tensor scale needs no device-to-host sync: forward and backward capture in a CUDA graph and replay to the
+    eager results."""
+    q, k, v = _inputs(2, 4, 2, 512, 512, 64, torch.bfloat16, "cuda")
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    scale = torch.empty(4, device="cuda").uniform_(4.0, 16.0).requires_grad_()
+    do = torch.randn_like(q)
+
+    def step():
+        o = cosine_sim_attention(q, k, v, causal=True, scale=scale, scale_max=16.0)
+        return (o, *torch.autograd.grad(o, (q, k, v, scale), do))
+
+    # detached: the eager outputs must not keep their autograd graph alive, or its AccumulateGrad nodes, made on the
+    # default stream, would serve the captured backward too and tie the legacy stream into the capture
+    eager = [t.detach() for t in step()]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    for name, a, b in zip(["out", "dq", "dk", "dv", "dscale"], eager, captured):
+        assert torch.equal(a, b), name
+
+
+# ---------------------------------------------------------------------------------------------------- segment ids
+
+
+def _documents(b, n, *, max_len):
+    """(b, n) int32 non-decreasing ids of packed documents of random lengths in [1, max_len]."""
+    rows = []
+    for _ in range(b):
+        lengths = []
+        while sum(lengths) < n:
+            lengths.append(int(torch.randint(1, max_len + 1, ())))
+        rows.append(torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))[:n])
+    return torch.stack(rows).to(device="cuda", dtype=torch.int32)
+
+
+def _sdpa_segments(q, k, v, seg, causal):
+    vis = seg[:, None, :, None] == seg[:, None, None, :]
+    if causal:
+        vis = vis & torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device="cuda").tril()
+    qn, kn = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+    return F.scaled_dot_product_attention(qn, kn, v, attn_mask=vis, scale=10.0, enable_gqa=q.shape[1] != k.shape[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize(
+    "b,h,hk,n,d,max_len", [(2, 4, 2, 1024, 64, 300), (1, 4, 4, 2048, 128, 700), (1, 2, 1, 4096, 64, 1500)]
+)
+def test_segments_vs_sdpa(seed, dtype, causal, b, h, hk, n, d, max_len):
+    """Packed documents of random lengths under the GPU's launch configurations (in-loop k normalisation at 1024
+    keys, descriptor loads at head dim 128 from 2048 keys): error against the float64 reference no worse than SDPA's
+    with the same visibility as a boolean mask."""
+    q, k, v = _inputs(b, h, hk, n, n, d, dtype, "cuda")
+    seg = _documents(b, n, max_len=max_len)
+    do = torch.randn_like(q)
+    ours = _fwd_bwd(lambda *t: cosine_sim_attention(*t, causal=causal, segment_ids=seg), [q, k, v], do)
+    peer = _fwd_bwd(lambda *t: _sdpa_segments(*t, seg, causal), [q, k, v], do)
+    ref = _fwd_bwd(
+        lambda *t: attention_chunked(*t, causal=causal, segment_ids=seg, chunk_size=256),
+        [q.double(), k.double(), v.double()],
+        do.double(),
+    )
+    for name, a, p, r in zip(["out", "dq", "dk", "dv"], ours, peer, ref):
+        assert_close_to_reference(name, a, r, p, FLOOR[dtype])
+
+
+def test_segments_with_everything(seed):
+    """Segment ids with a key mask, a bias (and its gradient), ALiBi and GQA, pair ids with rows that see no key, on
+    the running-max path."""
+    b, h, hk, i, j, d = 2, 4, 2, 700, 1100, 64
+    q, k, v = _inputs(b, h, hk, i, j, d, torch.bfloat16, "cuda")
+    q_seg = _documents(b, i, max_len=200)
+    k_seg = _documents(b, j, max_len=300)
+    kw = dict(
+        causal=True,
+        mask=torch.rand(b, j, device="cuda") > 0.1,
+        alibi_slopes=2.0 ** -torch.arange(1, h + 1, device="cuda", dtype=torch.float32),
+        segment_ids=(q_seg, k_seg),
+    )
+    check_against_torch(q, k, v, bias=torch.randn(h, i, j, device="cuda", dtype=torch.bfloat16), **kw)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("d", [64, 128])
+def test_segment_tiles_are_skipped(seed, causal, d):
+    """As the CPU test: documents aligned to the GPU's tiles, every other document NaN-poisoned; a document's outputs
+    and gradients stay bitwise the clean run's only if no pass reads another document's tiles."""
+    from cosattn import ops
+
+    dtype = torch.bfloat16
+    kernels = ("fwd", "fwd_tma", "dkdv", "dq", "dq_tma")
+    align = max(max(ops.launch_config(name, d, dtype, causal)[:2]) for name in kernels)
+    lengths = [4 * align, 8 * align, 5 * align]  # over 2048 keys at d 128: descriptor loads too
+    seg = torch.cat([torch.full((n,), s) for s, n in enumerate(lengths)])[None].cuda()
+    n = seg.shape[1]
+    q, k, v = _inputs(1, 4, 2, n, n, d, dtype, "cuda")
+    do = torch.randn_like(q)
+
+    def run(*t):
+        return _fwd_bwd(lambda *x: cosine_sim_attention(*x, causal=causal, segment_ids=seg), list(t), do)
+
+    clean = run(q, k, v)
+    rows = seg[0] == 1
+    poisoned = [t.clone() for t in (q, k, v)]
+    for t in poisoned:
+        t[:, :, ~rows] = float("nan")
+    for name, a, c in zip(["out", "dq", "dk", "dv"], run(*poisoned), clean):
+        assert torch.equal(a[:, :, rows], c[:, :, rows]), name

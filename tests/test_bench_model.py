@@ -51,3 +51,19 @@ def test_tiny_cpu_run_end_to_end(tmp_path, capsys, monkeypatch, torch_attention_
         "n/a",
     ]
     assert lines[-1].endswith("skipped: CUDA graphs need a CUDA device")
+
+
+@pytest.mark.parametrize("n_cases,steps,rounds", [(3, 20, 4), (3, 7, 3), (2, 5, 4), (1, 3, 2), (3, 2, 4)])
+def test_schedule_interleaves_every_variant_through_every_round(n_cases, steps, rounds):
+    blocks = bench_model.schedule(n_cases, steps, rounds)
+    used = min(rounds, steps)
+    assert len(blocks) == used * n_cases
+    for case in range(n_cases):
+        assert sum(n for c, n in blocks if c == case) == steps  # every variant gets all its steps
+    for r in range(used):
+        chunk = blocks[r * n_cases : (r + 1) * n_cases]
+        assert sorted(c for c, _ in chunk) == list(range(n_cases))  # each round times every variant once
+        assert chunk[0][0] == r % n_cases  # ... starting with a different one each round
+        assert len({n for _, n in chunk}) == 1  # ... for the same number of steps
+    counts = [blocks[r * n_cases][1] for r in range(used)]
+    assert max(counts) - min(counts) <= 1

@@ -376,3 +376,65 @@ def test_cache_dir_expands_user(tmp_path, monkeypatch):
 def test_pystdlib_small_cap_is_not_mistaken_for_a_missing_stdlib(tmp_path):
     """A cap under the 1000-byte sanity floor is honoured, not reported as a standard library with no sources."""
     assert len(data.load_pystdlib(str(tmp_path), max_bytes=500)) == 500
+
+
+# ---------------------------------------------------------------------------------------------- packing
+
+
+def _crop_ids_reference(doc_of_byte: list[int], offset: int, length: int) -> list[int]:
+    """Segment ids written out: the document of each byte, counted from the crop's first byte's document."""
+    return [doc_of_byte[offset + t] - doc_of_byte[offset] for t in range(length)]
+
+
+def test_pystdlib_documents_begin_at_the_path_lines(tmp_path, seed):
+    root = tmp_path / "lib"
+    texts = {
+        "a.py": "a = 1\nx = '# ==== not a path line ===='\n",
+        "b.py": "\n\nb = 2\n" * 5,
+        "pkg/c.py": "c = 3\n" * 9,
+    }
+    for name, text in texts.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    corpus = np.frombuffer(build_pystdlib(10_000, stdlib=root), dtype=np.uint8)
+    doc_of_byte = []
+    for doc, name in enumerate(sorted(texts)):  # the corpus's order, one header line and a newline per file
+        doc_of_byte += [doc] * len(f"# ==== {name} ====\n{texts[name]}\n".encode())
+    assert len(doc_of_byte) == len(corpus)
+    starts = data.document_starts(corpus, "pystdlib")
+    assert starts.tolist() == [doc_of_byte.index(1), doc_of_byte.index(2)]
+    crops = RandomCropDataset(corpus, 20, seed=seed, doc_starts=starts)
+    for i in range(30):
+        item, offset = crops[i], crops.offset(i)
+        assert item["segment_ids"].dtype == torch.int32 and item["segment_ids"].shape == (21,)
+        assert item["segment_ids"].tolist() == _crop_ids_reference(doc_of_byte, offset, 21)
+    assert "segment_ids" not in RandomCropDataset(corpus, 20, seed=seed)[0]
+
+
+def test_enwik8_documents_begin_at_the_page_lines():
+    pages = ["<mediawiki>\n  <siteinfo>x</siteinfo>\n", "  <page>\n    <title>A</title>\n  </page>\n"]
+    pages += ["  <page>\n    <text>b &lt;page&gt;</text>\n  </page>\n", "  <page>\n  </page>\n</mediawiki>\n"]
+    corpus = np.frombuffer("".join(pages).encode(), dtype=np.uint8)
+    bounds = np.cumsum([len(p) for p in pages])[:-1].tolist()
+    assert data.document_starts(corpus, "enwik8").tolist() == bounds
+    windows = WindowDataset(corpus, 15, doc_starts=data.document_starts(corpus, "enwik8"))
+    doc_of_byte = [sum(b <= t for b in bounds) for t in range(len(corpus))]
+    for w in range(len(windows)):
+        got = windows[w]["segment_ids"].tolist()
+        assert got == _crop_ids_reference(doc_of_byte, int(windows.starts[w]), 16)
+
+
+def test_text_documents_split_on_blank_lines_or_the_separator():
+    text = b"one\ntwo\n\n\nthree\n \t\nfour\nfive\n\n"
+    corpus = np.frombuffer(text, dtype=np.uint8)
+    # the blank lines end the paragraph before them; a trailing run begins no document
+    assert data.document_starts(corpus, "text").tolist() == [text.index(b"three"), text.index(b"four")]
+    text = b"a<|end|>bb<|end|><|end|>c<|end|>"
+    corpus = np.frombuffer(text, dtype=np.uint8)
+    assert data.document_starts(corpus, "text", separator="<|end|>").tolist() == [
+        8,
+        17,
+        24,
+    ]  # an empty document: the separator alone
+    ids = data.segment_ids(data.document_starts(corpus, "text", separator="<|end|>"), 6, 12).tolist()
+    assert ids == [0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 2]

@@ -12,9 +12,11 @@ normalize-sdpa: the cosine model with the op replaced by `F.scaled_dot_product_a
 F.normalize(k), v, scale=10)`, the same function through the regular kernels (for this benchmark only: the op's
 name in `cosformer.attention` is patched for that case and restored after it). Modes (`--modes`): eager, and
 `cosformer.compile_model` with torch.compile's default mode, reduce-overhead (CUDA graphs; CUDA only, skipped with
-a note on CPU) or max-autotune. Every case builds a fresh model and resets dynamo first, so each length is compiled
-for its own shapes (`--dynamic`) and no case reuses another's graphs. The table, printed last, gives each row's
-tokens/s relative to regular attention in the same mode.
+a note on CPU) or max-autotune. Each mode and length resets dynamo, builds a fresh model per variant (compiled for
+its own shapes, `--dynamic`), warms each up, then times them in interleaved rounds (`--rounds`: the variants take
+turns, their order rotated each round), so that the host's slow and fast spells, which move absolute rates by tens of
+percent on shared machines, fall on every variant alike. The table, printed last, gives each row's tokens/s relative
+to regular attention in the same mode.
 
     python scripts/bench_model.py --out runs/bench_model.json                 # GPU: eager and compiled rows
     python scripts/bench_model.py --out m.json --modes eager default reduce-overhead
@@ -29,6 +31,8 @@ import json
 import platform
 import statistics
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from unittest import mock
 
@@ -65,6 +69,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tokens-per-step", type=int, help="batch = tokens_per_step // seq (default 16384)")
     p.add_argument("--steps", type=int, help="timed steps (default 20)")
     p.add_argument("--warmup", type=int, help="untimed steps first (default 5)")
+    p.add_argument("--rounds", type=int, default=4, help="interleaved timing rounds per mode and length (default 4)")
     p.add_argument("--no-optimizer", action="store_true", help="time forward + backward only")
     p.add_argument("--no-autocast", action="store_true", help="run in float32 instead of bf16 autocast")
     p.add_argument(
@@ -77,11 +82,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def normalize_sdpa(q, k, v, *, mask=None, attn_bias=None, causal=False, scale=10.0, l2norm_qk=True, groups=1,
-                   alibi_slopes=None, attn_bias_batch_dim=False):  # fmt: skip
+                   alibi_slopes=None, attn_bias_batch_dim=False, segment_ids=None):  # fmt: skip
     """The op's function through the regular kernels: SDPA on F.normalize'd q and k with a fixed scale. Only what
-    this benchmark's model uses (no mask, bias, ALiBi or l2norm groups; causal with as many queries as keys)."""
-    if mask is not None or attn_bias is not None or alibi_slopes is not None or groups != 1:
-        raise ValueError("normalize_sdpa: mask, attn_bias, alibi_slopes and groups > 1 are not part of the benchmark")
+    this benchmark's model uses (no mask, bias, ALiBi, segment ids or l2norm groups; causal with as many queries as
+    keys)."""
+    if mask is not None or attn_bias is not None or alibi_slopes is not None or segment_ids is not None or groups != 1:
+        raise ValueError(
+            "normalize_sdpa: mask, attn_bias, alibi_slopes, segment_ids and groups > 1 are not part of the benchmark"
+        )
     if causal and q.shape[-2] != k.shape[-2]:
         raise ValueError(
             f"normalize_sdpa: causal needs q_len == k_len (SDPA aligns top-left), got {q.shape}, {k.shape}"
@@ -92,23 +100,45 @@ def normalize_sdpa(q, k, v, *, mask=None, attn_bias=None, causal=False, scale=10
 
 
 def build_model(attn: str, seq: int, cfg: dict) -> AutoregressiveWrapper:
-    """normalize-sdpa builds the cosine model; `run_case` swaps its attention function."""
+    """normalize-sdpa builds the cosine model; its steps run under `_swap`, which replaces its attention function."""
     kind = "cosine" if attn == "normalize-sdpa" else attn
     layers = Decoder(dim=cfg["dim"], depth=cfg["depth"], heads=cfg["heads"], dim_head=cfg["dim_head"], attn=kind)
     return AutoregressiveWrapper(TransformerWrapper(num_tokens=VOCAB, max_seq_len=seq, attn_layers=layers))
 
 
-def run_case(attn: str, mode: str, seq: int, cfg: dict, args: argparse.Namespace) -> dict:
-    swap = mock.patch.object(cosformer.attention, "cosine_sim_attention", normalize_sdpa)
-    with swap if attn == "normalize-sdpa" else contextlib.nullcontext():
-        return _run_case(attn, mode, seq, cfg, args)
+def _swap(attn: str):
+    """The context a variant's steps run in: normalize-sdpa patches the op's name in `cosformer.attention` (its
+    compiled graph guards on that global, so every one of its steps runs patched, not only the first)."""
+    if attn == "normalize-sdpa":
+        return mock.patch.object(cosformer.attention, "cosine_sim_attention", normalize_sdpa)
+    return contextlib.nullcontext()
 
 
-def _run_case(attn: str, mode: str, seq: int, cfg: dict, args: argparse.Namespace) -> dict:
+@dataclass
+class Case:
+    """One variant at one mode and length: built, compiled and warmed up, ready to time."""
+
+    attn: str
+    mode: str
+    seq: int
+    batch: int
+    params: int
+    step: Callable[[], torch.Tensor]  # one training step; returns its loss
+    peak_mib: float | None
+    times_ms: list[float] = field(default_factory=list)
+    loss: float | None = None
+
+
+def build_case(attn: str, mode: str, seq: int, cfg: dict, args: argparse.Namespace) -> Case:
+    """A fresh model (seed 0) and optimiser, compiled for `mode`, and its warm-up steps (compilation, autotuning,
+    CUDA-graph recording). Peak memory: the most allocated during build and warm-up above what was allocated before
+    (other variants of the group stay alive while this one is measured)."""
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     torch.manual_seed(0)
-    torch._dynamo.reset()  # no graphs, guards or cache-limit counts carried over from the previous case
+    base = torch.cuda.memory_allocated(device) if cuda else 0
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
     batch = max(1, cfg["tokens_per_step"] // seq)
     model = build_model(attn, seq, cfg).to(device)
     params = sum(p.numel() for p in model.parameters())
@@ -134,38 +164,70 @@ def _run_case(attn: str, mode: str, seq: int, cfg: dict, args: argparse.Namespac
             model.zero_grad(set_to_none=True)
         return loss.detach().clone() if graphs else loss
 
-    if cuda:
+    with _swap(attn):
+        for _ in range(max(cfg["warmup"], MIN_WARMUP.get(mode, 0))):
+            step()
+    peak_mib = (torch.cuda.max_memory_allocated(device) - base) / 2**20 if cuda else None
+    return Case(attn, mode, seq, batch, params, step, peak_mib)
+
+
+def time_steps(case: Case, n: int, device: torch.device) -> None:
+    """Times n steps of `case` (CUDA events on a GPU, wall clock on CPU), appending to its times."""
+    with _swap(case.attn):
+        for _ in range(n):
+            if device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                loss = case.step()
+                end.record()
+                torch.cuda.synchronize(device)
+                case.times_ms.append(start.elapsed_time(end))
+            else:
+                t0 = time.perf_counter()
+                loss = case.step()
+                case.times_ms.append((time.perf_counter() - t0) * 1e3)
+    case.loss = loss.item()
+
+
+def schedule(n_cases: int, steps: int, rounds: int) -> list[tuple[int, int]]:
+    """(case index, steps) blocks: `steps` per case split into `rounds` near-equal blocks, the cases taking turns,
+    their order rotated each round, so that a slow or fast spell of the host falls on every variant alike."""
+    rounds = max(1, min(rounds, steps))
+    counts = [steps // rounds + (r < steps % rounds) for r in range(rounds)]
+    return [((r + c) % n_cases, n) for r, n in enumerate(counts) for c in range(n_cases)]
+
+
+def run_group(attns: list[str], mode: str, seq: int, cfg: dict, args: argparse.Namespace) -> list[dict]:
+    """Every variant at one mode and length, built first, then timed in interleaved rounds; one row each."""
+    device = torch.device(args.device)
+    torch._dynamo.reset()  # no graphs, guards or cache-limit counts carried over from the previous group
+    cases, rows = {}, {}
+    for attn in attns:
+        try:
+            cases[attn] = build_case(attn, mode, seq, cfg, args)
+        except torch.OutOfMemoryError:
+            rows[attn] = dict(attn=attn, mode=mode, seq=seq, error="out of memory")
+    built = list(cases.values())
+    for index, n in schedule(len(built), cfg["steps"], args.rounds) if built else []:
+        time_steps(built[index], n, device)
+    for attn, case in cases.items():
+        median_ms = statistics.median(case.times_ms)
+        rows[attn] = dict(
+            attn=attn,
+            mode=mode,
+            seq=seq,
+            batch=case.batch,
+            params=case.params,
+            step_ms=median_ms,
+            step_ms_all=case.times_ms,
+            tokens_per_s=case.batch * seq / (median_ms / 1e3),
+            peak_mib=case.peak_mib,
+            final_loss=case.loss,
+        )
+    del cases, built
+    if device.type == "cuda":
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-    for _ in range(max(cfg["warmup"], MIN_WARMUP.get(mode, 0))):
-        step()
-    times_ms = []
-    for _ in range(cfg["steps"]):
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            loss = step()
-            end.record()
-            torch.cuda.synchronize(device)
-            times_ms.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            loss = step()
-            times_ms.append((time.perf_counter() - t0) * 1e3)
-    median_ms = statistics.median(times_ms)
-    peak_mib = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None
-    return dict(
-        attn=attn,
-        mode=mode,
-        seq=seq,
-        batch=batch,
-        params=params,
-        step_ms=median_ms,
-        step_ms_all=times_ms,
-        tokens_per_s=batch * seq / (median_ms / 1e3),
-        peak_mib=peak_mib,
-        final_loss=loss.item(),
-    )
+    return [rows[attn] for attn in attns]
 
 
 def print_table(meta: dict, results: list[dict], step_desc: str) -> None:
@@ -197,16 +259,10 @@ def main(argv=None) -> int:
     results = []
     for mode in args.modes:
         for seq in cfg["seqs"]:
-            for attn in args.attn:
-                if args.device != "cuda" and mode in CUDA_ONLY_MODES:
-                    results.append(dict(attn=attn, mode=mode, seq=seq, skipped=CUDA_ONLY_MODES[mode]))
-                    continue
-                try:
-                    results.append(run_case(attn, mode, seq, cfg, args))
-                except torch.OutOfMemoryError:
-                    results.append(dict(attn=attn, mode=mode, seq=seq, error="out of memory"))
-                if args.device == "cuda":
-                    torch.cuda.empty_cache()
+            if args.device != "cuda" and mode in CUDA_ONLY_MODES:
+                results += [dict(attn=a, mode=mode, seq=seq, skipped=CUDA_ONLY_MODES[mode]) for a in args.attn]
+                continue
+            results += run_group(args.attn, mode, seq, cfg, args)
 
     meta = dict(
         device=torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu",
@@ -216,7 +272,9 @@ def main(argv=None) -> int:
         precision="fp32" if args.no_autocast else "bf16 autocast",
         modes=args.modes,
         dynamic=args.dynamic,
-        timing="median of per-step CUDA event times" if args.device == "cuda" else "median of wall-clock step times",
+        timing=("median of per-step CUDA event times" if args.device == "cuda" else "median of wall-clock step times")
+        + f"; the variants of one mode and length timed in {args.rounds} interleaved rounds",
+        rounds=args.rounds,
         model=dict(depth=cfg["depth"], dim=cfg["dim"], heads=cfg["heads"], dim_head=cfg["dim_head"], vocab=VOCAB),
         tokens_per_step=cfg["tokens_per_step"],
         steps=cfg["steps"],

@@ -82,6 +82,12 @@ class DataConfig:
     seq_len: int = 128
     cache_dir: str = "~/.cache/cosformer"
     max_bytes: int = 20_000_000  # cap on the embedded `pystdlib` corpus
+    # language modelling: items carry segment ids of the documents they cross (data.py), so attention and positions
+    # restart at each document and no byte is predicted across a boundary
+    pack: bool = False
+    # with pack, data.name=text: this string ends a document (default: runs of blank lines do); taken literally, so
+    # write control characters in a YAML double-quoted string ("\n\n")
+    separator: str = ""
 
 
 @dataclass
@@ -400,6 +406,13 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(
             f"train.patience={t.patience} counts evaluations: it needs train.eval_every > 0 (with 0 the only "
             "evaluation is the last one)"
+        )
+    if d.pack and d.name in T2I_DATA:
+        raise ConfigError(f"data.pack packs text documents; data.name={d.name} is a text-to-image data set")
+    if d.separator and not (d.pack and d.name == "text"):
+        raise ConfigError(
+            f"data.separator={d.separator!r} splits a text file into documents: it needs data.name=text and "
+            f"data.pack=true (got data.name={d.name}, data.pack={d.pack})"
         )
     if d.name == "text" and not d.path:
         raise ConfigError("data.name=text needs data.path=/path/to/file")

@@ -12,6 +12,12 @@ Training items are random crops of seq_len + 1 bytes whose offsets are a pure fu
 run resumed at step s, which skips the first s batches, draws exactly the crops the uninterrupted run drew, and
 ranks sharded by Accelerate (rank r takes batches r, r + world, ...) see different crops. Validation items are
 fixed, evenly spaced windows; the final evaluation tiles a split with non-overlapping windows.
+
+Packing (`data.pack`): items also carry `segment_ids`, (seq_len + 1,) document ids counted from 0 at the item's
+first byte, derived from where documents begin in the split (`document_starts`): pystdlib at each `# ==== path ====`
+line, enwik8 at the line of each `<page>`, a text file after each run of blank lines (they end the document before
+them) or after each `data.separator`. The ids are a pure function of the crop's offset, so crops stay a pure
+function of (seed, index). A split's first bytes are document 0 even where the document began in the split before.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import hashlib
 import http.client
 import os
 import pathlib
+import re
 import sys
 import sysconfig
 import urllib.error
@@ -267,6 +274,41 @@ def load_corpus(name: str, *, path: str = "", cache_dir: str = "~/.cache/cosform
     raise ValueError(f"data.name={name!r} is not a byte-level corpus (enwik8, text, pystdlib)")
 
 
+# ---------------------------------------------------------------------------------------------- documents
+
+PYSTDLIB_HEADER = re.compile(rb"^# ==== [^\n]* ====$", re.MULTILINE)  # build_pystdlib's line before each file
+ENWIK8_PAGE = re.compile(rb"<page>")
+BLANK_LINES = re.compile(rb"\n(?:[ \t\r\f\v]*\n)+")  # a line end followed by one or more whitespace-only lines
+
+
+def document_starts(data: np.ndarray, name: str, separator: str = "") -> np.ndarray:
+    """Sorted offsets (int64) in `data` (one split) where a document begins, 0 left out (a split always begins one).
+
+    pystdlib: each path line; enwik8: the start of each line holding `<page>` (its indentation belongs to the
+    article); text: right after each occurrence of `separator` (the separator ends the document before it, as an end
+    marker the model learns to predict), or without one right after each run of blank lines (which likewise end the
+    paragraph before them)."""
+    raw = np.asarray(data, dtype=np.uint8).tobytes()
+    if name == "pystdlib":
+        starts = [m.start() for m in PYSTDLIB_HEADER.finditer(raw)]
+    elif name == "enwik8":
+        starts = [raw.rfind(b"\n", 0, m.start()) + 1 for m in ENWIK8_PAGE.finditer(raw)]
+    elif name == "text":
+        pattern = re.compile(re.escape(separator.encode())) if separator else BLANK_LINES
+        starts = [m.end() for m in pattern.finditer(raw)]
+    else:
+        raise ValueError(f"data.name={name!r} has no document boundaries (enwik8, text, pystdlib)")
+    starts = np.unique(np.asarray(starts, dtype=np.int64))
+    return starts[(starts > 0) & (starts < len(raw))]
+
+
+def segment_ids(starts: np.ndarray, offset: int, length: int) -> torch.Tensor:
+    """(length,) int32 document ids of the bytes [offset, offset + length), 0 at the first byte, +1 at each start."""
+    before = np.searchsorted(starts, offset, side="right")
+    ids = np.searchsorted(starts, np.arange(offset, offset + length), side="right") - before
+    return torch.from_numpy(ids.astype(np.int32))
+
+
 # ---------------------------------------------------------------------------------------------- datasets
 
 
@@ -275,14 +317,29 @@ def _min_length(data: np.ndarray, seq_len: int, what: str) -> None:
         raise ValueError(f"{what} has {len(data):,} bytes, fewer than data.seq_len + 1 = {seq_len + 1}")
 
 
+def _item(data: np.ndarray, start: int, seq_len: int, doc_starts: np.ndarray | None) -> dict[str, torch.Tensor]:
+    item = {"x": torch.from_numpy(data[start : start + seq_len + 1].astype(np.int64))}
+    if doc_starts is not None:
+        item["segment_ids"] = segment_ids(doc_starts, start, seq_len + 1)
+    return item
+
+
 class RandomCropDataset(Dataset):
     """Item i is `seq_len + 1` bytes at an offset drawn from a generator seeded by (seed, i): no hidden sampler
     state, so skipping the first n items reproduces a run exactly. The length is nominal (the trainer stops by
-    step count), large enough never to wrap."""
+    step count), large enough never to wrap. With doc_starts (`document_starts`), items carry their segment ids."""
 
-    def __init__(self, data: np.ndarray, seq_len: int, seed: int = 0, length: int = 1 << 40):
+    def __init__(
+        self,
+        data: np.ndarray,
+        seq_len: int,
+        seed: int = 0,
+        length: int = 1 << 40,
+        doc_starts: np.ndarray | None = None,
+    ):
         _min_length(data, seq_len, "the training split")
         self.data, self.seq_len, self.seed, self.length = data, seq_len, seed, length
+        self.doc_starts = doc_starts
 
     def __len__(self) -> int:
         return self.length
@@ -292,18 +349,20 @@ class RandomCropDataset(Dataset):
         return int(rng.integers(0, len(self.data) - self.seq_len))
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        start = self.offset(index)
-        return {"x": torch.from_numpy(self.data[start : start + self.seq_len + 1].astype(np.int64))}
+        return _item(self.data, self.offset(index), self.seq_len, self.doc_starts)
 
 
 class WindowDataset(Dataset):
     """Fixed windows of `seq_len + 1` bytes. With `num_windows` they are evenly spaced over the split (a cheap,
     stable validation sample); without, they tile it: consecutive windows share one byte, so every byte after
-    the first is predicted exactly once (the last partial window is left out)."""
+    the first is predicted exactly once (the last partial window is left out); with doc_starts, except the first
+    byte of each document (items carry their segment ids)."""
 
-    def __init__(self, data: np.ndarray, seq_len: int, num_windows: int | None = None):
+    def __init__(
+        self, data: np.ndarray, seq_len: int, num_windows: int | None = None, doc_starts: np.ndarray | None = None
+    ):
         _min_length(data, seq_len, "the evaluation split")
-        self.data, self.seq_len = data, seq_len
+        self.data, self.seq_len, self.doc_starts = data, seq_len, doc_starts
         last = len(data) - seq_len - 1
         if num_windows is None:
             self.starts = np.arange(0, last + 1, seq_len)
@@ -314,8 +373,7 @@ class WindowDataset(Dataset):
         return len(self.starts)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        start = int(self.starts[index])
-        return {"x": torch.from_numpy(self.data[start : start + self.seq_len + 1].astype(np.int64))}
+        return _item(self.data, int(self.starts[index]), self.seq_len, self.doc_starts)
 
 
 def decode(tokens) -> str:
@@ -334,11 +392,13 @@ __all__ = [
     "RandomCropDataset",
     "WindowDataset",
     "decode",
+    "document_starts",
     "download",
     "encode",
     "load_corpus",
     "load_enwik8",
     "load_pystdlib",
+    "segment_ids",
     "split_bytes",
     "split_fractions",
     "verify_file",

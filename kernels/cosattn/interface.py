@@ -13,6 +13,8 @@ import torch
 from .reference import attention_chunked
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# the integer dtypes segment ids may have (the kernels compare them as loaded)
+_SEGMENT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
 MAX_SCALE = 100.0
 
@@ -32,12 +34,19 @@ def _integer(name: str, value) -> int:
     raise ValueError(f"{name} must be an integer; got {name}={value!r}")
 
 
+def _check_scale(name: str, value) -> None:
+    """The rule for a float scale, and for the bound `scale_max` of a per-head scale tensor."""
+    real = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if not (real and math.isfinite(value) and 0 < value <= MAX_SCALE):
+        raise ValueError(f"{name} must be a finite number in (0, {MAX_SCALE:g}]; got {name}={value!r}")
+
+
 def check_attention_config(dim_head, heads, kv_heads, scale, groups) -> None:
     """Raise ValueError, naming the argument, unless the op supports this configuration:
 
     - dim_head: an integer in [MIN_HEAD_DIM, MAX_HEAD_DIM];
     - heads, kv_heads: positive integers with heads % kv_heads == 0;
-    - scale: a finite real number in (0, MAX_SCALE];
+    - scale: a finite real number in (0, MAX_SCALE] (for a per-head scale tensor, pass its bound scale_max);
     - groups: a positive integer dividing dim_head.
 
     Integers are what `operator.index` accepts (NumPy integers too), never bools. Needs no tensors, so a model can
@@ -56,20 +65,61 @@ def check_attention_config(dim_head, heads, kv_heads, scale, groups) -> None:
             f"kv_heads must be a positive integer dividing heads (h % hk == 0); "
             f"got heads={heads!r}, kv_heads={kv_heads!r}"
         )
-    real = isinstance(scale, numbers.Real) and not isinstance(scale, bool)
-    if not (real and math.isfinite(scale) and 0 < scale <= MAX_SCALE):
-        raise ValueError(f"scale must be a finite number in (0, {MAX_SCALE:g}]; got scale={scale!r}")
+    _check_scale("scale", scale)
     g = _integer("groups", groups)
     if g < 1 or d % g != 0:
         raise ValueError(f"groups must be a positive integer dividing dim_head={d}; got groups={groups!r}")
 
 
-def _canonicalize(q, k, v, mask, attn_bias, alibi_slopes, causal, scale, l2norm_qk, groups, attn_bias_batch_dim):
-    """Validate and return canonical (q4, k4, v4, mask, bias4, slopes, scale, groups, merged) before any launch.
+def _check_segments(segment_ids, q, k, b: int, i: int, j: int):
+    """segment_ids: one (b, n) tensor (needs i == j) or a pair ((b, i), (b, j)) -> (q_segment_ids, k_segment_ids) of
+    one integer dtype (a pair of two dtypes is promoted: exact), or None. b, i, j: the canonical q4's batch and
+    length and k4's length (b is the merged batch B for a 3-D q). Before any launch, like `_canonicalize`."""
+    if segment_ids is None:
+        return None
+    if isinstance(segment_ids, torch.Tensor):
+        if i != j:
+            raise ValueError(
+                f"segment_ids as one tensor is for self-attention (q_len == k_len); got q {_shape(q)}, k {_shape(k)}: "
+                f"pass a pair (q_segment_ids (b, i), k_segment_ids (b, j))"
+            )
+        pair = (("segment_ids", segment_ids, "n", i), ("segment_ids", segment_ids, "n", j))
+    elif isinstance(segment_ids, (tuple, list)) and len(segment_ids) == 2:
+        pair = (("q_segment_ids", segment_ids[0], "i", i), ("k_segment_ids", segment_ids[1], "j", j))
+    else:
+        raise TypeError(
+            f"segment_ids must be an integer tensor (b, n) or a pair (q_segment_ids, k_segment_ids); "
+            f"got {type(segment_ids).__name__}"
+        )
+    for name, t, dim, n in pair:
+        if not isinstance(t, torch.Tensor) or t.dtype not in _SEGMENT_DTYPES:
+            raise TypeError(
+                f"{name} must be an integer tensor (int8, int16, int32, int64 or uint8); "
+                f"got {getattr(t, 'dtype', type(t).__name__)}"
+            )
+        if tuple(t.shape) != (b, n):
+            raise ValueError(
+                f"{name} must be (b, {dim}) = ({b}, {n}); got {_shape(t)} for q {_shape(q)}, k {_shape(k)}"
+            )
+        if t.device != q.device:
+            raise ValueError(f"{name} must be on {q.device}; got {t.device}")
+    q_seg, k_seg = pair[0][1], pair[1][1]
+    if q_seg.dtype != k_seg.dtype:
+        dtype = torch.promote_types(q_seg.dtype, k_seg.dtype)
+        q_seg, k_seg = q_seg.to(dtype), k_seg.to(dtype)
+    return q_seg, k_seg
+
+
+def _canonicalize(
+    q, k, v, mask, attn_bias, alibi_slopes, causal, scale, l2norm_qk, groups, attn_bias_batch_dim, scale_max
+):
+    """Validate and return canonical (q4, k4, v4, mask, bias4, slopes, scale, scale_max, groups, merged) before any
+    launch.
 
     q4 (b, h, i, d); k4, v4 (b, hk, j, d); mask (b, j) bool or None; bias4 (bb, bh, bi, bj), each dim 1 or the full
     size, a view of attn_bias (its size-1 dims are read with zero strides, and autograd maps its gradient back to
-    attn_bias's own shape); scale a float, groups an int; merged says q was 3-D.
+    attn_bias's own shape); scale a float (scale_max None) or the caller's (h,) tensor (scale_max a float: the
+    bound it is clamped to), groups an int; merged says q was 3-D.
     """
     for name, flag in (("causal", causal), ("l2norm_qk", l2norm_qk), ("attn_bias_batch_dim", attn_bias_batch_dim)):
         if not isinstance(flag, bool):
@@ -109,11 +159,36 @@ def _canonicalize(q, k, v, mask, attn_bias, alibi_slopes, causal, scale, l2norm_
         raise ValueError(f"q, k and v must share the head dim; got q {_shape(q)}, k {_shape(k)}, v {_shape(v)}")
     if i == 0 or j == 0 or b == 0 or h == 0 or hk == 0:
         raise ValueError(f"empty inputs are not supported; got q {_shape(q)}, k {_shape(k)}")
+    per_head = isinstance(scale, torch.Tensor)
+    if per_head:
+        if not scale.is_floating_point():
+            raise TypeError(f"scale must be a float or a floating-point tensor; got a tensor of {scale.dtype}")
+        if tuple(scale.shape) != (h,):
+            if merged:
+                raise ValueError(
+                    f"with a 3-D q (batch and heads merged) a scale tensor must be (1,), one scale for every row; got "
+                    f"scale {_shape(scale)} for q {_shape(q)}; pass q as (b, h, i, d) for one scale per head"
+                )
+            raise ValueError(f"scale must be a float or an (h,) = ({h},) tensor; got scale {_shape(scale)}")
+        if scale.device != q.device:
+            raise ValueError(f"scale must be on {q.device}; got {scale.device}")
+        scale_max = MAX_SCALE if scale_max is None else scale_max
+        _check_scale("scale_max", scale_max)
+    elif scale_max is not None:
+        raise ValueError(
+            f"scale_max bounds a per-head scale tensor; with a float scale leave it None; got scale={scale!r}, "
+            f"scale_max={scale_max!r}"
+        )
     try:
-        check_attention_config(d, h, hk, scale, groups)
+        # a per-head scale: its bound is what the rules (and the kernels' choice of path) need
+        check_attention_config(d, h, hk, scale_max if per_head else scale, groups)
     except ValueError as e:
         raise ValueError(f"{e} (q {_shape(q)}, k {_shape(k)})") from None
-    scale, groups = float(scale), operator.index(groups)
+    groups = operator.index(groups)
+    if per_head:
+        scale_max = float(scale_max)
+    else:
+        scale = float(scale)
 
     if mask is not None:
         if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
@@ -160,7 +235,7 @@ def _canonicalize(q, k, v, mask, attn_bias, alibi_slopes, causal, scale, l2norm_
                 "alibi_slopes must not require grad (the op returns no gradient for them); register them as a "
                 "buffer or pass alibi_slopes.detach()"
             )
-    return q4, k4, v4, mask, bias4, alibi_slopes, scale, groups, merged
+    return q4, k4, v4, mask, bias4, alibi_slopes, scale, scale_max, groups, merged
 
 
 def _use_triton(device: torch.device) -> bool:
@@ -177,11 +252,13 @@ def cosine_sim_attention(
     mask: torch.Tensor | None = None,
     attn_bias: torch.Tensor | None = None,
     causal: bool = False,
-    scale: float = 10.0,
+    scale: float | torch.Tensor = 10.0,
     l2norm_qk: bool = True,
     groups: int = 1,
     alibi_slopes: torch.Tensor | None = None,
     attn_bias_batch_dim: bool = False,
+    scale_max: float | None = None,
+    segment_ids: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Cosine-similarity attention: softmax(scale · q̂ k̂ᵀ + attn_bias) v, with q̂, k̂ l2-normalised along d.
 
@@ -201,33 +278,55 @@ def cosine_sim_attention(
                 query 0         x x x x .
                 query 1         x x x x x
 
-        scale: fixed multiplier of the cosine similarity, a real number in (0, 100]; default 10.
+        scale: multiplier of the cosine similarity: a real number in (0, 100] (default 10), or a float tensor of
+            shape (h,), one scale per query head (e.g. learned; (1,) for a 3-D q), on q's device. A tensor is
+            clamped to [0, scale_max] (torch.clamp semantics: a head outside the range gets a zero gradient) and its
+            gradient is returned when it requires grad.
         l2norm_qk: normalise q and k here (default). Pass False only if they are already unit-norm per group
             (e.g. rotary embeddings applied after the normalisation): the kernel relies on |q̂·k̂| <= groups.
         groups: normalise in this many equal chunks of d (logits then lie in ±scale·groups); an integer, not a bool.
         alibi_slopes: (h,) float: adds −slope·|pos_q − pos_k| (pos_q = r + j − i) in the kernel, O(n) memory.
             Fixed slopes: a tensor that requires grad is refused (no gradient is computed for them).
+        scale_max: the bound of a scale tensor, in (0, 100]; default 100 (MAX_SCALE). Only with a scale tensor. The
+            op never reads the tensor's values on the host (no device sync: CUDA graphs and torch.compile work), so
+            this bound picks the kernel's path as a float scale does: keep it tight when learning scales, e.g. 16
+            or 32: the fixed exponent offset (faster) needs scale_max·groups ≤ 48.8 in bf16/fp32 and ≤ 10.02 in
+            fp16; beyond, the kernel runs the (exact) running-max path.
+        segment_ids: packed documents. One integer tensor (b, n) for self-attention (needs i == j), or a pair
+            (q_segment_ids (b, i), k_segment_ids (b, j)); with a 3-D q, b is its merged batch B. Integer dtypes
+            int8/16/32/64 or uint8 (a pair of two dtypes is promoted), on q's device. Query r sees key c only where
+            their ids are equal, on top of `mask`, `causal` (still aligned on the whole sequences: positions, ALiBi's
+            included, are those of the packed sequence, not per document) and −inf entries of `attn_bias`. Ids in any
+            order are exact. Where a batch element's ids are non-decreasing (as packing gives: checked on the device,
+            per batch element and side, no host sync), the kernels skip whole tiles: a tile of keys whose
+            [first id, last id] misses the query tile's [min id, max id] is never loaded (and likewise query tiles in
+            the backward), so a packed batch costs about the tiles its documents share, not b·i·j. A query whose
+            segment has no visible key is a row with no visible key (below).
 
     Returns: like q (shape and dtype). Rows with no visible key are zeros, with zero gradients.
 
     Dtypes fp32 (full-precision products, not tf32), fp16, bf16, forward and backward; head dims 16–256; any
-    lengths. Gradients flow to the raw q, k, v (through the normalisation) and to attn_bias. The backward is
-    deterministic: no atomics, bitwise-identical gradients for identical inputs.
+    lengths. Gradients flow to the raw q, k, v (through the normalisation), to attn_bias and to a scale tensor. The
+    backward is deterministic: no atomics, bitwise-identical gradients for identical inputs.
 
     Numerics: with bounded logits the kernel uses a fixed exponent offset instead of a running maximum; with a
     bias, ALiBi, or scale·groups past what the dtype can hold it switches to a running maximum, so it stays
-    exact. Memory is O(n): one fp32 statistic per query row is saved; nothing of size i·j is allocated.
+    exact. For a scale tensor that bound is scale_max·groups, and each head's offset follows its own scale. Memory
+    is O(n): one fp32 statistic per query row is saved; nothing of size i·j is allocated.
 
     Errors: tensors of the wrong rank, shape, dtype or device raise ValueError / TypeError naming the argument and
     the shapes seen; scalar arguments outside the rules of `check_attention_config` (and flags that are not bools)
     raise ValueError naming the argument. All checks run before any kernel launch, the same on every backend.
 
     Backends: CUDA tensors run the Triton kernels; CPU tensors run them under the Triton interpreter when
-    TRITON_INTERPRET=1, otherwise a chunked PyTorch implementation of the same function (with autograd).
+    TRITON_INTERPRET=1, otherwise a chunked PyTorch implementation of the same function (with autograd). On the
+    Triton backend, calls that need no gradient with few queries against many keys (decoding with a KV cache; the
+    rule is `cosattn.decode.use_decode`) take a split-KV decode path: the same function, keys read once per kv head.
     """
-    q4, k4, v4, mask, bias4, slopes, scale, groups, merged = _canonicalize(
-        q, k, v, mask, attn_bias, alibi_slopes, causal, scale, l2norm_qk, groups, attn_bias_batch_dim
+    q4, k4, v4, mask, bias4, slopes, scale, scale_max, groups, merged = _canonicalize(
+        q, k, v, mask, attn_bias, alibi_slopes, causal, scale, l2norm_qk, groups, attn_bias_batch_dim, scale_max
     )
+    segments = _check_segments(segment_ids, q, k, q4.shape[0], q4.shape[2], k4.shape[2])
     if _use_triton(q.device):
         from .ops import triton_attention
 
@@ -242,6 +341,8 @@ def cosine_sim_attention(
             l2norm_qk=l2norm_qk,
             groups=groups,
             alibi_slopes=slopes,
+            scale_max=scale_max,
+            segment_ids=segments,
         )
     else:
         o = attention_chunked(
@@ -255,5 +356,7 @@ def cosine_sim_attention(
             l2norm_qk=l2norm_qk,
             groups=groups,
             alibi_slopes=slopes,
+            scale_max=scale_max,
+            segment_ids=segments,
         )
     return o.squeeze(1) if merged else o

@@ -12,6 +12,15 @@ FlashAttention-2 style running maximum, with the logits, bias and ALiBi in natur
 saves one fp32 number per query row, the log-sum-exp in the logits' units (offset + log2(rowsum), or
 max + ln(rowsum); +inf for a row with no visible key), and the backward recomputes P from it tile by tile.
 
+Per-head scales (SCALE_PER_HEAD): each head's scale is loaded from an (h,) float64 tensor, clamped by the host to
+[0, scale_max]; the host picks USE_MAX from scale_max as from a float scale, and each head's offset follows its own
+scale. The dq pass then also writes the scale gradient's part of each query row (SCALE_GRAD).
+
+Segment ids (HAS_SEGMENTS): a logit is −inf where the query's and the key's ids differ, in every visited tile; and
+each program loops only over the other side's tiles whose [first, last] ids meet its own tile's [min, max]
+(`_segment_phases`), a range exact for non-decreasing ids, which the host flags per batch element and side; rows
+flagged unsorted visit every tile and rely on the mask alone.
+
 Backward (per group): dq = (dq̂ − q̂⟨q̂, dq̂⟩)/‖q‖, the same for k, applied in each pass's epilogue with the
 norms from its prologue. No float atomics: dk/dv programs own a key block and loop over the query heads of their
 kv head (GQA), dq programs own a query block, so gradients are bitwise deterministic.
@@ -34,6 +43,11 @@ import triton.language as tl
 LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): natural units -> log2 units (exp(x) = exp2(x · LOG2E))
 LN2 = tl.constexpr(0.6931471805599453)  # ln(2) = 1 / LOG2E
 NORM_EPS = tl.constexpr(1e-12)  # F.normalize's eps: a vector shorter than this is divided by it instead
+# exp2 headroom of the fixed offset: the largest term is 2^15, below fp16's max (65504)
+HEADROOM = tl.constexpr(15.0)
+# tiles of the other side whose first and last segment ids one step of `_segment_range` reads: one step up to
+# 256 tiles (16k keys at BLOCK_N 64)
+SEGMENT_SCAN = tl.constexpr(256)
 
 
 @triton.jit
@@ -110,6 +124,43 @@ def _query_range(pid_n, M, N, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK
 
 
 @triton.jit
+def _segment_range(smin, smax, SEG_base, stride_sn, n, other_sorted, BLOCK: tl.constexpr):
+    """[lo, hi): the positions of the other side, in whole tiles of BLOCK, that may hold a segment id in
+    [smin, smax] (this tile's range). For non-decreasing ids (other_sorted ≠ 0) tile t may be skipped iff its last
+    id < smin or its first id > smax, and those tiles form a prefix and a suffix: counting them bounds the loop
+    exactly. Unsorted ids (other_sorted = 0) skip nothing, [0, n): the per-element segment mask alone decides."""
+    n_tiles = tl.cdiv(n, BLOCK)
+    below = 0  # tiles whose ids all lie below smin
+    upto = 0  # tiles whose first id is at most smax
+    for t0 in range(0, n_tiles, SEGMENT_SCAN):
+        t = t0 + tl.arange(0, SEGMENT_SCAN)
+        ok = t < n_tiles
+        first = tl.load(SEG_base + (t * BLOCK) * stride_sn, mask=ok)
+        last = tl.load(SEG_base + (tl.minimum((t + 1) * BLOCK, n) - 1) * stride_sn, mask=ok)
+        below += tl.sum((ok & (last < smin)).to(tl.int32), 0)
+        upto += tl.sum((ok & (first <= smax)).to(tl.int32), 0)
+    lo = tl.where(other_sorted != 0, below * BLOCK, 0)
+    hi = tl.where(other_sorted != 0, tl.minimum(upto * BLOCK, n), n)
+    return lo, hi
+
+
+@triton.jit
+def _segment_phases(OWN_base, stride_own, offs, n_own, OTHER_base, stride_other, n_other, other_sorted_ptr,
+                    start, split, end, BLOCK_OTHER: tl.constexpr):
+    """The segment ids of this program's own tile (the query tile; the key block in the dk/dv pass) as a column
+    [rows, 1], and its two loop phases [start, split) (unmasked or causal, as the caller splits them) and
+    [split, end), both narrowed to the other side's tiles `_segment_range` keeps. Min and max are reduced over the
+    loaded ids, so this side's ids may come in any order; rows past n_own take the tile's first id, always in range."""
+    ok = offs < n_own
+    seg = tl.load(OWN_base + offs * stride_own, mask=ok, other=0)
+    seg_in = tl.where(ok, seg, tl.load(OWN_base + tl.min(offs, 0) * stride_own))
+    seg_lo, seg_hi = _segment_range(tl.min(seg_in, 0), tl.max(seg_in, 0), OTHER_base, stride_other, n_other,
+                                    tl.load(other_sorted_ptr), BLOCK_OTHER)
+    return (seg[:, None], tl.maximum(start, seg_lo), tl.minimum(split, seg_hi), tl.maximum(split, seg_lo),
+            tl.minimum(end, seg_hi))
+
+
+@triton.jit
 def _alibi_slope(SLOPES, h, HAS_ALIBI: tl.constexpr):
     """Head h's ALiBi slope, in natural units like the logits of the running-max path that ALiBi selects; 0 without
     ALiBi."""
@@ -120,12 +171,29 @@ def _alibi_slope(SLOPES, h, HAS_ALIBI: tl.constexpr):
 
 
 @triton.jit
-def _logits_mods(qk, qpos, kpos, M, N, bias_ptrs, slope, key_mask_ptrs,
+def _head_scale(SCALES, h, GROUPS: tl.constexpr, USE_MAX: tl.constexpr):
+    """Head h's scale from SCALES (a per-head scale: (h,) float64, clamped to [0, scale_max] by the host) and the two
+    numbers derived from it: (scale, qk_scale, offset2), as the host derives them from a float scale, by the same
+    float64 operations rounded to fp32 as a float argument is, so a tensor of equal values gives the float path's
+    bits. The fixed offset follows the head's own scale: its largest term is 2^HEADROOM and every row's largest term
+    at least 2^(HEADROOM − 2·scale_h·groups·log2 e), which scale_max, by the host's rule, keeps a normal number."""
+    s = tl.load(SCALES + h)
+    if USE_MAX:
+        qk_scale = s
+    else:
+        qk_scale = s * LOG2E
+    offset2 = s * GROUPS * LOG2E - HEADROOM
+    return s.to(tl.float32), qk_scale.to(tl.float32), offset2.to(tl.float32)
+
+
+@triton.jit
+def _logits_mods(qk, qpos, kpos, M, N, bias_ptrs, slope, key_mask_ptrs, seg_q, seg_k,
                  MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
-                 HAS_ALIBI: tl.constexpr):
+                 HAS_ALIBI: tl.constexpr, HAS_SEGMENTS: tl.constexpr):
     """Adds bias / ALiBi to a logits tile and sets invisible entries to −inf. qpos and kpos are the query and key
-    positions as broadcastable 2-D tensors, so one helper serves both tile orientations. A bias or ALiBi always
-    comes with USE_MAX (the host's rule), so the logits are in natural units here."""
+    positions as broadcastable 2-D tensors, so one helper serves both tile orientations; seg_q and seg_k, their
+    segment ids (HAS_SEGMENTS), likewise. A bias or ALiBi always comes with USE_MAX (the host's rule), so the logits
+    are in natural units here."""
     if HAS_BIAS:
         bias = tl.load(bias_ptrs, mask=(qpos < M) & (kpos < N), other=0.0)
         qk = qk + bias.to(tl.float32)
@@ -139,6 +207,8 @@ def _logits_mods(qk, qpos, kpos, M, N, bias_ptrs, slope, key_mask_ptrs,
     if HAS_MASK:
         km = tl.load(key_mask_ptrs, mask=kpos < N, other=0)
         qk = tl.where(km != 0, qk, float("-inf"))
+    if HAS_SEGMENTS:
+        qk = tl.where(seg_q == seg_k, qk, float("-inf"))
     return qk
 
 
@@ -179,13 +249,13 @@ def _l2norm_kernel(
 
 @triton.jit
 def _fwd_inner(acc, l_i, m_i, q, offs_m, cols,
-               K_base, V_base, K_desc, V_desc, b32, hk32, bias_base, mask_base, slope, offset2,
-               stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn, stride_mn,
+               K_base, V_base, K_desc, V_desc, b32, hk32, bias_base, mask_base, slope, offset2, KSEG_base, seg_q,
+               stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn, stride_mn, stride_skn,
                M, N, lo, hi,
                HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
                CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr,
                USE_MAX: tl.constexpr, PRECISION: tl.constexpr, K_INLINE: tl.constexpr, USE_TMA: tl.constexpr,
-               ROWSUM_TILE: tl.constexpr, MASKED: tl.constexpr):
+               ROWSUM_TILE: tl.constexpr, HAS_SEGMENTS: tl.constexpr, MASKED: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         if MASKED:
@@ -208,8 +278,12 @@ def _fwd_inner(acc, l_i, m_i, q, offs_m, cols,
             qk = qk * _inv_norm(kT.to(tl.float32), 0)[None, :]
         qpos = offs_m[:, None]
         kpos = offs_n[None, :]
+        seg_k = 0
+        if HAS_SEGMENTS:
+            seg_k = tl.load(KSEG_base + kpos * stride_skn, mask=kpos < N, other=0)
         qk = _logits_mods(qk, qpos, kpos, M, N, bias_base + qpos * stride_bm + kpos * stride_bn, slope,
-                          mask_base + kpos * stride_mn, MASKED, CAUSAL, HAS_MASK, HAS_BIAS, HAS_ALIBI)
+                          mask_base + kpos * stride_mn, seg_q, seg_k,
+                          MASKED, CAUSAL, HAS_MASK, HAS_BIAS, HAS_ALIBI, HAS_SEGMENTS)
         if USE_MAX:
             m_new = tl.maximum(m_i, tl.max(qk, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -243,13 +317,18 @@ def _fwd_kernel(
     MASK,  # (b, j) int8 key-padding mask (1 = visible)
     BIAS,  # (bb, bh, i, j) additive bias, broadcast through zero strides
     SLOPES,  # (h,) ALiBi slopes
+    SCALES,  # (h,) float64 per-head scales, clamped (only when SCALE_PER_HEAD: then qk_scale, offset2 come from it)
+    QSEG, KSEG,  # (b, i), (b, j) integer segment ids, any strides (only when HAS_SEGMENTS)
+    SEG_SORTED,  # (b, 2) int8: 1 where a row of QSEG (column 0) / KSEG (column 1) is non-decreasing (HAS_SEGMENTS)
     stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd, stride_mb, stride_mn, stride_bb, stride_bh, stride_bm, stride_bn,
+    stride_sqb, stride_sqm, stride_skb, stride_skn,
     H, HK, M, N, qk_scale, offset2,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, GROUPS: tl.constexpr, L2NORM: tl.constexpr, CAUSAL: tl.constexpr,
     HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr, USE_MAX: tl.constexpr,
     K_INLINE: tl.constexpr, USE_TMA: tl.constexpr, ROWSUM_TILE: tl.constexpr, EVEN_N: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr, SCALE_PER_HEAD: tl.constexpr, HAS_SEGMENTS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -267,6 +346,8 @@ def _fwd_kernel(
     q32 = q.to(tl.float32)
     if L2NORM:
         q32, _ = _l2norm_rows(q32, cols, GROUPS, HEAD_DIM)
+    if SCALE_PER_HEAD:
+        _, qk_scale, offset2 = _head_scale(SCALES, h, GROUPS, USE_MAX)
     # fold scale·log2(e) into q̂ once: the inner loop then needs one exp2 per logit and no multiply
     q = (q32 * qk_scale).to(q.dtype)
 
@@ -284,19 +365,26 @@ def _fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
 
     full_end, hi = _key_range(pid_m, M, N, CAUSAL, BLOCK_M, BLOCK_N)
+    KSEG_base = KSEG + b * stride_skb
+    seg_q, lo1, hi1, lo2, hi2 = 0, 0, full_end, full_end, hi
+    if HAS_SEGMENTS:
+        seg_q, lo1, hi1, lo2, hi2 = _segment_phases(QSEG + b * stride_sqb, stride_sqm, offs_m, M, KSEG_base,
+                                                    stride_skn, N, SEG_SORTED + 2 * b + 1, 0, full_end, hi, BLOCK_N)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, offs_m, cols,
                                K_base, V_base, K_desc, V_desc, b32, hk32, bias_base, mask_base, slope, offset2,
-                               stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn, stride_mn,
-                               M, N, 0, full_end,
+                               KSEG_base, seg_q,
+                               stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn, stride_mn, stride_skn,
+                               M, N, lo1, hi1,
                                HEAD_DIM, D_PAD, BLOCK_N, CAUSAL, HAS_MASK, HAS_BIAS, HAS_ALIBI,
-                               USE_MAX, PRECISION, K_INLINE, USE_TMA, ROWSUM_TILE, MASKED=False)
+                               USE_MAX, PRECISION, K_INLINE, USE_TMA, ROWSUM_TILE, HAS_SEGMENTS, MASKED=False)
     if CAUSAL or not EVEN_N:  # the ragged last key block or the causal diagonal: masked tiles
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, offs_m, cols,
                                    K_base, V_base, K_desc, V_desc, b32, hk32, bias_base, mask_base, slope, offset2,
+                                   KSEG_base, seg_q,
                                    stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn, stride_mn,
-                                   M, N, full_end, hi,
+                                   stride_skn, M, N, lo2, hi2,
                                    HEAD_DIM, D_PAD, BLOCK_N, CAUSAL, HAS_MASK, HAS_BIAS, HAS_ALIBI,
-                                   USE_MAX, PRECISION, K_INLINE, USE_TMA, ROWSUM_TILE, MASKED=True)
+                                   USE_MAX, PRECISION, K_INLINE, USE_TMA, ROWSUM_TILE, HAS_SEGMENTS, MASKED=True)
     if ROWSUM_TILE:
         l_i = tl.sum(l_i, 1)
     empty = l_i == 0.0
@@ -321,11 +409,12 @@ def _bwd_prep_kernel(
     KH,  # (b, hk, j, d) contiguous out: k̂ (when NORM_K)
     RK,  # (b, hk, j) fp32 out: 1/‖k‖ (otherwise)
     DELTA,  # (b, h, i) fp32 out: rowsum(dO ⊙ O)
+    SCALES,  # (h,) float64 per-head scales (only when SCALE_PER_HEAD), as in the forward
     stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
     stride_db, stride_dh, stride_dm, stride_dd,
     H, HK, M, N, qk_scale,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, GROUPS: tl.constexpr, L2NORM: tl.constexpr, BLOCK: tl.constexpr,
-    NORM_K: tl.constexpr,
+    NORM_K: tl.constexpr, USE_MAX: tl.constexpr, SCALE_PER_HEAD: tl.constexpr,
 ):
     """Everything the two backward passes need precomputed, in one launch: per (b, h) row block, delta and the
     scaled q̂; the programs with h < hk also normalise a block of k for kv head h."""
@@ -346,6 +435,8 @@ def _bwd_prep_kernel(
         x = x.to(tl.float32)
         if L2NORM:
             x, _ = _l2norm_rows(x, cols, GROUPS, HEAD_DIM)
+        if SCALE_PER_HEAD:
+            _, qk_scale, _ = _head_scale(SCALES, h, GROUPS, USE_MAX)
         tl.store(QS + bh * M * HEAD_DIM + rows[:, None] * HEAD_DIM + cols[None, :],
                  (x * qk_scale).to(QS.dtype.element_ty), mask=m)
     if (h < HK) and (pid * BLOCK < N):
@@ -367,12 +458,12 @@ def _bwd_prep_kernel(
 @triton.jit
 def _bwd_dkdv_inner(dk, dv, k, rk, v, offs_n, cols,
                     Q_base, DO_base, Q_desc, DO_desc, b32, h32, LSE_base, DELTA_base, DB_base, bias_base, mask_base,
-                    slope, stride_dm, stride_dd, stride_bm, stride_bn, stride_mn,
+                    slope, QSEG_base, seg_k, stride_dm, stride_dd, stride_bm, stride_bn, stride_mn, stride_sqm,
                     M, N, lo, hi,
                     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
                     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr,
                     USE_MAX: tl.constexpr, BIAS_GRAD: tl.constexpr, PRECISION: tl.constexpr,
-                    K_INLINE: tl.constexpr, USE_TMA: tl.constexpr, MASKED: tl.constexpr):
+                    K_INLINE: tl.constexpr, USE_TMA: tl.constexpr, HAS_SEGMENTS: tl.constexpr, MASKED: tl.constexpr):
     # tiles are kept transposed ([keys, queries]) so Pᵀ and dSᵀ feed the dk/dv products without a transpose
     kpos = offs_n[:, None]
     for start_m in range(lo, hi, BLOCK_M):
@@ -392,8 +483,12 @@ def _bwd_dkdv_inner(dk, dv, k, rk, v, offs_n, cols,
         if K_INLINE:
             qkT = qkT * rk[:, None]  # raw k in the product, as the forward computed it
         qpos = offs_m[None, :]
+        seg_q = 0
+        if HAS_SEGMENTS:
+            seg_q = tl.load(QSEG_base + qpos * stride_sqm, mask=qpos < M, other=0)
         qkT = _logits_mods(qkT, qpos, kpos, M, N, bias_base + qpos * stride_bm + kpos * stride_bn, slope,
-                           mask_base + kpos * stride_mn, MASKED, CAUSAL, HAS_MASK, HAS_BIAS, HAS_ALIBI)
+                           mask_base + kpos * stride_mn, seg_q, seg_k,
+                           MASKED, CAUSAL, HAS_MASK, HAS_BIAS, HAS_ALIBI, HAS_SEGMENTS)
         pT = _probs(qkT, lse[None, :], USE_MAX)
         dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PRECISION)
         dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
@@ -415,13 +510,15 @@ def _bwd_dkdv_kernel(
     DB,  # (b, h, i, j) fp32 bias gradient (only when BIAS_GRAD)
     QS_desc, DO_desc,  # descriptors of QS and DO, block (1, 1, BLOCK_M, D_PAD) (only when USE_TMA)
     MASK, BIAS, SLOPES,  # as in the forward
+    QSEG, KSEG, SEG_SORTED,  # as in the forward (only when HAS_SEGMENTS)
     stride_kb, stride_kh, stride_kn, stride_kd, stride_vb, stride_vh, stride_vn, stride_vd,
     stride_db, stride_dh, stride_dm, stride_dd, stride_mb, stride_mn, stride_bb, stride_bh, stride_bm, stride_bn,
+    stride_sqb, stride_sqm, stride_skb, stride_skn,
     H, HK, M, N, qk_scale, dk_scale,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, GROUPS: tl.constexpr, L2NORM: tl.constexpr, CAUSAL: tl.constexpr,
     HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr, USE_MAX: tl.constexpr,
     BIAS_GRAD: tl.constexpr, PRECISION: tl.constexpr, K_INLINE: tl.constexpr, USE_TMA: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_SEGMENTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     bhk = tl.program_id(1).to(tl.int64)
@@ -451,6 +548,12 @@ def _bwd_dkdv_kernel(
     dv = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
     lo, full_start = _query_range(pid_n, M, N, CAUSAL, BLOCK_M, BLOCK_N)
     mask_base = MASK + b * stride_mb
+    QSEG_base = QSEG + b * stride_sqb
+    # the same query tiles for every head of the group: segments are per batch element
+    seg_k, lo1, hi1, lo2, hi2 = 0, lo, full_start, full_start, M
+    if HAS_SEGMENTS:
+        seg_k, lo1, hi1, lo2, hi2 = _segment_phases(KSEG + b * stride_skb, stride_skn, offs_n, N, QSEG_base,
+                                                    stride_sqm, M, SEG_SORTED + 2 * b, lo, full_start, M, BLOCK_M)
     group = H // HK
     for hq in range(0, group):
         h = hk * group + hq
@@ -465,18 +568,18 @@ def _bwd_dkdv_kernel(
         if CAUSAL:  # (otherwise the range is empty)
             dk, dv = _bwd_dkdv_inner(dk, dv, k, rk, v, offs_n, cols,
                                      Q_base, DO_base, QS_desc, DO_desc, b32, h32, LSE + bh * M, DELTA + bh * M,
-                                     DB_base, bias_base, mask_base,
-                                     slope, stride_dm, stride_dd, stride_bm, stride_bn, stride_mn,
-                                     M, N, lo, full_start,
+                                     DB_base, bias_base, mask_base, slope, QSEG_base, seg_k,
+                                     stride_dm, stride_dd, stride_bm, stride_bn, stride_mn, stride_sqm,
+                                     M, N, lo1, hi1,
                                      HEAD_DIM, D_PAD, BLOCK_M, CAUSAL, HAS_MASK, HAS_BIAS, HAS_ALIBI,
-                                     USE_MAX, BIAS_GRAD, PRECISION, K_INLINE, USE_TMA, MASKED=True)
+                                     USE_MAX, BIAS_GRAD, PRECISION, K_INLINE, USE_TMA, HAS_SEGMENTS, MASKED=True)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, rk, v, offs_n, cols,
                                  Q_base, DO_base, QS_desc, DO_desc, b32, h32, LSE + bh * M, DELTA + bh * M,
-                                 DB_base, bias_base, mask_base,
-                                 slope, stride_dm, stride_dd, stride_bm, stride_bn, stride_mn,
-                                 M, N, full_start, M,
+                                 DB_base, bias_base, mask_base, slope, QSEG_base, seg_k,
+                                 stride_dm, stride_dd, stride_bm, stride_bn, stride_mn, stride_sqm,
+                                 M, N, lo2, hi2,
                                  HEAD_DIM, D_PAD, BLOCK_M, CAUSAL, HAS_MASK, HAS_BIAS, HAS_ALIBI,
-                                 USE_MAX, BIAS_GRAD, PRECISION, K_INLINE, USE_TMA, MASKED=False)
+                                 USE_MAX, BIAS_GRAD, PRECISION, K_INLINE, USE_TMA, HAS_SEGMENTS, MASKED=False)
     dk = dk * dk_scale  # dk̂ = scale · dSᵀq̂ = (scale / qk_scale) · dSᵀ(q̂ · qk_scale)
     if L2NORM:
         dk = _l2norm_bwd(k32, inv_k, dk, cols, GROUPS, HEAD_DIM)
@@ -487,14 +590,14 @@ def _bwd_dkdv_kernel(
 
 
 @triton.jit
-def _bwd_dq_inner(dq, q, do, lse, delta, offs_m, cols,
-                  K_base, RK_base, V_base, K_desc, V_desc, b32, hk32, bias_base, mask_base, slope,
-                  stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn, stride_mn,
+def _bwd_dq_inner(dq, ds_sum, pc_sum, dc_sum, q, do, lse, delta, offs_m, cols,
+                  K_base, RK_base, V_base, K_desc, V_desc, b32, hk32, bias_base, mask_base, slope, KSEG_base, seg_q,
+                  stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn, stride_mn, stride_skn,
                   M, N, lo, hi,
                   HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
                   CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr,
                   USE_MAX: tl.constexpr, PRECISION: tl.constexpr, K_INLINE: tl.constexpr, USE_TMA: tl.constexpr,
-                  MASKED: tl.constexpr):
+                  SCALE_GRAD: tl.constexpr, HAS_SEGMENTS: tl.constexpr, MASKED: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         if MASKED:
@@ -514,17 +617,28 @@ def _bwd_dq_inner(dq, q, do, lse, delta, offs_m, cols,
             # compiled, pipelined loop (docs/benchmarks/NOTES.md)
             rk = tl.load(RK_base + offs_n, mask=offs_n < N, other=0.0)
             qk = qk * rk[None, :]
+        if SCALE_GRAD:
+            cos_scaled = qk  # qk_scale · q̂·k̂, before bias and masks
         qpos = offs_m[:, None]
         kpos = offs_n[None, :]
+        seg_k = 0
+        if HAS_SEGMENTS:
+            seg_k = tl.load(KSEG_base + kpos * stride_skn, mask=kpos < N, other=0)
         qk = _logits_mods(qk, qpos, kpos, M, N, bias_base + qpos * stride_bm + kpos * stride_bn, slope,
-                          mask_base + kpos * stride_mn, MASKED, CAUSAL, HAS_MASK, HAS_BIAS, HAS_ALIBI)
+                          mask_base + kpos * stride_mn, seg_q, seg_k,
+                          MASKED, CAUSAL, HAS_MASK, HAS_BIAS, HAS_ALIBI, HAS_SEGMENTS)
         p = _probs(qk, lse[:, None], USE_MAX)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
+        if SCALE_GRAD:
+            # the row sums of the scale gradient (see the dq kernel's epilogue), from dS in fp32
+            ds_sum += tl.sum(ds, 1)
+            pc_sum += tl.sum(p * cos_scaled, 1)
+            dc_sum += tl.sum(ds * cos_scaled, 1)
         if K_INLINE:
             ds = ds * rk[None, :]  # dq̂ = Σ dS·k̂ = Σ (dS·rk)·k
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
-    return dq
+    return dq, ds_sum, pc_sum, dc_sum
 
 
 @triton.jit
@@ -536,14 +650,17 @@ def _bwd_dq_kernel(
     K_desc, V_desc,  # descriptors of K and V, block (1, 1, BLOCK_N, D_PAD) (only when USE_TMA)
     DO, LSE, DELTA,  # as in the dk/dv pass
     DQ,  # (b, h, i, d) contiguous
-    MASK, BIAS, SLOPES,  # as in the forward
+    MASK, BIAS, SLOPES, SCALES,  # as in the forward
+    DSCALE,  # (b, h, i) fp32 out: ⟨dS k̂, q̂⟩ per query row, the row's part of dL/dscale_h (only when SCALE_GRAD)
+    QSEG, KSEG, SEG_SORTED,  # as in the forward (only when HAS_SEGMENTS)
     stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd, stride_db, stride_dh, stride_dm, stride_dd,
-    stride_mb, stride_mn, stride_bb, stride_bh, stride_bm, stride_bn,
+    stride_mb, stride_mn, stride_bb, stride_bh, stride_bm, stride_bn, stride_sqb, stride_sqm, stride_skb, stride_skn,
     H, HK, M, N, qk_scale, scale,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, GROUPS: tl.constexpr, L2NORM: tl.constexpr, CAUSAL: tl.constexpr,
     HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr, USE_MAX: tl.constexpr,
     PRECISION: tl.constexpr, K_INLINE: tl.constexpr, USE_TMA: tl.constexpr, EVEN_N: tl.constexpr,
+    SCALE_PER_HEAD: tl.constexpr, SCALE_GRAD: tl.constexpr, HAS_SEGMENTS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -562,6 +679,8 @@ def _bwd_dq_kernel(
     inv_q = tl.zeros_like(q32)
     if L2NORM:
         q32, inv_q = _l2norm_rows(q32, cols, GROUPS, HEAD_DIM)
+    if SCALE_PER_HEAD:
+        scale, qk_scale, _ = _head_scale(SCALES, h, GROUPS, USE_MAX)
     q = (q32 * qk_scale).to(q_raw.dtype)
     do = tl.load(DO + b * stride_db + h * stride_dh + offs_m[:, None] * stride_dm + cols[None, :] * stride_dd,
                  mask=q_mask, other=0.0)
@@ -575,20 +694,41 @@ def _bwd_dq_kernel(
     slope = _alibi_slope(SLOPES, h, HAS_ALIBI)
 
     dq = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
+    ds_sum = tl.zeros([BLOCK_M], dtype=tl.float32)  # Σ_j dS_ij (SCALE_GRAD)
+    pc_sum = tl.zeros([BLOCK_M], dtype=tl.float32)  # Σ_j P_ij · qk_scale · q̂_i·k̂_j (SCALE_GRAD)
+    dc_sum = tl.zeros([BLOCK_M], dtype=tl.float32)  # Σ_j dS_ij · qk_scale · q̂_i·k̂_j (SCALE_GRAD)
     full_end, hi = _key_range(pid_m, M, N, CAUSAL, BLOCK_M, BLOCK_N)
-    dq = _bwd_dq_inner(dq, q, do, lse, delta, offs_m, cols,
-                       K_base, RK_base, V_base, K_desc, V_desc, b32, hk32, bias_base, mask_base, slope,
-                       stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn, stride_mn,
-                       M, N, 0, full_end,
-                       HEAD_DIM, D_PAD, BLOCK_N, CAUSAL, HAS_MASK, HAS_BIAS, HAS_ALIBI,
-                       USE_MAX, PRECISION, K_INLINE, USE_TMA, MASKED=False)
+    KSEG_base = KSEG + b * stride_skb
+    seg_q, lo1, hi1, lo2, hi2 = 0, 0, full_end, full_end, hi
+    if HAS_SEGMENTS:
+        seg_q, lo1, hi1, lo2, hi2 = _segment_phases(QSEG + b * stride_sqb, stride_sqm, offs_m, M, KSEG_base,
+                                                    stride_skn, N, SEG_SORTED + 2 * b + 1, 0, full_end, hi, BLOCK_N)
+    dq, ds_sum, pc_sum, dc_sum = _bwd_dq_inner(dq, ds_sum, pc_sum, dc_sum, q, do, lse, delta, offs_m, cols,
+                                       K_base, RK_base, V_base, K_desc, V_desc, b32, hk32, bias_base, mask_base, slope,
+                                       KSEG_base, seg_q,
+                                       stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn, stride_mn,
+                                       stride_skn, M, N, lo1, hi1,
+                                       HEAD_DIM, D_PAD, BLOCK_N, CAUSAL, HAS_MASK, HAS_BIAS, HAS_ALIBI,
+                                       USE_MAX, PRECISION, K_INLINE, USE_TMA, SCALE_GRAD, HAS_SEGMENTS, MASKED=False)
     if CAUSAL or not EVEN_N:  # the ragged last key block or the causal diagonal: masked tiles
-        dq = _bwd_dq_inner(dq, q, do, lse, delta, offs_m, cols,
-                           K_base, RK_base, V_base, K_desc, V_desc, b32, hk32, bias_base, mask_base, slope,
-                           stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn, stride_mn,
-                           M, N, full_end, hi,
-                           HEAD_DIM, D_PAD, BLOCK_N, CAUSAL, HAS_MASK, HAS_BIAS, HAS_ALIBI,
-                           USE_MAX, PRECISION, K_INLINE, USE_TMA, MASKED=True)
+        dq, ds_sum, pc_sum, dc_sum = _bwd_dq_inner(dq, ds_sum, pc_sum, dc_sum, q, do, lse, delta, offs_m, cols,
+                                           K_base, RK_base, V_base, K_desc, V_desc, b32, hk32, bias_base, mask_base,
+                                           slope, KSEG_base, seg_q, stride_kn, stride_kd, stride_vn, stride_vd,
+                                           stride_bm, stride_bn, stride_mn, stride_skn, M, N, lo2, hi2,
+                                           HEAD_DIM, D_PAD, BLOCK_N, CAUSAL, HAS_MASK, HAS_BIAS, HAS_ALIBI,
+                                           USE_MAX, PRECISION, K_INLINE, USE_TMA, SCALE_GRAD, HAS_SEGMENTS,
+                                           MASKED=True)
+    if SCALE_GRAD:
+        # dL/dscale_h = Σ_ij dS_ij c_ij with c = q̂·k̂. This row's part is Σ_j dS_ij c_ij, summed in fp32 from dS
+        # before it is rounded for the dq product (a sum through that product, ⟨dS k̂, q̂⟩, carries the rounding of
+        # every dS_ij, more than PyTorch's own error at head dim 128), less (Σ_j dS_ij)(Σ_j P_ij c_ij), which is
+        # zero in exact arithmetic (Σ_j dS_ij = 0) and cancels the rounding of delta, computed from the output as
+        # stored in q's dtype: the row's part is a covariance under P, small, while delta's error enters it times
+        # the mean cosine, not small. The sums hold qk_scale · c, hence the division. A head clamped to scale 0 has
+        # no qk_scale to divide by: its part comes from ⟨dS k̂, q̂⟩. The host sums the rows (no atomics).
+        nonzero = qk_scale != 0.0
+        row = (dc_sum - ds_sum * pc_sum) / tl.where(nonzero, qk_scale, 1.0)
+        tl.store(DSCALE + bh * M + offs_m, tl.where(nonzero, row, tl.sum(dq * q32, 1)), mask=offs_m < M)
     dq = dq * scale
     if L2NORM:
         dq = _l2norm_bwd(q32, inv_q, dq, cols, GROUPS, HEAD_DIM)

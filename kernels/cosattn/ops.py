@@ -2,7 +2,10 @@
 (with a fake implementation, so `torch.compile(fullgraph=True)` traces through it, and its autograd formula).
 
 Inputs arrive in canonical form from `cosattn.interface`: q (b, h, i, d), k/v (b, hk, j, d), mask (b, j) bool,
-bias (bb, bh, i, j) broadcast to (b, h, i, j) through zero strides, slopes (h,).
+bias (bb, bh, i, j) broadcast to (b, h, i, j) through zero strides, slopes (h,). The scale is a float, or per head:
+`scales` (h,) float64 clamped to [0, scale_max], with the float `scale` then standing for their bound scale_max, which
+is all the host needs to know of them (which path, which offsets are exact): it never reads their values.
+Segment ids come as two (b, i), (b, j) integer tensors of one dtype (`q_seg`, `k_seg`; both None without segments).
 """
 
 from __future__ import annotations
@@ -11,17 +14,18 @@ import os
 
 import torch
 
+from . import decode
 from . import kernels as K
 from .launch import Launcher, cdiv, next_power_of_2
+from .reference import clamp_scale
 
 try:
     from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:  # pragma: no cover - older Triton: pointer loads only
     TensorDescriptor = None
 
-LOG2E: float = K.LOG2E.value  # the kernels' constant, as a host float
-# exp2 headroom of the fixed offset: the largest term is 2^15, below fp16's max (65504)
-HEADROOM = 15.0
+LOG2E: float = K.LOG2E.value  # the kernels' constants, as host floats
+HEADROOM: float = K.HEADROOM.value
 # log2 of the smallest normal number of the dtype P is cast to before the P·V product
 _MIN_NORMAL_LOG2 = {torch.float16: -14.0, torch.bfloat16: -126.0, torch.float32: -126.0}
 
@@ -32,7 +36,8 @@ def _interpreting() -> bool:
 
 def fixed_offset_ok(dtype: torch.dtype, scale: float, groups: int) -> bool:
     """True when every row's largest term exp2(t_max − offset) stays a normal number of `dtype` even if all of
-    its logits sit at the lower bound −scale·groups: then a fixed offset is exact and no running max is needed."""
+    its logits sit at the lower bound −scale·groups: then a fixed offset is exact and no running max is needed.
+    For per-head scales `scale` is their bound scale_max: each head's offset follows its own scale ≤ scale_max."""
     c2 = scale * groups * LOG2E
     return 2.0 * c2 <= HEADROOM - _MIN_NORMAL_LOG2[dtype] - 0.05
 
@@ -202,7 +207,27 @@ def _aux(q, mask, bias, slopes):
     return (mask_i8, bias_t, slopes_t), (*mask_strides, *bias_strides)
 
 
-def attention_forward(q, k, v, mask, bias, slopes, causal: bool, scale: float, l2norm: bool, groups: int):
+def _non_decreasing(ids: torch.Tensor) -> torch.Tensor:
+    return (ids[:, 1:] >= ids[:, :-1]).all(dim=1)
+
+
+def _segment_args(q, q_seg, k_seg):
+    """Kernel arguments for segment ids: the tensors (QSEG, KSEG, SEG_SORTED) and their strides. SEG_SORTED (b, 2)
+    int8 says per batch element whether its query / key ids are non-decreasing: where they are, the kernels skip
+    whole tiles by range (`kernels._segment_range`); computed on the device, so no host sync. Dummies without."""
+    if q_seg is None:
+        return (q, q, q), (0, 0, 0, 0)
+    q_sorted = _non_decreasing(q_seg)
+    k_sorted = q_sorted if k_seg is q_seg else _non_decreasing(k_seg)
+    flags = torch.stack((q_sorted, k_sorted), dim=1).to(torch.int8)
+    return (q_seg, k_seg, flags), (*q_seg.stride(), *k_seg.stride())
+
+
+def attention_forward(
+    q, k, v, mask, bias, slopes, scales, q_seg, k_seg, causal: bool, scale: float, l2norm: bool, groups: int
+):
+    """`scale` is the float scale, or with `scales` (per-head, (h,) float64, clamped) their bound scale_max: the path
+    and the host's numbers below follow it, and the kernels derive each head's own from `scales`."""
     b, h, m, d = q.shape
     hk, n = k.shape[1], k.shape[2]
     d_pad = _d_pad(d)
@@ -220,8 +245,9 @@ def attention_forward(q, k, v, mask, bias, slopes, causal: bool, scale: float, l
     block_m, block_n, warps, stages = launch_config("fwd_tma" if use_tma else "fwd", d_pad, q.dtype, causal)
     k_desc = _desc(k_hat, block_n, d_pad) if use_tma else k_hat
     v_desc = _desc(v, block_n, d_pad) if use_tma else v
-    tensors = (q, k_hat, v, k_desc, v_desc, o, lse, *aux)
-    strides = (*q.stride(), *k_hat.stride(), *v.stride(), *aux_strides)
+    seg, seg_strides = _segment_args(q, q_seg, k_seg)
+    tensors = (q, k_hat, v, k_desc, v_desc, o, lse, *aux, scales if scales is not None else q, *seg)
+    strides = (*q.stride(), *k_hat.stride(), *v.stride(), *aux_strides, *seg_strides)
     _launch(
         K._fwd_kernel,
         (cdiv(m, block_m), b * h),
@@ -241,6 +267,8 @@ def attention_forward(q, k, v, mask, bias, slopes, causal: bool, scale: float, l
             ROWSUM_TILE=not use_max and _rowsum_tile(block_m, block_n, warps, d_pad),
             EVEN_N=n % block_n == 0,
             PRECISION=_precision(q.dtype),
+            SCALE_PER_HEAD=scales is not None,
+            HAS_SEGMENTS=q_seg is not None,
             BLOCK_M=block_m,
             BLOCK_N=block_n,
         ),
@@ -251,8 +279,10 @@ def attention_forward(q, k, v, mask, bias, slopes, causal: bool, scale: float, l
 
 
 def attention_backward(
-    do, q, k, v, o, lse, mask, bias, slopes, causal: bool, scale: float, l2norm: bool, groups: int, bias_grad: bool
+    do, q, k, v, o, lse, mask, bias, slopes, scales, q_seg, k_seg, causal, scale, l2norm, groups, bias_grad, scale_grad
 ):
+    """(dq, dk, dv, dbias or None, dscale or None): dbias (b, h, i, j) fp32 before its reduction to the bias's shape;
+    dscale (h,) fp32, the gradient of the clamped per-head scales. The flags and `scale` as in attention_forward."""
     b, h, m, d = q.shape
     hk, n = k.shape[1], k.shape[2]
     d_pad = _d_pad(d)
@@ -268,20 +298,33 @@ def attention_backward(
     k_hat = q_s if k_inline else torch.empty((b, hk, n, d), dtype=k.dtype, device=q.device)
     rk = torch.empty((b, hk, n), dtype=torch.float32, device=q.device) if k_inline else delta
     block = 16 if _interpreting() else 64
+    scales_t = scales if scales is not None else q
     _launch(
         K._bwd_prep_kernel,
         (cdiv(max(m, n), block), b * h),
-        (q, k, o, do, q_s, k_hat, rk, delta, *q.stride(), *k.stride(), *do.stride(), h, hk, m, n, qk_scale),
-        dict(HEAD_DIM=d, D_PAD=d_pad, GROUPS=groups, L2NORM=l2norm, BLOCK=block, NORM_K=not k_inline),
+        (q, k, o, do, q_s, k_hat, rk, delta, scales_t, *q.stride(), *k.stride(), *do.stride(), h, hk, m, n, qk_scale),
+        dict(
+            HEAD_DIM=d,
+            D_PAD=d_pad,
+            GROUPS=groups,
+            L2NORM=l2norm,
+            BLOCK=block,
+            NORM_K=not k_inline,
+            USE_MAX=use_max,
+            SCALE_PER_HEAD=scales is not None,
+        ),
         num_warps=1 if _interpreting() else 4,
     )
     aux, aux_strides = _aux(q, mask, bias, slopes)
+    seg, seg_strides = _segment_args(q, q_seg, k_seg)
     dq = torch.empty((b, h, m, d), dtype=q.dtype, device=q.device)
     dk = torch.empty((b, hk, n, d), dtype=k.dtype, device=q.device)
     dv = torch.empty((b, hk, n, d), dtype=v.dtype, device=q.device)
     # the bias gradient is dS itself, written per (b, h) and reduced to the bias's shape afterwards; zeroed
     # because causally invisible tiles are skipped, never written
     db = torch.zeros((b, h, m, n), dtype=torch.float32, device=q.device) if bias_grad else q
+    # the scale gradient per query row, summed below: every row is written (rows with no visible key give 0)
+    ds_rows = torch.empty((b, h, m), dtype=torch.float32, device=q.device) if scale_grad else q
     k_dq = k if k_inline else k_hat
     use_tma = n >= TMA_MIN_N and d_pad >= TMA_MIN_D and _tma_ok(q_s, do, k_dq, v)
     bm2, bn2, warps2, stages2 = launch_config("dq_tma" if use_tma else "dq", d_pad, q.dtype, causal)
@@ -298,10 +341,13 @@ def attention_backward(
         USE_MAX=use_max,
         PRECISION=prec,
         K_INLINE=k_inline,
+        HAS_SEGMENTS=q_seg is not None,
     )
     descs = (_desc(q_s, bm1, d_pad), _desc(do, bm1, d_pad)) if use_tma else (q_s, do)
-    tensors = (q_s, k, v, do, lse, delta, dk, dv, db, *descs, *aux)
-    strides = (*k.stride(), *v.stride(), *do.stride(), *aux_strides)
+    tensors = (q_s, k, v, do, lse, delta, dk, dv, db, *descs, *aux, *seg)
+    strides = (*k.stride(), *v.stride(), *do.stride(), *aux_strides, *seg_strides)
+    # dk̂ = scale·dSᵀq̂ = (scale / qk_scale)·dSᵀ(q̂·qk_scale): the ratio is the units factor (1/log2 e, or 1 with
+    # USE_MAX) for every head, per-head scales included (there `scale` is their bound)
     _launch(
         K._bwd_dkdv_kernel,
         (cdiv(n, bn1), b * hk),
@@ -311,19 +357,28 @@ def attention_backward(
         num_stages=stages1,
     )
     descs = (_desc(k_dq, bn2, d_pad), _desc(v, bn2, d_pad)) if use_tma else (k_dq, v)
-    tensors = (q, k_dq, rk, v, *descs, do, lse, delta, dq, *aux)
-    strides = (*q.stride(), *k_dq.stride(), *v.stride(), *do.stride(), *aux_strides)
+    tensors = (q, k_dq, rk, v, *descs, do, lse, delta, dq, *aux, scales_t, ds_rows, *seg)
+    strides = (*q.stride(), *k_dq.stride(), *v.stride(), *do.stride(), *aux_strides, *seg_strides)
     _launch(
         K._bwd_dq_kernel,
         (cdiv(m, bm2), b * h),
         (*tensors, *strides, h, hk, m, n, qk_scale, scale),
-        dict(EVEN_N=n % bn2 == 0, BLOCK_M=bm2, BLOCK_N=bn2, **flags),
+        dict(
+            EVEN_N=n % bn2 == 0,
+            SCALE_PER_HEAD=scales is not None,
+            SCALE_GRAD=scale_grad,
+            BLOCK_M=bm2,
+            BLOCK_N=bn2,
+            **flags,
+        ),
         num_warps=warps2,
         num_stages=stages2,
     )
     if not bias_grad:
         db = None
-    return dq, dk, dv, db
+    # a fixed-order reduction by torch (deterministic, no atomics); per query head, GQA or not
+    dscale = ds_rows.sum(dim=(0, 2)) if scale_grad else None
+    return dq, dk, dv, db, dscale
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -338,16 +393,19 @@ def _attention_fwd_op(
     mask: torch.Tensor | None,
     bias: torch.Tensor | None,
     slopes: torch.Tensor | None,
+    scales: torch.Tensor | None,
+    q_seg: torch.Tensor | None,
+    k_seg: torch.Tensor | None,
     causal: bool,
     scale: float,
     l2norm: bool,
     groups: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return attention_forward(q, k, v, mask, bias, slopes, causal, scale, l2norm, groups)
+    return attention_forward(q, k, v, mask, bias, slopes, scales, q_seg, k_seg, causal, scale, l2norm, groups)
 
 
 @_attention_fwd_op.register_fake
-def _(q, k, v, mask, bias, slopes, causal, scale, l2norm, groups):
+def _(q, k, v, mask, bias, slopes, scales, q_seg, k_seg, causal, scale, l2norm, groups):
     b, h, m, d = q.shape
     return q.new_empty((b, h, m, d)), q.new_empty((b, h, m), dtype=torch.float32)
 
@@ -363,32 +421,45 @@ def _attention_bwd_op(
     mask: torch.Tensor | None,
     bias: torch.Tensor | None,
     slopes: torch.Tensor | None,
+    scales: torch.Tensor | None,
+    q_seg: torch.Tensor | None,
+    k_seg: torch.Tensor | None,
     causal: bool,
     scale: float,
     l2norm: bool,
     groups: int,
     bias_grad: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    dq, dk, dv, db = attention_backward(
-        do, q, k, v, o, lse, mask, bias, slopes, causal, scale, l2norm, groups, bias_grad
-    )
+    scale_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    flags = (causal, scale, l2norm, groups, bias_grad, scale_grad)
+    dq, dk, dv, db, dscale = attention_backward(do, q, k, v, o, lse, mask, bias, slopes, scales, q_seg, k_seg, *flags)
     if db is None:
         db = q.new_empty((0,), dtype=torch.float32)
-    return dq, dk, dv, db
+    if dscale is None:
+        dscale = q.new_empty((0,), dtype=torch.float32)
+    return dq, dk, dv, db, dscale
 
 
 @_attention_bwd_op.register_fake
-def _(do, q, k, v, o, lse, mask, bias, slopes, causal, scale, l2norm, groups, bias_grad):
+def _(
+    do, q, k, v, o, lse, mask, bias, slopes, scales, q_seg, k_seg, causal, scale, l2norm, groups, bias_grad, scale_grad
+):
     b, h, m, d = q.shape
     n = k.shape[2]
     db_shape = (b, h, m, n) if bias_grad else (0,)
     # contiguous, as the kernels write them (empty_like would copy a strided input's layout)
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), q.new_empty(db_shape, dtype=torch.float32)
+    return (
+        q.new_empty(q.shape),
+        k.new_empty(k.shape),
+        v.new_empty(v.shape),
+        q.new_empty(db_shape, dtype=torch.float32),
+        q.new_empty((h,) if scale_grad else (0,), dtype=torch.float32),
+    )
 
 
 def _save(ctx, inputs, o, lse):
-    q, k, v, mask, bias, slopes, causal, scale, l2norm, groups = inputs
-    ctx.save_for_backward(q, k, v, o, lse, mask, bias, slopes)
+    q, k, v, mask, bias, slopes, scales, q_seg, k_seg, causal, scale, l2norm, groups = inputs
+    ctx.save_for_backward(q, k, v, o, lse, mask, bias, slopes, scales, q_seg, k_seg)
     ctx.causal, ctx.scale, ctx.l2norm, ctx.groups = causal, scale, l2norm, groups
     ctx.bias_shape = tuple(bias.shape) if bias is not None else None
     ctx.bias_dtype = bias.dtype if bias is not None else None
@@ -401,17 +472,18 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward_impl(ctx, do, bwd):
-    q, k, v, o, lse, mask, bias, slopes = ctx.saved_tensors
+    q, k, v, o, lse, mask, bias, slopes, scales, q_seg, k_seg = ctx.saved_tensors
     bias_grad = bias is not None and ctx.needs_input_grad[4]
-    dq, dk, dv, db = bwd(
-        do, q, k, v, o, lse, mask, bias, slopes, ctx.causal, ctx.scale, ctx.l2norm, ctx.groups, bias_grad
-    )
+    scale_grad = scales is not None and ctx.needs_input_grad[6]
+    flags = (ctx.causal, ctx.scale, ctx.l2norm, ctx.groups, bias_grad, scale_grad)
+    dq, dk, dv, db, dscale = bwd(do, q, k, v, o, lse, mask, bias, slopes, scales, q_seg, k_seg, *flags)
     dbias = None
     if bias_grad:
         # reduce over the dims the bias broadcast along, back to its own shape
         dims = [i for i, s in enumerate(ctx.bias_shape) if s == 1 and db.shape[i] != 1]
         dbias = (db.sum(dim=dims, keepdim=True) if dims else db).to(ctx.bias_dtype)
-    return dq, dk, dv, None, dbias, None, None, None, None, None
+    dscale = dscale.to(scales.dtype) if scale_grad else None
+    return dq, dk, dv, None, dbias, None, dscale, None, None, None, None, None, None
 
 
 def _backward(ctx, do, dlse):
@@ -426,9 +498,10 @@ class _AttentionFunction(torch.autograd.Function):
     microseconds per call in eager mode, as much as the whole kernel at short sequence lengths."""
 
     @staticmethod
-    def forward(ctx, q, k, v, mask, bias, slopes, causal, scale, l2norm, groups):
-        o, lse = attention_forward(q, k, v, mask, bias, slopes, causal, scale, l2norm, groups)
-        _save(ctx, (q, k, v, mask, bias, slopes, causal, scale, l2norm, groups), o, lse)
+    def forward(ctx, q, k, v, mask, bias, slopes, scales, q_seg, k_seg, causal, scale, l2norm, groups):
+        args = (q, k, v, mask, bias, slopes, scales, q_seg, k_seg, causal, scale, l2norm, groups)
+        o, lse = attention_forward(*args)
+        _save(ctx, args, o, lse)
         return o
 
     @staticmethod
@@ -436,15 +509,28 @@ class _AttentionFunction(torch.autograd.Function):
         return _backward_impl(ctx, do, attention_backward)
 
 
-def triton_attention(q, k, v, *, mask, attn_bias, causal, scale, l2norm_qk, groups, alibi_slopes):
-    """Canonical inputs (see module docstring) -> output (b, h, i, d) in q's dtype. Eager calls go through an
-    autograd.Function (or straight to the launcher when no gradient can flow: inference and sampling skip the
-    autograd bookkeeping); under torch.compile the registered custom op is traced instead."""
-    args = (q, k, v, mask, attn_bias, alibi_slopes, causal, scale, l2norm_qk, groups)
+def triton_attention(
+    q, k, v, *, mask, attn_bias, causal, scale, l2norm_qk, groups, alibi_slopes, scale_max=None, segment_ids=None
+):
+    """Canonical inputs (see module docstring; `segment_ids` the (q, k) pair or None) -> output (b, h, i, d) in q's
+    dtype. `scale` a float, or an (h,) tensor clamped here to [0, scale_max] (torch.clamp: its gradient is zero
+    outside). Eager calls go through an autograd.Function (or straight to the launcher when no gradient can flow:
+    inference and sampling skip the autograd bookkeeping); under torch.compile the registered custom op is traced
+    instead. Calls with no gradient, few queries and many keys (decoding with a KV cache: `decode.use_decode`) take
+    the split-KV decode path, which has no segment ids or per-head scales: those calls take the main forward."""
+    scales = None
+    if isinstance(scale, torch.Tensor):
+        # float64, so the kernels derive each head's numbers as the host does from a float scale
+        scales, scale = clamp_scale(scale, scale_max, torch.float64).contiguous(), float(scale_max)
+    q_seg, k_seg = segment_ids if segment_ids is not None else (None, None)
+    args = (q, k, v, mask, attn_bias, alibi_slopes, scales, q_seg, k_seg, causal, scale, l2norm_qk, groups)
+    no_grad = not torch.is_grad_enabled() or not any(
+        t is not None and t.requires_grad for t in (q, k, v, attn_bias, alibi_slopes, scales)
+    )
+    if no_grad and scales is None and segment_ids is None and decode.use_decode(q, k):
+        return decode.decode_attention(q, k, v, mask, attn_bias, alibi_slopes, causal, scale, l2norm_qk, groups)
     if torch.compiler.is_compiling():
         return _attention_fwd_op(*args)[0]
-    if not torch.is_grad_enabled() or not any(
-        t is not None and t.requires_grad for t in (q, k, v, attn_bias, alibi_slopes)
-    ):
+    if no_grad:
         return attention_forward(*args)[0]
     return _AttentionFunction.apply(*args)

@@ -4,6 +4,8 @@ Tokens are bytes (256). The loss is the mean next-byte cross-entropy in nats; bi
 loss / ln 2, with one character = one byte as in the enwik8 literature. During training the trainer reports the
 loss over a fixed sample of validation windows; at the end `final_evaluate` tiles the whole validation and test
 splits (every byte after the first predicted exactly once, contexts restarting every `data.seq_len` bytes).
+With data.pack the items carry the documents' segment ids: contexts and positions also restart at every document,
+and the first byte of a document is not predicted (so packed bpc leaves those bytes out of the mean).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from cosformer.transformer import Decoder
 from cosformer.wrappers import AutoregressiveWrapper, TransformerWrapper
 
 from ..config import Config
-from ..data import RandomCropDataset, WindowDataset, decode, load_corpus
+from ..data import RandomCropDataset, WindowDataset, decode, document_starts, load_corpus
 from ..rng import fork_rng
 from . import LN2, full_split_loss, may_generate
 
@@ -42,14 +44,17 @@ def build_language_model(cfg: Config) -> AutoregressiveWrapper:
 
 
 class LMTask:
-    """Task for data.name in {enwik8, text, pystdlib}: batches are {"x": (b, seq_len + 1) byte ids}."""
+    """Task for data.name in {enwik8, text, pystdlib}: batches are {"x": (b, seq_len + 1) byte ids}, with
+    data.pack also "segment_ids" (b, seq_len + 1): the documents the items cross (see data.py)."""
 
     SHAPE_KEYS = ("data.seq_len",)  # config keys beyond model.* that shape parameters: the positions' max_seq_len
-    DATA_KEYS = ("train.seed",)  # config keys that decide which data each step sees (the crops' seed)
+    # config keys that decide which data each step sees (the crops' seed; the segment ids packing adds)
+    DATA_KEYS = ("train.seed", "data.pack", "data.separator")
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self._splits = None
+        self._doc_starts = {}
 
     @property
     def splits(self):
@@ -58,6 +63,15 @@ class LMTask:
             self._splits = load_corpus(d.name, path=d.path, cache_dir=d.cache_dir, max_bytes=d.max_bytes)
         return self._splits
 
+    def doc_starts(self, split: str):
+        """Where documents begin in `split` (data.document_starts), or None without data.pack."""
+        d = self.cfg.data
+        if not d.pack:
+            return None
+        if split not in self._doc_starts:
+            self._doc_starts[split] = document_starts(self.splits[split], d.name, d.separator)
+        return self._doc_starts[split]
+
     def build_model(self) -> AutoregressiveWrapper:
         return build_language_model(self.cfg)
 
@@ -65,9 +79,11 @@ class LMTask:
         seq_len, t = self.cfg.data.seq_len, self.cfg.train
         num_val = t.eval_batches * t.batch_size
         return {
-            "train": RandomCropDataset(self.splits["train"], seq_len, seed=t.seed),
-            "val": WindowDataset(self.splits["val"], seq_len, num_windows=num_val),
-            "test": WindowDataset(self.splits["test"], seq_len, num_windows=num_val),
+            "train": RandomCropDataset(self.splits["train"], seq_len, seed=t.seed, doc_starts=self.doc_starts("train")),
+            "val": WindowDataset(self.splits["val"], seq_len, num_windows=num_val, doc_starts=self.doc_starts("val")),
+            "test": WindowDataset(
+                self.splits["test"], seq_len, num_windows=num_val, doc_starts=self.doc_starts("test")
+            ),
         }
 
     def tokens_per_item(self) -> int:
@@ -101,7 +117,7 @@ class LMTask:
     def split_loss(self, model, accelerator, split: str) -> float:
         """Exact mean loss over a whole split, tiled into non-overlapping windows and sharded over processes."""
         t = self.cfg.train
-        windows = WindowDataset(self.splits[split], self.cfg.data.seq_len)
+        windows = WindowDataset(self.splits[split], self.cfg.data.seq_len, doc_starts=self.doc_starts(split))
         return full_split_loss(model, accelerator, windows, 2 * t.batch_size, t.num_workers)
 
     def final_evaluate(self, model, accelerator, out_dir: pathlib.Path) -> dict[str, float]:
