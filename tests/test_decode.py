@@ -228,9 +228,13 @@ def test_zoo_decoding_through_the_kv_cache(seed, device, decode_spy, monkeypatch
     its logits match a full forward pass with the path disabled."""
     from cosformer import Decoder, TransformerWrapper
 
-    net = TransformerWrapper(
-        num_tokens=37, max_seq_len=16, attn_layers=Decoder(dim=32, depth=1, heads=4, kv_heads=2, dim_head=16)
-    ).to(device).eval()
+    net = (
+        TransformerWrapper(
+            num_tokens=37, max_seq_len=16, attn_layers=Decoder(dim=32, depth=1, heads=4, kv_heads=2, dim_head=16)
+        )
+        .to(device)
+        .eval()
+    )
     x = torch.randint(0, 37, (2, 9), device=device)
     with torch.no_grad():
         _, cache = net(x[:, :6], return_cache=True)
