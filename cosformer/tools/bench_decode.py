@@ -30,7 +30,18 @@ import torch.nn.functional as F
 
 from cosattn import cosine_sim_attention, decode
 
-from .benchmark import DOCS, DTYPES, SCALE, TOLERANCE, bench_median, cpu_median, environment, slugify, write_json
+from .benchmark import (
+    DOCS,
+    DTYPES,
+    SCALE,
+    TOLERANCE,
+    bench_median,
+    benchmark_device,
+    cpu_median,
+    environment,
+    json_output,
+    write_json,
+)
 
 DEFAULT_CONTEXTS = (1024, 2048, 4096, 8192, 16384, 32768)
 DEFAULT_BATCHES = (1, 8, 64)
@@ -151,9 +162,7 @@ def main(argv=None) -> int:
             raise SystemExit(f"--{name} must be positive integers; got {getattr(args, name)}")
     if args.heads % args.kv_heads:
         raise SystemExit(f"--heads must be a multiple of --kv-heads; got {args.heads}, {args.kv_heads}")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA GPU visible (use --device cpu for a smoke run)")
-    device = torch.device(args.device)
+    device = benchmark_device(args.device)
     meta = environment(device)
     meta.update(
         scale=SCALE,
@@ -162,12 +171,7 @@ def main(argv=None) -> int:
         timer="perf_counter median (smoke)" if meta["smoke"] else "triton.testing.do_bench median",
         argv=list(sys.argv[1:] if argv is None else argv),
     )
-    json_path = args.out_json
-    if meta["smoke"]:
-        if json_path is not None and json_path.resolve().is_relative_to(DOCS.resolve()):
-            raise SystemExit(f"--out-json {json_path}: a --device cpu smoke run is never written under docs/")
-    elif json_path is None:
-        json_path = DOCS / "benchmarks" / f"decode-{slugify(meta['gpu'])}.json"
+    json_path = json_output(args.out_json, meta, lambda gpu: DOCS / "benchmarks" / f"decode-{gpu}.json")
     label = "SMOKE RUN on CPU (timings meaningless)" if meta["smoke"] else meta["gpu"]
     print(f"{label} | torch {meta['torch']} triton {meta['triton']} | {args.dtype} h={args.heads} "
           f"hk={args.kv_heads} d={args.dim_head} q_len={args.q_len}", flush=True)  # fmt: skip

@@ -60,9 +60,10 @@ from .benchmark import (
     SCALE,
     TOLERANCE,
     bench_median,
+    benchmark_device,
     cpu_median,
     environment,
-    slugify,
+    json_output,
     write_json,
 )
 
@@ -441,8 +442,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise SystemExit(f"--batch and --heads must be positive; got {args.batch}, {args.heads}")
     if not args.doc_lens and not args.random_lengths:
         raise SystemExit("no documents to pack: give --doc-lens or --random-lengths")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA GPU visible (use --device cpu for a smoke run)")
     return args
 
 
@@ -455,7 +454,7 @@ def grid(args) -> list[tuple[int, int, int | None]]:
 def main(argv=None) -> int:
     """The command line (scripts/bench_packed.py): parse, run every point, write the JSON, print the table last."""
     args = parse_args(argv)
-    device = torch.device(args.device)
+    device = benchmark_device(args.device)
     meta = environment(device)
     meta.update(
         scale=SCALE,
@@ -466,12 +465,7 @@ def main(argv=None) -> int:
         else f"triton.testing.do_bench median; under {REPEAT_BELOW_MS:g} ms the lower of two rounds",
         argv=list(sys.argv[1:] if argv is None else argv),
     )
-    json_path = args.out_json
-    if meta["smoke"]:
-        if json_path is not None and json_path.resolve().is_relative_to(DOCS.resolve()):
-            raise SystemExit(f"--out-json {json_path}: a --device cpu smoke run is never written under docs/")
-    elif json_path is None:
-        json_path = DOCS / "benchmarks" / f"packed-{slugify(meta['gpu'])}.json"
+    json_path = json_output(args.out_json, meta, lambda gpu: DOCS / "benchmarks" / f"packed-{gpu}.json")
     if device.type == "cuda":
         timer = functools.partial(bench_median, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms)
         repeat_below_ms = REPEAT_BELOW_MS

@@ -48,6 +48,7 @@ import statistics
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -279,6 +280,13 @@ def summary_line(rows: list[dict]) -> str:
 
 def slugify(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "unknown"
+
+
+def benchmark_device(name: str) -> torch.device:
+    """The device a benchmark tool runs on, by its --device value; cuda without a visible GPU is an error."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA GPU visible (use --device cpu for a smoke run)")
+    return torch.device(name)
 
 
 def environment(device: torch.device) -> dict:
@@ -743,16 +751,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def output_paths(args, meta: dict) -> tuple[Path | None, Path | None]:
-    """(json, png). A smoke run writes only where --out-json says, and never under docs/."""
+def json_output(out_json: Path | None, meta: dict, default: Callable[[str], Path]) -> Path | None:
+    """Where a benchmark writes its JSON (every benchmark tool's rule): --out-json if given, else `default(slug of
+    the GPU's name)`. A smoke run (CPU: timings meaningless) writes only where --out-json says, never under docs/."""
     if meta["smoke"]:
-        if args.out_json is None:
-            return None, None
-        json_path = args.out_json.resolve()
-        if json_path.is_relative_to(DOCS.resolve()):
-            raise SystemExit(f"--out-json {args.out_json}: a --device cpu smoke run is never written under docs/")
-    else:
-        json_path = args.out_json if args.out_json is not None else args.out_dir / f"{slugify(meta['gpu'])}.json"
+        if out_json is not None and out_json.resolve().is_relative_to(DOCS.resolve()):
+            raise SystemExit(f"--out-json {out_json}: a --device cpu smoke run is never written under docs/")
+        return out_json
+    return out_json if out_json is not None else default(slugify(meta["gpu"]))
+
+
+def output_paths(args, meta: dict) -> tuple[Path | None, Path | None]:
+    """(json, png), by `json_output`; the plot beside the JSON unless --no-plot."""
+    json_path = json_output(args.out_json, meta, lambda gpu: args.out_dir / f"{gpu}.json")
+    if json_path is None:
+        return None, None
     return json_path, None if args.no_plot else json_path.with_suffix(".png")
 
 
@@ -772,9 +785,7 @@ def main(argv=None) -> int:
 
 def run(args: argparse.Namespace, argv=None) -> list[dict]:
     """The benchmark of `parse_args`' options: rows as written to the JSON."""
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA GPU visible (use --device cpu for a smoke run)")
-    device = torch.device(args.device)
+    device = benchmark_device(args.device)
     meta = environment(device)
     meta.update(
         scale=SCALE,
