@@ -321,3 +321,14 @@ def test_report_script(tmp_path, capsys):
     assert "| cosine |" in printed and "| regular |" in printed and "2 run(s)" in printed
     assert sorted(p.name for p in out.iterdir()) == ["curves.png", "results.json", "results.md"]
     assert (out / "results.md").read_text().startswith("# cmp\n")
+
+
+@pytest.mark.parametrize("n", [1, 7, 10, 11, 15, 20, 21, 144])
+def test_variant_colours_are_distinct(n):
+    """Every variant of a figure gets its own colour, however many there are (a 10-colour cycle repeats at 11)."""
+    from matplotlib.colors import to_rgba
+
+    from cosformer.tools.report import variant_colour
+
+    colours = {to_rgba(variant_colour(i, n)) for i in range(n)}
+    assert len(colours) == n

@@ -288,6 +288,16 @@ def _val_key(runs: list[RunLog]) -> str | None:
     return None
 
 
+def variant_colour(i: int, n: int):
+    """The i-th of n distinct line colours: matplotlib's ten-colour cycle up to 10 variants, tab20 up to 20, beyond
+    that n evenly spaced colours of a continuous map (a cycle would give two variants one colour)."""
+    if n <= 10:
+        return f"C{i}"
+    from matplotlib import colormaps
+
+    return colormaps["tab20"](i) if n <= 20 else colormaps["turbo"](i / (n - 1))
+
+
 def plot_curves(runs: list[RunLog], path: str | os.PathLike, title: str = "") -> Path:
     """Train loss and the validation curve vs step, one colour per variant; × marks where a run diverged."""
     from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
@@ -303,7 +313,7 @@ def plot_curves(runs: list[RunLog], path: str | os.PathLike, title: str = "") ->
             if not points:
                 continue
             steps, values = zip(*points)
-            color = f"C{i % 10}"
+            color = variant_colour(i, len(runs))
             ax.plot(steps, values, color=color, label=run.label, marker="o" if len(points) < 20 else None, ms=3)
             if run.diverged_at is not None:
                 ax.plot([steps[-1]], [values[-1]], "x", color=color, ms=9, mew=2)

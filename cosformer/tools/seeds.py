@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cosformer.tools.report import RunLog, _describe, _is_number, varying_keys
+from cosformer.tools.report import RunLog, _describe, _is_number, variant_colour, varying_keys
 
 SEED_KEY = "train.seed"
 TABLE_NOTE = (
@@ -195,7 +195,7 @@ def plot_seed_bands(groups: dict[str, list[RunLog]], key: str, path: str | Path,
     ax_val, ax_zoom, ax_gap = fig.subplots(1, 3)
     lows = []
     for i, (name, runs) in enumerate(groups.items()):
-        color = f"C{i % 10}"
+        color = variant_colour(i, len(groups))
         for ax, curve in ((ax_val, eval_curve), (ax_zoom, eval_curve), (ax_gap, gap_curve)):
             curves = [dict(zip(*(a.tolist() for a in curve(r, key)))) for r in runs]
             steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
