@@ -195,6 +195,36 @@ def test_non_contiguous(seed, device):
     check_against_torch(q, k, v, causal=True)
 
 
+def test_outputs_and_gradients_follow_the_inputs_layout(seed, device):
+    """q, k, v as (b, n, h, d) projections seen as (b, h, n, d) (how the model calls the op): the output and the
+    gradients come back in that layout, so the model's reshape to (b, n, h·d) is a view, with the values that
+    contiguous inputs give; a v strided along d gets a dense gradient. The fake impls give the same strides
+    (opcheck), which compiled graphs assert."""
+    from cosattn.ops import _attention_bwd_op, _attention_fwd_op
+
+    b, h, hk, i, j, d = 2, 4, 2, 19, 23, 32
+    q = torch.randn(b, i, h, d, device=device).transpose(1, 2).requires_grad_()
+    k = torch.randn(b, j, hk, d, device=device).transpose(1, 2).requires_grad_()
+    v = torch.randn(b, hk, j, 2 * d, device=device)[..., ::2].detach().requires_grad_()
+    do = torch.randn(b, i, h, d, device=device).transpose(1, 2)
+    o = cosine_sim_attention(q, k, v, causal=True)
+    dq, dk, dv = torch.autograd.grad(o, (q, k, v), do)
+    assert o.stride() == q.stride() and dq.stride() == q.stride() and dk.stride() == k.stride()
+    assert dv.shape == v.shape and dv.stride()[-1] == 1
+    o.transpose(1, 2).view(b, i, h * d)  # a view: raises if the layout were (b, h, n, d)
+    dense = [t.detach().contiguous().requires_grad_() for t in (q, k, v)]
+    o_dense = cosine_sim_attention(*dense, causal=True)
+    assert o_dense.is_contiguous()
+    for ours, want in zip((o, dq, dk, dv), (o_dense, *torch.autograd.grad(o_dense, dense, do.contiguous()))):
+        torch.testing.assert_close(ours, want, atol=1e-5, rtol=1e-5)
+    args = (q.detach(), k.detach(), v.detach(), None, None, None, None, None, None)
+    flags = (True, 10.0, True, 1)
+    torch.library.opcheck(_attention_fwd_op, (*args, *flags), test_utils=("test_faketensor",))
+    o, lse = _attention_fwd_op(*args, *flags)
+    bwd = (do, *args[:3], o, lse, *args[3:], *flags, False, False)
+    torch.library.opcheck(_attention_bwd_op, bwd, test_utils=("test_faketensor",))
+
+
 # ---------------------------------------------------------------------------------------------------- masks
 
 

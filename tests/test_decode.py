@@ -154,7 +154,8 @@ def test_decode_running_max_and_groups(seed, device, decode_spy, dtype, kw):
 
 
 def test_decode_layouts(seed, device, decode_spy):
-    """3-D inputs (batch and heads merged), one kv head shared as (b, j, d), and a KV cache's strided prefix."""
+    """3-D inputs (batch and heads merged), one kv head shared as (b, j, d), a KV cache's strided prefix, and a
+    (b, n, h, d) q seen as (b, h, n, d)."""
     q, k, v = _inputs(2, 3, 3, 1, 70, 16, torch.float32, device, q3d=True)
     _check(q, k, v, causal=True)
     q, k, v = _inputs(2, 4, 1, 3, 70, 16, torch.float16, device, kv3d=True)
@@ -162,7 +163,10 @@ def test_decode_layouts(seed, device, decode_spy):
     cache = torch.randn(2, 2, 2, 100, 32, device=device)  # (k|v, b, hk, capacity, d), 70 positions filled
     q = torch.randn(2, 4, 1, 32, device=device)
     _check(q, cache[0, :, :, :70], cache[1, :, :, :70], causal=True)
-    assert decode_spy == {"decode": 3, "main": 0}
+    q = torch.randn(2, 3, 4, 32, device=device).transpose(1, 2)  # (b, n, h, d) seen as (b, h, n, d)
+    o = _check(q, cache[0, :, :, :70], cache[1, :, :, :70], causal=True)
+    assert o.stride() == q.stride()  # the output in q's layout, as the main forward gives it
+    assert decode_spy == {"decode": 4, "main": 0}
 
 
 def test_decode_row_chunks(seed, device, decode_spy):

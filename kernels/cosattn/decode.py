@@ -115,10 +115,11 @@ def _decode_split_kernel(
     ACC,  # (b·h·i, splits, d) fp32 out: Σ p·v over the split's keys (unused when DIRECT)
     L,  # (b·h·i, splits) fp32 out: Σ p over the split's keys (unused when DIRECT)
     MX,  # (b·h·i, splits) fp32 out: the split's max logit, natural units (only with USE_MAX)
-    O,  # (b, h, i, d) contiguous out (only when DIRECT: a single split)
+    O,  # (b, h, i, d) out, unit stride along d (only when DIRECT: a single split)
     MASK, BIAS, SLOPES,  # as in kernels._fwd_kernel
     stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd, stride_mb, stride_mn, stride_bb, stride_bh, stride_bm, stride_bn,
+    stride_ob, stride_oh, stride_om,
     H, HK, M, N, CHUNKS, SPLIT_LEN, SPLITS, qk_scale, offset2,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, GROUPS: tl.constexpr, L2NORM: tl.constexpr, CAUSAL: tl.constexpr,
     HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr, USE_MAX: tl.constexpr,
@@ -183,7 +184,8 @@ def _decode_split_kernel(
     if DIRECT:
         empty = l_i == 0.0
         o = acc / tl.where(empty, 1.0, l_i)[:, None]
-        tl.store(O + out_rows[:, None] * HEAD_DIM + cols[None, :], o.to(O.dtype.element_ty), mask=q_mask)
+        o_ptrs = O + b * stride_ob + h[:, None] * stride_oh + m[:, None] * stride_om + cols[None, :]
+        tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=q_mask)
     else:
         part = out_rows * SPLITS + split
         tl.store(ACC + part[:, None] * HEAD_DIM + cols[None, :], acc, mask=q_mask)
@@ -195,8 +197,8 @@ def _decode_split_kernel(
 @triton.jit
 def _decode_combine_kernel(
     ACC, L, MX,  # the split kernel's partials
-    O,  # (b, h, i, d) contiguous out
-    SPLITS,
+    O,  # (b, h, i, d) out, unit stride along d
+    SPLITS, H, M, stride_ob, stride_oh, stride_om,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr, USE_MAX: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -218,7 +220,8 @@ def _decode_combine_kernel(
             part = part * tl.exp2((tl.load(MX + row * SPLITS + s) - m_safe) * LOG2E)
         acc = acc + part
     o = acc / tl.where(l_tot == 0.0, 1.0, l_tot)  # a row with no visible key: all sums 0, output 0
-    tl.store(O + row * HEAD_DIM + cols, o.to(O.dtype.element_ty), mask=cols < HEAD_DIM)
+    o_ptrs = O + row // (H * M) * stride_ob + row // M % H * stride_oh + row % M * stride_om + cols
+    tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=cols < HEAD_DIM)
 
 
 # fmt: on
@@ -272,7 +275,7 @@ def decode_forward(q, k, v, mask, bias, slopes, causal: bool, scale: float, l2no
     chunks = cdiv(rows, block_r)
     splits, split_len = num_splits(n, b * hk * chunks, block_n, q.device)
     direct = splits == 1
-    o = torch.empty((b, h, m, d), dtype=q.dtype, device=q.device)
+    o = ops.empty_in_layout(q)
     if direct:
         acc = l_s = m_s = o  # unused
     else:
@@ -281,7 +284,7 @@ def decode_forward(q, k, v, mask, bias, slopes, causal: bool, scale: float, l2no
         m_s = torch.empty_like(l_s) if use_max else l_s
     aux, aux_strides = ops._aux(q, mask, bias, slopes)
     tensors = (q, k, v, acc, l_s, m_s, o, *aux)
-    strides = (*q.stride(), *k.stride(), *v.stride(), *aux_strides)
+    strides = (*q.stride(), *k.stride(), *v.stride(), *aux_strides, *o.stride()[:3])
     ops._launch(
         _decode_split_kernel,
         (splits, b * hk * chunks),
@@ -308,7 +311,7 @@ def decode_forward(q, k, v, mask, bias, slopes, causal: bool, scale: float, l2no
         ops._launch(
             _decode_combine_kernel,
             (b * h * m, 1),
-            (acc, l_s, m_s, o, splits),
+            (acc, l_s, m_s, o, splits, h, m, *o.stride()[:3]),
             dict(HEAD_DIM=d, D_PAD=d_pad, SPLITS_PAD=next_power_of_2(splits), USE_MAX=use_max),
             num_warps=1 if ops._interpreting() else 4,
         )
@@ -333,7 +336,7 @@ def _decode_op(
 
 @_decode_op.register_fake
 def _(q, k, v, mask, bias, slopes, causal, scale, l2norm, groups):
-    return q.new_empty(q.shape)
+    return ops.empty_in_layout(q)
 
 
 def decode_attention(q, k, v, mask, bias, slopes, causal: bool, scale: float, l2norm: bool, groups: int):

@@ -303,7 +303,10 @@ def cosine_sim_attention(
             the backward), so a packed batch costs about the tiles its documents share, not b·i·j. A query whose
             segment has no visible key is a row with no visible key (below).
 
-    Returns: like q (shape and dtype). Rows with no visible key are zeros, with zero gradients.
+    Returns: like q (shape and dtype). Rows with no visible key are zeros, with zero gradients. On the Triton path
+    the output, and the gradients of q, k and v, are laid out like q, k and v (a (b, n, h, d) projection seen as
+    (b, h, n, d) gets them back in (b, n, h, d), so reshaping to (b, n, h·d) is free), or contiguous where that
+    layout would not have unit stride along d.
 
     Dtypes fp32 (full-precision products, not tf32), fp16, bf16, forward and backward; head dims 16–256; any
     lengths. Gradients flow to the raw q, k, v (through the normalisation), to attn_bias and to a scale tensor. The

@@ -312,7 +312,7 @@ def _fwd_kernel(
     K,  # (b, hk, j, d) normalised keys k̂ (raw keys with K_INLINE)
     V,  # (b, hk, j, d)
     K_desc, V_desc,  # tensor descriptors of K and V, block (1, 1, BLOCK_N, D_PAD), when USE_TMA (else unused)
-    O,  # (b, h, i, d) contiguous output
+    O,  # (b, h, i, d) output, unit stride along d (the host allocates it in q's layout)
     LSE,  # (b, h, i) fp32: offset + log2(rowsum), or max + ln(rowsum) with USE_MAX; +inf for empty rows
     MASK,  # (b, j) int8 key-padding mask (1 = visible)
     BIAS,  # (bb, bh, i, j) additive bias, broadcast through zero strides
@@ -322,7 +322,7 @@ def _fwd_kernel(
     SEG_SORTED,  # (b, 2) int8: 1 where a row of QSEG (column 0) / KSEG (column 1) is non-decreasing (HAS_SEGMENTS)
     stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd, stride_mb, stride_mn, stride_bb, stride_bh, stride_bm, stride_bn,
-    stride_sqb, stride_sqm, stride_skb, stride_skn,
+    stride_sqb, stride_sqm, stride_skb, stride_skn, stride_ob, stride_oh, stride_om,
     H, HK, M, N, qk_scale, offset2,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, GROUPS: tl.constexpr, L2NORM: tl.constexpr, CAUSAL: tl.constexpr,
     HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr, USE_MAX: tl.constexpr,
@@ -395,7 +395,8 @@ def _fwd_kernel(
     else:
         lse = offset2 + log_l
     lse = tl.where(empty, float("inf"), lse)
-    tl.store(O + bh * M * HEAD_DIM + offs_m[:, None] * HEAD_DIM + cols[None, :], o.to(O.dtype.element_ty), mask=q_mask)
+    tl.store(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + cols[None, :], o.to(O.dtype.element_ty),
+             mask=q_mask)
     tl.store(LSE + bh * M + offs_m, lse, mask=offs_m < M)
 
 
@@ -403,7 +404,7 @@ def _fwd_kernel(
 def _bwd_prep_kernel(
     Q,  # (b, h, i, d) raw queries, any strides
     K,  # (b, hk, j, d) raw keys, any strides
-    O,  # (b, h, i, d) contiguous
+    O,  # (b, h, i, d), unit stride along d
     DO,  # (b, h, i, d) any strides
     QS,  # (b, h, i, d) contiguous out: q̂ · qk_scale
     KH,  # (b, hk, j, d) contiguous out: k̂ (when NORM_K)
@@ -411,7 +412,7 @@ def _bwd_prep_kernel(
     DELTA,  # (b, h, i) fp32 out: rowsum(dO ⊙ O)
     SCALES,  # (h,) float64 per-head scales (only when SCALE_PER_HEAD), as in the forward
     stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_db, stride_dh, stride_dm, stride_dd,
+    stride_db, stride_dh, stride_dm, stride_dd, stride_ob, stride_oh, stride_om,
     H, HK, M, N, qk_scale,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, GROUPS: tl.constexpr, L2NORM: tl.constexpr, BLOCK: tl.constexpr,
     NORM_K: tl.constexpr, USE_MAX: tl.constexpr, SCALE_PER_HEAD: tl.constexpr,
@@ -426,7 +427,7 @@ def _bwd_prep_kernel(
     cols = tl.arange(0, D_PAD)
     if pid * BLOCK < M:
         m = (rows[:, None] < M) & (cols[None, :] < HEAD_DIM)
-        o = tl.load(O + bh * M * HEAD_DIM + rows[:, None] * HEAD_DIM + cols[None, :], mask=m, other=0.0)
+        o = tl.load(O + b * stride_ob + h * stride_oh + rows[:, None] * stride_om + cols[None, :], mask=m, other=0.0)
         do = tl.load(DO + b * stride_db + h * stride_dh + rows[:, None] * stride_dm + cols[None, :] * stride_dd,
                      mask=m, other=0.0)
         tl.store(DELTA + bh * M + rows, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=rows < M)
@@ -506,7 +507,7 @@ def _bwd_dkdv_kernel(
     V,  # (b, hk, j, d)
     DO,  # (b, h, i, d)
     LSE, DELTA,  # (b, h, i) fp32
-    DK, DV,  # (b, hk, j, d) contiguous
+    DK, DV,  # (b, hk, j, d), unit stride along d (the host allocates them in k's and v's layouts)
     DB,  # (b, h, i, j) fp32 bias gradient (only when BIAS_GRAD)
     QS_desc, DO_desc,  # descriptors of QS and DO, block (1, 1, BLOCK_M, D_PAD) (only when USE_TMA)
     MASK, BIAS, SLOPES,  # as in the forward
@@ -514,6 +515,7 @@ def _bwd_dkdv_kernel(
     stride_kb, stride_kh, stride_kn, stride_kd, stride_vb, stride_vh, stride_vn, stride_vd,
     stride_db, stride_dh, stride_dm, stride_dd, stride_mb, stride_mn, stride_bb, stride_bh, stride_bm, stride_bn,
     stride_sqb, stride_sqm, stride_skb, stride_skn,
+    stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
     H, HK, M, N, qk_scale, dk_scale,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, GROUPS: tl.constexpr, L2NORM: tl.constexpr, CAUSAL: tl.constexpr,
     HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr, USE_MAX: tl.constexpr,
@@ -584,9 +586,10 @@ def _bwd_dkdv_kernel(
     if L2NORM:
         dk = _l2norm_bwd(k32, inv_k, dk, cols, GROUPS, HEAD_DIM)
         dk = tl.where(kv_mask, dk, 0.0)  # padded key rows are zero vectors: keep their 1/eps out of the cast
-    out = bhk * N * HEAD_DIM + offs_n[:, None] * HEAD_DIM + cols[None, :]
-    tl.store(DK + out, dk.to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=kv_mask)
+    dk_ptrs = DK + b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dkn + cols[None, :]
+    dv_ptrs = DV + b * stride_dvb + hk * stride_dvh + offs_n[:, None] * stride_dvn + cols[None, :]
+    tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
 @triton.jit
@@ -649,13 +652,14 @@ def _bwd_dq_kernel(
     V,  # (b, hk, j, d) any strides
     K_desc, V_desc,  # descriptors of K and V, block (1, 1, BLOCK_N, D_PAD) (only when USE_TMA)
     DO, LSE, DELTA,  # as in the dk/dv pass
-    DQ,  # (b, h, i, d) contiguous
+    DQ,  # (b, h, i, d), unit stride along d (the host allocates it in q's layout)
     MASK, BIAS, SLOPES, SCALES,  # as in the forward
     DSCALE,  # (b, h, i) fp32 out: ⟨dS k̂, q̂⟩ per query row, the row's part of dL/dscale_h (only when SCALE_GRAD)
     QSEG, KSEG, SEG_SORTED,  # as in the forward (only when HAS_SEGMENTS)
     stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd, stride_db, stride_dh, stride_dm, stride_dd,
     stride_mb, stride_mn, stride_bb, stride_bh, stride_bm, stride_bn, stride_sqb, stride_sqm, stride_skb, stride_skn,
+    stride_dqb, stride_dqh, stride_dqm,
     H, HK, M, N, qk_scale, scale,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, GROUPS: tl.constexpr, L2NORM: tl.constexpr, CAUSAL: tl.constexpr,
     HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr, USE_MAX: tl.constexpr,
@@ -733,5 +737,5 @@ def _bwd_dq_kernel(
     if L2NORM:
         dq = _l2norm_bwd(q32, inv_q, dq, cols, GROUPS, HEAD_DIM)
         dq = tl.where(q_mask, dq, 0.0)
-    tl.store(DQ + bh * M * HEAD_DIM + offs_m[:, None] * HEAD_DIM + cols[None, :], dq.to(DQ.dtype.element_ty),
-             mask=q_mask)
+    dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + cols[None, :]
+    tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=q_mask)

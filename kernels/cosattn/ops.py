@@ -34,6 +34,16 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def empty_in_layout(x: torch.Tensor) -> torch.Tensor:
+    """An uninitialised tensor shaped like x, laid out like x (torch.empty_like: a dense tensor with x's dimension
+    order) when that keeps unit stride along the last dim, else contiguous. The op's output and its input gradients
+    are allocated this way, so a (b, n, h, d) projection viewed as (b, h, n, d) gets its output and gradients back in
+    (b, n, h, d) and the model's reshape to (b, n, h·d) is a view, not a copy (SDPA's outputs behave the same). The
+    kernels store through the strides; the fake impls allocate by this same function."""
+    y = torch.empty_like(x, memory_format=torch.preserve_format)
+    return y if y.stride(-1) == 1 else torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
 def fixed_offset_ok(dtype: torch.dtype, scale: float, groups: int) -> bool:
     """True when every row's largest term exp2(t_max − offset) stays a normal number of `dtype` even if all of
     its logits sit at the lower bound −scale·groups: then a fixed offset is exact and no running max is needed.
@@ -237,7 +247,7 @@ def attention_forward(
     # k normalised once by a pre-pass, or (small, host-bound calls) inside the loop: see _k_inline
     k_inline = _k_inline(b * h * m, n, d_pad, groups, l2norm)
     k_hat = k if k_inline else l2norm_launch(k, groups=groups, multiplier=1.0, l2norm=l2norm)
-    o = torch.empty((b, h, m, d), dtype=q.dtype, device=q.device)
+    o = empty_in_layout(q)
     lse = torch.empty((b, h, m), dtype=torch.float32, device=q.device)
     aux, aux_strides = _aux(q, mask, bias, slopes)
     # the in-loop k normalisation reduces the loaded tile in registers: it keeps pointer loads
@@ -247,7 +257,7 @@ def attention_forward(
     v_desc = _desc(v, block_n, d_pad) if use_tma else v
     seg, seg_strides = _segment_args(q, q_seg, k_seg)
     tensors = (q, k_hat, v, k_desc, v_desc, o, lse, *aux, scales if scales is not None else q, *seg)
-    strides = (*q.stride(), *k_hat.stride(), *v.stride(), *aux_strides, *seg_strides)
+    strides = (*q.stride(), *k_hat.stride(), *v.stride(), *aux_strides, *seg_strides, *o.stride()[:3])
     _launch(
         K._fwd_kernel,
         (cdiv(m, block_m), b * h),
@@ -302,7 +312,26 @@ def attention_backward(
     _launch(
         K._bwd_prep_kernel,
         (cdiv(max(m, n), block), b * h),
-        (q, k, o, do, q_s, k_hat, rk, delta, scales_t, *q.stride(), *k.stride(), *do.stride(), h, hk, m, n, qk_scale),
+        (
+            q,
+            k,
+            o,
+            do,
+            q_s,
+            k_hat,
+            rk,
+            delta,
+            scales_t,
+            *q.stride(),
+            *k.stride(),
+            *do.stride(),
+            *o.stride()[:3],
+            h,
+            hk,
+            m,
+            n,
+            qk_scale,
+        ),
         dict(
             HEAD_DIM=d,
             D_PAD=d_pad,
@@ -317,9 +346,7 @@ def attention_backward(
     )
     aux, aux_strides = _aux(q, mask, bias, slopes)
     seg, seg_strides = _segment_args(q, q_seg, k_seg)
-    dq = torch.empty((b, h, m, d), dtype=q.dtype, device=q.device)
-    dk = torch.empty((b, hk, n, d), dtype=k.dtype, device=q.device)
-    dv = torch.empty((b, hk, n, d), dtype=v.dtype, device=q.device)
+    dq, dk, dv = empty_in_layout(q), empty_in_layout(k), empty_in_layout(v)
     # the bias gradient is dS itself, written per (b, h) and reduced to the bias's shape afterwards; zeroed
     # because causally invisible tiles are skipped, never written
     db = torch.zeros((b, h, m, n), dtype=torch.float32, device=q.device) if bias_grad else q
@@ -345,7 +372,7 @@ def attention_backward(
     )
     descs = (_desc(q_s, bm1, d_pad), _desc(do, bm1, d_pad)) if use_tma else (q_s, do)
     tensors = (q_s, k, v, do, lse, delta, dk, dv, db, *descs, *aux, *seg)
-    strides = (*k.stride(), *v.stride(), *do.stride(), *aux_strides, *seg_strides)
+    strides = (*k.stride(), *v.stride(), *do.stride(), *aux_strides, *seg_strides, *dk.stride()[:3], *dv.stride()[:3])
     # dk̂ = scale·dSᵀq̂ = (scale / qk_scale)·dSᵀ(q̂·qk_scale): the ratio is the units factor (1/log2 e, or 1 with
     # USE_MAX) for every head, per-head scales included (there `scale` is their bound)
     _launch(
@@ -358,7 +385,7 @@ def attention_backward(
     )
     descs = (_desc(k_dq, bn2, d_pad), _desc(v, bn2, d_pad)) if use_tma else (k_dq, v)
     tensors = (q, k_dq, rk, v, *descs, do, lse, delta, dq, *aux, scales_t, ds_rows, *seg)
-    strides = (*q.stride(), *k_dq.stride(), *v.stride(), *do.stride(), *aux_strides, *seg_strides)
+    strides = (*q.stride(), *k_dq.stride(), *v.stride(), *do.stride(), *aux_strides, *seg_strides, *dq.stride()[:3])
     _launch(
         K._bwd_dq_kernel,
         (cdiv(m, bm2), b * h),
@@ -407,7 +434,7 @@ def _attention_fwd_op(
 @_attention_fwd_op.register_fake
 def _(q, k, v, mask, bias, slopes, scales, q_seg, k_seg, causal, scale, l2norm, groups):
     b, h, m, d = q.shape
-    return q.new_empty((b, h, m, d)), q.new_empty((b, h, m), dtype=torch.float32)
+    return empty_in_layout(q), q.new_empty((b, h, m), dtype=torch.float32)
 
 
 @torch.library.custom_op("cosattn::attention_bwd", mutates_args=())
@@ -447,11 +474,11 @@ def _(
     b, h, m, d = q.shape
     n = k.shape[2]
     db_shape = (b, h, m, n) if bias_grad else (0,)
-    # contiguous, as the kernels write them (empty_like would copy a strided input's layout)
+    # in the inputs' layouts, as the kernels write them
     return (
-        q.new_empty(q.shape),
-        k.new_empty(k.shape),
-        v.new_empty(v.shape),
+        empty_in_layout(q),
+        empty_in_layout(k),
+        empty_in_layout(v),
         q.new_empty(db_shape, dtype=torch.float32),
         q.new_empty((h,) if scale_grad else (0,), dtype=torch.float32),
     )
