@@ -96,21 +96,8 @@ def _expand_kv(t: torch.Tensor, h: int) -> torch.Tensor:
     return t if hk == h else t.repeat_interleave(h // hk, dim=1)
 
 
-def attention_reference(
-    q,
-    k,
-    v,
-    *,
-    mask=None,
-    attn_bias=None,
-    causal=False,
-    scale=10.0,
-    l2norm_qk=True,
-    groups=1,
-    alibi_slopes=None,
-    scale_max=None,
-    segment_ids=None,
-):
+def attention_reference(q, k, v, *, mask=None, attn_bias=None, causal=False, scale=10.0, l2norm_qk=True, groups=1,
+                        alibi_slopes=None, scale_max=None, segment_ids=None):  # fmt: skip
     """Canonical inputs: q (b, h, i, d), k/v (b, hk, j, d), mask (b, j) bool, attn_bias broadcastable to
     (b, h, i, j), alibi_slopes (h,), scale a float or (h,) tensor (clamped to [0, scale_max]), segment_ids (b, n) or a
     pair ((b, i), (b, j)). Computes in the dtype of q (pass float64 for ground truth); autograd gives every gradient,
@@ -129,22 +116,8 @@ def attention_reference(
     return _attend(q, k, v, bias=bias, vis=vis, scale=scale)
 
 
-def attention_chunked(
-    q,
-    k,
-    v,
-    *,
-    mask=None,
-    attn_bias=None,
-    causal=False,
-    scale=10.0,
-    l2norm_qk=True,
-    groups=1,
-    alibi_slopes=None,
-    scale_max=None,
-    segment_ids=None,
-    chunk_size=1024,
-):
+def attention_chunked(q, k, v, *, mask=None, attn_bias=None, causal=False, scale=10.0, l2norm_qk=True, groups=1,
+                      alibi_slopes=None, scale_max=None, segment_ids=None, chunk_size=1024):  # fmt: skip
     """The same function as `attention_reference`, computed over query chunks: memory O(chunk · j).
     Computes in float32 for half inputs (like the kernels' accumulators), returns q's dtype."""
     b, h, i, _ = q.shape
