@@ -71,7 +71,11 @@ def fake_run(path, config, steps=40, rng=None, t2i=False, diverge_at=None, final
             lines.append(record)
     if final and diverge_at is None:
         end = {"step": steps, "final": True, "num_params": rng.randint(1000, 10**7)}
-        end.update({"test_fid": rng.uniform(10, 100)} if t2i else {"test_bpc": rng.uniform(1.0, 3.0)})
+        if t2i:
+            end.update({f"test_{k}": rng.uniform(10, 100) for k in ("fid", "fid_floor_mean", "fid_floor_std")})
+            end.update({f"test_{k}": rng.uniform(0, 1) for k in ("kid", "kid_std", "fidelity_ceiling", "diversity")})
+        else:
+            end["test_bpc"] = rng.uniform(1.0, 3.0)
         logged["final"] = end
         lines.append(end)
     (path / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
@@ -188,6 +192,13 @@ def test_text_to_image_report_with_sample_grid(tmp_path, seed):
         assert num(row["val bits/pixel"]) == pytest.approx(logged[name]["val"][-1], rel=1e-3)
         assert float(row["FID"]) == pytest.approx(logged[name]["final"]["test_fid"], rel=1e-3)  # test beats val
         assert float(row["fidelity"]) == pytest.approx(logged[name]["fidelity"], abs=5e-4)
+        end = logged[name]["final"]
+        # each score beside its bound, from the final test values; a spread prints as "value ± spread"
+        assert row["FID floor"] == f"{end['test_fid_floor_mean']:.2f} ± {end['test_fid_floor_std']:.2f}"
+        assert row["KID"] == f"{end['test_kid']:.3g} ± {end['test_kid_std']:.3g}"
+        assert float(row["fidelity ceiling"]) == pytest.approx(end["test_fidelity_ceiling"], abs=5e-4)
+        assert float(row["diversity"]) == pytest.approx(end["test_diversity"], abs=5e-4)
+        assert "KID floor" not in row and "distinct" not in row  # columns no run logged are left out
 
     grid = imread(report["samples"])
     assert report["samples"].name == "samples.png" and grid.shape[1] > grid.shape[0]

@@ -105,3 +105,41 @@ def test_gap_prefers_the_evaluations_own_train_loss(tmp_path):
     run = find_runs([tmp_path])[0]
     _, gaps = seeds.gap_curve(run, "val_loss")
     assert gaps.tolist() == pytest.approx([0.25, 0.25])
+
+
+def test_image_scores_over_seeds_and_their_comparison(tmp_path):
+    """Text-to-image runs: each score's mean ± std over seeds (the test value where a run has one, else its last
+    validation value), the floors and ceiling beside them, and Welch's test on FID and fidelity."""
+    rng = random.Random()
+    truth = {}
+    for attn in ("cosine", "regular"):
+        for seed in range(2):
+            scores = {k: rng.uniform(1.0, 90.0) for k in ("fid", "fid_floor_mean", "kid", "kid_floor_mean")}
+            scores.update({k: rng.uniform(0.0, 1.0) for k in ("fidelity", "fidelity_ceiling", "diversity")})
+            # the last evaluation logs other (val) values: the table must take the final test ones
+            val = {f"val_{k}": v + 100.0 for k, v in scores.items()}
+            write_run(tmp_path / f"{attn}-{seed}", attn, seed, [1.5, 1.4], [1.0, 0.9],
+                      final={**{f"test_{k}": v for k, v in scores.items()}, "val_bpc": 1.4})  # fmt: skip
+            lines = (tmp_path / f"{attn}-{seed}" / "metrics.jsonl").read_text().splitlines()
+            last_eval = json.loads(lines[-2])
+            lines[-2] = json.dumps({**last_eval, **val})
+            (tmp_path / f"{attn}-{seed}" / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+            truth[(attn, seed)] = scores
+    groups = seeds.group_by_variant(find_runs([tmp_path]))
+    header, rows, raw = seeds.summary_rows(groups, "val_bpc")
+    digits = {"fid": 2, "fid_floor_mean": 2, "kid": 4, "kid_floor_mean": 4}
+    for row in rows:
+        attn = row[0].split("=")[-1]
+        cells = dict(zip(header, row))
+        for name, key in seeds.IMAGE_SCORES:
+            values = [truth[(attn, s)][key] for s in range(2)]
+            d = digits.get(key, 3)
+            assert cells[name] == f"{statistics.fmean(values):.{d}f} ± {statistics.stdev(values):.{d}f}", (attn, key)
+    diff = statistics.fmean(truth[("regular", s)]["fid"] for s in range(2)) - statistics.fmean(
+        truth[("cosine", s)]["fid"] for s in range(2)
+    )
+    compare = seeds.comparison_rows(raw, next(iter(groups)), what="fid")
+    assert float(compare[0][2]) == pytest.approx(diff, abs=1e-4)
+    report = write_report([tmp_path], tmp_path / "out")
+    text = report["markdown"].read_text()
+    assert "FID (lower is better) against" in text and "Caption fidelity (higher is better) against" in text

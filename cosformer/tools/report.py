@@ -202,6 +202,9 @@ def label_runs(runs: list[RunLog]) -> None:
 _FORMATS = {
     "FID": "{:.2f}",
     "fidelity": "{:.3f}",
+    "fidelity ceiling": "{:.3f}",
+    "distinct": "{:.3f}",
+    "diversity": "{:.3f}",
     "params": "{:,.0f}",
     "tokens/s (median)": "{:,.0f}",
     "peak memory (MiB)": "{:,.0f}",
@@ -220,6 +223,28 @@ def _test_or_val(run: RunLog, name: str) -> float | None:
     """A text-to-image score: the final test-set value when the run reached it, else the last validation one."""
     test = run.final.get(f"test_{name}")
     return float(test) if _is_number(test) else run.last(f"val_{name}")
+
+
+def _with_spread(run: RunLog, mean: str, spread: str, digits: str) -> str | None:
+    """A text-to-image score logged with its spread, as "value ± spread" (test when the run reached it, else val)."""
+    m, sd = _test_or_val(run, mean), _test_or_val(run, spread)
+    if m is None:
+        return None
+    return f"{m:{digits}}" if sd is None else f"{m:{digits}} ± {sd:{digits}}"
+
+
+# Text-to-image scores, each beside what bounds it: the real-vs-real floors of FID and KID (mean ± std over disjoint
+# real subsets), the fidelity classifier's ceiling on real images, and two diversity measures (cosformer.t2i.metrics).
+IMAGE_COLUMNS = (
+    ("FID", lambda r: _test_or_val(r, "fid")),
+    ("FID floor", lambda r: _with_spread(r, "fid_floor_mean", "fid_floor_std", ".2f")),
+    ("KID", lambda r: _with_spread(r, "kid", "kid_std", ".3g")),
+    ("KID floor", lambda r: _with_spread(r, "kid_floor_mean", "kid_floor_std", ".3g")),
+    ("fidelity", lambda r: _test_or_val(r, "fidelity")),
+    ("fidelity ceiling", lambda r: _test_or_val(r, "fidelity_ceiling")),
+    ("distinct", lambda r: _test_or_val(r, "distinct")),
+    ("diversity", lambda r: _test_or_val(r, "diversity")),
+)
 
 
 def _final_value(key: str):
@@ -248,7 +273,7 @@ def best_run(runs: list[RunLog]) -> RunLog | None:
 def result_rows(runs: list[RunLog]) -> tuple[list[str], list[list]]:
     """Header and rows of the results table (raw values; `markdown_table` formats them)."""
     columns = [(name, (lambda r, k=key: r.last(k))) for name, key in _VAL_COLUMNS]
-    columns += [("FID", lambda r: _test_or_val(r, "fid")), ("fidelity", lambda r: _test_or_val(r, "fidelity"))]
+    columns += list(IMAGE_COLUMNS)
     columns += [("best step", _final_value("best_step")), ("params", _final_value("num_params"))]
     present = [(name, get) for name, get in columns if any(get(r) is not None for r in runs)]
     header = ["variant", "steps", *(name for name, _ in present), "tokens/s (median)", "peak memory (MiB)", "status"]
@@ -426,9 +451,14 @@ def write_seed_summary(runs: list[RunLog], out: Path, title: str) -> dict:
     compare = seeds.comparison_rows(raw, reference)
     lines = ["## Over seeds", "", f"![mean over seeds]({figure.name})", "", seeds.markdown(header, rows), ""]
     lines += [seeds.TABLE_NOTE, ""]
+    columns = ["variant", "against", "difference", "std. error", "t", "p"]
     if compare:
         lines += [f"Best val against {reference} (Welch's t; with 2–3 seeds a p-value is a coarse guide):", ""]
-        lines += [seeds.markdown(["variant", "against", "difference", "std. error", "t", "p"], compare), ""]
+        lines += [seeds.markdown(columns, compare), ""]
+    for key, what in (("fid", "FID (lower is better)"), ("fidelity", "Caption fidelity (higher is better)")):
+        rows = seeds.comparison_rows(raw, reference, what=key) if key in raw[reference] else []
+        if rows:
+            lines += [f"{what} against {reference} (Welch's t):", "", seeds.markdown(columns, rows), ""]
     return {"lines": lines, "raw": raw}
 
 

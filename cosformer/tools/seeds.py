@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cosformer.tools.report import RunLog, _describe, _is_number, variant_colour, varying_keys
+from cosformer.tools.report import RunLog, _describe, _is_number, _test_or_val, variant_colour, varying_keys
 
 SEED_KEY = "train.seed"
 TABLE_NOTE = (
@@ -127,6 +127,20 @@ def welch(a: list[float], b: list[float]) -> tuple[float, float, float, float]:
     return ma - mb, se, t, _t_sf_two_sided(t, df)
 
 
+# text-to-image scores averaged over seeds (the test value when a run reached it, else its last validation one), with
+# what bounds each: the real-vs-real floors and the fidelity classifier's ceiling on real images
+IMAGE_SCORES = (
+    ("FID", "fid"),
+    ("FID floor", "fid_floor_mean"),
+    ("KID", "kid"),
+    ("KID floor", "kid_floor_mean"),
+    ("fidelity", "fidelity"),
+    ("fidelity ceiling", "fidelity_ceiling"),
+    ("diversity", "diversity"),
+)
+IMAGE_DIGITS = {"fid": 2, "fid_floor_mean": 2, "kid": 4, "kid_floor_mean": 4}
+
+
 def summary_rows(groups: dict[str, list[RunLog]], key: str) -> tuple[list[str], list[list[str]], dict]:
     """The seed table: one row per variant. Also returns the raw per-seed values behind it (for JSON and tests)."""
     unit = key.removeprefix("val_")
@@ -134,6 +148,9 @@ def summary_rows(groups: dict[str, list[RunLog]], key: str) -> tuple[list[str], 
     full = any(_is_number(r.final.get(f"test_{unit}")) for runs in groups.values() for r in runs)
     if full:
         header += [f"full-split val {unit}", f"test {unit}"]
+    every_run = [r for runs in groups.values() for r in runs]
+    image = [(name, key) for name, key in IMAGE_SCORES if any(_test_or_val(r, key) is not None for r in every_run)]
+    header += [name for name, _ in image]
     header.append("status")
     rows, raw = [], {}
     for name, runs in groups.items():
@@ -149,6 +166,7 @@ def summary_rows(groups: dict[str, list[RunLog]], key: str) -> tuple[list[str], 
             "full_val": [r.final.get(key) if r.final else None for r in runs],
             "test": [r.final.get(f"test_{unit}") for r in runs],
             "status": [r.status for r in runs],
+            **{key: [_test_or_val(r, key) for r in runs] for _, key in image},
         }
         raw[name] = values
         steps = [s for s in values["best_step"] if s is not None]
@@ -163,6 +181,7 @@ def summary_rows(groups: dict[str, list[RunLog]], key: str) -> tuple[list[str], 
         ]
         if full:
             row += [fmt(*mean_std(values["full_val"])[:2]), fmt(*mean_std(values["test"])[:2])]
+        row += [fmt(*mean_std(values[key])[:2], digits=IMAGE_DIGITS.get(key, 3)) for _, key in image]
         row.append(", ".join(f"{values['status'].count(s)} {s}" for s in statuses))
         rows.append(row)
     return header, rows, raw
