@@ -119,8 +119,6 @@ class Case:
     """One variant at one mode and length: built, compiled and warmed up, ready to time."""
 
     attn: str
-    mode: str
-    seq: int
     batch: int
     params: int
     step: Callable[[], torch.Tensor]  # one training step; returns its loss
@@ -168,7 +166,7 @@ def build_case(attn: str, mode: str, seq: int, cfg: dict, args: argparse.Namespa
         for _ in range(max(cfg["warmup"], MIN_WARMUP.get(mode, 0))):
             step()
     peak_mib = (torch.cuda.max_memory_allocated(device) - base) / 2**20 if cuda else None
-    return Case(attn, mode, seq, batch, params, step, peak_mib)
+    return Case(attn, batch, params, step, peak_mib)
 
 
 def time_steps(case: Case, n: int, device: torch.device) -> None:
