@@ -89,7 +89,8 @@ class KVBuffer:
         start, end = self.length, self.length + tensors[0].shape[-2]
         if end > self.capacity:
             capacity = max(end, 2 * self.capacity, self.reserve)
-            grown = tuple(t.new_empty(*t.shape[:-2], capacity, t.shape[-1]) for t in tensors)
+            # zeros, not empty: a fixed-shape step reads the unwritten positions too (masked, but 0 · NaN = NaN)
+            grown = tuple(t.new_zeros(*t.shape[:-2], capacity, t.shape[-1]) for t in tensors)
             if self.storage is not None:
                 for new, old in zip(grown, self.storage):
                     new[..., :start, :] = old[..., :start, :]
@@ -98,6 +99,17 @@ class KVBuffer:
             buffer[..., start:end, :] = t
         self.length = end
         return self.filled()
+
+    def write_at(self, position: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The fixed-shape decoding step (`KVCache.step_position`): write tensors (..., 1, d) at `position`, a (1,)
+        integer tensor on their device, and return the whole storage, every position up to the capacity (the caller
+        masks those beyond `position`). No host value is read and no shape depends on the step, so the step can be
+        compiled once and replayed as a CUDA graph; `length` is advanced by the caller (`KVCache.advance`)."""
+        if self.storage is None:
+            raise ValueError("write_at needs allocated storage: fill the cache (a prefill) first")
+        for buffer, t in zip(self.storage, tensors):
+            buffer[..., position, :] = t  # index_put_: compiled, it writes in place (no copy of the buffer)
+        return self.storage
 
 
 class Attention(nn.Module):
@@ -186,6 +198,7 @@ class Attention(nn.Module):
         value_residual: torch.Tensor | None = None,
         return_attn: bool = False,
         segment_ids: torch.Tensor | None = None,
+        cache_position: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor], AttentionIntermediates]:
         """x (b, i, dim); context (b, m, dim_context) for cross-attention; mask (b, j) bool over all keys
         (True = may attend; memory key/values are added to it); rotary (cos, sin) of the new positions
@@ -195,7 +208,9 @@ class Attention(nn.Module):
         new keys (relative position biases); value_residual (b, kv_heads, j_new, dim_head): the values of the
         stack's first attention, mixed into this call's; return_attn: compute the attention maps (slow, see the
         module docstring); segment_ids (b, n) integer document ids of packed self-attention (no cache, no memory
-        key/values): a query sees the keys of its own document only.
+        key/values): a query sees the keys of its own document only. cache_position (1,) integer tensor: the fixed-
+        shape decoding step (see `KVCache`): one new token at that position, written into the cache's storage, and
+        the attention reads the whole storage; mask (b, capacity) must then hide the positions beyond it.
         Returns (out (b, i, dim), (k, v) each (b, kv_heads, j, dim_head), AttentionIntermediates)."""
         if segment_ids is not None:
             if self.cross:
@@ -230,12 +245,18 @@ class Attention(nn.Module):
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         k = k.to(v.dtype)
         if kv_cache is not None and not reuse:
-            k, v = kv_cache.append(k, v)  # views of the filled prefix: no copy of what was cached
+            if cache_position is not None:
+                k, v = kv_cache.write_at(cache_position, k, v)  # the whole storage: shapes fixed across steps
+            else:
+                k, v = kv_cache.append(k, v)  # views of the filled prefix: no copy of what was cached
         q = q.to(v.dtype)
         kv = (k, v)
 
         bias, slopes = attn_bias, self.alibi_slopes
-        if slopes is not None and (self.kind == "regular" or self.num_mem_kv or return_attn):
+        if slopes is not None and cache_position is not None:
+            # the op would place the query at the storage's last position: give the distances explicitly
+            bias, slopes = alibi_bias(slopes, q.shape[-2], k.shape[-2], pos_q=cache_position)[0], None
+        elif slopes is not None and (self.kind == "regular" or self.num_mem_kv or return_attn):
             bias, slopes = alibi_bias(slopes, q.shape[-2], k.shape[-2])[0], None  # (h, i, j), explicit
         if self.num_mem_kv:
             k, v, mask, bias = self._add_memory_kv(k, v, mask, bias, prenormed)

@@ -20,8 +20,9 @@ from einops import rearrange
 from torch import nn
 
 
-def _positions(i: int, j: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.arange(j - i, j, device=device), torch.arange(j, device=device)
+def _positions(i: int, j: int, device, pos_q: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    pos_q = torch.arange(j - i, j, device=device) if pos_q is None else pos_q.to(device)
+    return pos_q, torch.arange(j, device=device)
 
 
 class RelativePositionBias(nn.Module):
@@ -62,8 +63,9 @@ class RelativePositionBias(nn.Module):
         far = far.clamp(max=buckets - 1)
         return offset + torch.where(distance < exact, distance, far)
 
-    def forward(self, i: int, j: int) -> torch.Tensor:
-        pos_q, pos_k = _positions(i, j, self.relative_attention_bias.weight.device)
+    def forward(self, i: int, j: int, pos_q: torch.Tensor | None = None) -> torch.Tensor:
+        """-> (h, i, j); pos_q (i,) places the queries elsewhere (a decoding step against a cache's storage)."""
+        pos_q, pos_k = _positions(i, j, self.relative_attention_bias.weight.device, pos_q)
         values = self.relative_attention_bias(self.bucket(pos_q[:, None] - pos_k[None, :]))  # (i, j, h)
         return rearrange(values, "i j h -> h i j") * self.scale
 
@@ -84,12 +86,13 @@ class DynamicPositionBias(nn.Module):
             width_in = dim
         self.mlp = nn.Sequential(*layers, nn.Linear(dim, heads))
 
-    def forward(self, i: int, j: int) -> torch.Tensor:
+    def forward(self, i: int, j: int, pos_q: torch.Tensor | None = None) -> torch.Tensor:
+        """-> (h, i, j); pos_q (i,) as in `RelativePositionBias.forward` (within [0, j))."""
         device = self.mlp[0].weight.device
         distances = torch.arange(-(j - 1), j, device=device, dtype=torch.float32)[:, None]  # (2j − 1, 1)
         if self.log_distance:
             distances = distances.sign() * distances.abs().log1p()
         table = self.mlp(distances)  # (2j − 1, h)
-        pos_q, pos_k = _positions(i, j, device)
+        pos_q, pos_k = _positions(i, j, device, pos_q)
         values = table[pos_q[:, None] - pos_k[None, :] + (j - 1)]  # (i, j, h)
         return rearrange(values, "i j h -> h i j")

@@ -161,8 +161,11 @@ def alibi_slopes(heads: int) -> torch.Tensor:
     return torch.tensor(slopes, dtype=torch.float32)
 
 
-def alibi_bias(slopes: torch.Tensor, i: int, j: int) -> torch.Tensor:
-    """(1, h, i, j) float32 bias −slope · |pos_q − pos_k| with pos_q = r + j − i (bottom-right aligned)."""
-    pos_q = torch.arange(i, device=slopes.device, dtype=torch.float32)[:, None] + (j - i)
+def alibi_bias(slopes: torch.Tensor, i: int, j: int, pos_q: torch.Tensor | None = None) -> torch.Tensor:
+    """(1, h, i, j) float32 bias −slope · |pos_q − pos_k| with pos_q = r + j − i (bottom-right aligned), or the
+    queries' positions pos_q (i,) given (a decoding step against a cache's whole storage)."""
+    if pos_q is None:
+        pos_q = torch.arange(i, device=slopes.device) + (j - i)
+    pos_q = pos_q.to(slopes.device, torch.float32)[:, None]
     pos_k = torch.arange(j, device=slopes.device, dtype=torch.float32)[None, :]
     return -slopes.float()[None, :, None, None] * (pos_q - pos_k).abs()[None, None]

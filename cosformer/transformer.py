@@ -43,6 +43,12 @@ class KVCache:
     such attention), each holding k, v (b, kv_heads, j, dim_head). `length`: tokens seen. `capacity`: positions
     the self-attention buffers reserve at their first write (at least what that write needs); a longer sequence
     reallocates them, doubling. `generate` reserves what it will need, so it never reallocates.
+
+    Fixed-shape decoding (what CUDA graphs and a compiled step need): after a first call has filled the cache (the
+    prompt, a "prefill"), a forward with `cache_position` (1,) = `cache.step_position()` feeds one new token, writes
+    its keys and values into the storage at that position and attends to the whole storage, the positions beyond it
+    masked. No host value of the cache is read and no shape changes from step to step, so the step compiles once
+    and replays; the caller then calls `advance(1)`. The cost is that of attending to `capacity` keys every step.
     """
 
     def __init__(self, capacity: int = 0):
@@ -68,6 +74,32 @@ class KVCache:
                 f"({None if self.seq_start_pos is None else self.seq_start_pos.tolist()})"
             )
         return seq_start_pos
+
+    def step_position(self, device: torch.device | str) -> torch.Tensor:
+        """(1,) long tensor on `device`: the position the next fixed-shape step writes (see the class docstring)."""
+        if self.length == 0 or not self.layers:
+            raise ValueError("a fixed-shape step needs a filled cache: run a first forward (the prompt) with it")
+        if self.length >= self.reserved:
+            raise ValueError(
+                f"the cache holds {self.length} of its {self.reserved} positions: a fixed-shape step cannot grow it "
+                f"(reserve more with KVCache(capacity=...))"
+            )
+        return torch.tensor([self.length], device=device)
+
+    @property
+    def reserved(self) -> int:
+        """Positions the self-attention storage holds now (0 before the first write)."""
+        buffers = [kv for kv, _ in self.layers if kv is not None]
+        return buffers[0].capacity if buffers else 0
+
+    def advance(self, n: int = 1) -> None:
+        """Count n tokens written by fixed-shape steps (which leave the host-side lengths alone). The token ids are
+        no longer recorded from then on (they served only to reject a whole sequence fed again)."""
+        self.length += n
+        for kv, _ in self.layers:
+            if kv is not None:
+                kv.length += n
+        self.tokens = None
 
     def _start(self, blocks, batch: int) -> None:
         self.batch = batch
@@ -162,6 +194,7 @@ class Block(nn.Module):
         value_residuals,
         return_attn,
         segment_ids=None,
+        cache_position=None,
     ):
         """Returns x, the (self, cross) key/values a cache keeps and the (self, cross) AttentionIntermediates."""
         self_cache, cross_cache = cache if cache is not None else (None, None)
@@ -176,6 +209,7 @@ class Block(nn.Module):
                 value_residual=value_residuals[0],
                 return_attn=return_attn,
                 segment_ids=segment_ids,
+                cache_position=cache_position,
             )
             x = self._out(x, h, self.self_norm)
         if self.cross_attn is not None:
@@ -436,6 +470,7 @@ class Transformer(nn.Module):
         seq_start_pos: torch.Tensor | None = None,
         return_intermediates: bool = False,
         segment_ids: torch.Tensor | None = None,
+        cache_position: torch.Tensor | None = None,
     ):
         """x (b, n, dim) -> (b, n, dim), final-normed.
 
@@ -453,7 +488,12 @@ class Transformer(nn.Module):
         query's own document (causally within it for a causal stack) and rotary positions restart at every document
         (see positional.py), so each document gets what it gets alone. Cross-attention is unaffected (every
         document of a row sees the row's context). Not with a cache, nor with seq_start_pos.
+        cache_position (1,) integer tensor, `cache.step_position(...)`: a fixed-shape decoding step (see `KVCache`):
+        x (b, 1, dim) is the token at that position; the cache, already filled, is read whole (positions beyond
+        cache_position masked, left padding as the cache was started); mask and seq_start_pos are not given.
         """
+        if cache_position is not None:
+            return self._fixed_step(x, cache, cache_position, mask, seq_start_pos, context, return_cache)
         self._check_inputs(x, mask, context, context_mask, cache, seq_start_pos, segment_ids, return_cache)
         if return_intermediates and (cache is not None or return_cache):
             raise ValueError("return_intermediates=True does not combine with a KV cache (cache / return_cache)")
@@ -515,6 +555,46 @@ class Transformer(nn.Module):
         if return_intermediates:
             return x, LayerIntermediates(hiddens=hiddens, attn_intermediates=attn_intermediates, last_hidden=x)
         return x
+
+    def _fixed_step(self, x, cache, cache_position, mask, seq_start_pos, context, return_cache):
+        """`forward` with cache_position: no value of the cache is read on the host, no shape depends on it."""
+        if cache is None or not cache.layers:
+            raise ValueError("cache_position needs a cache filled by an earlier call (the prompt)")
+        if x.dim() != 3 or x.shape[1] != 1 or x.shape[0] != cache.batch or x.shape[-1] != self.dim:
+            raise ValueError(
+                f"a fixed-shape step takes one token: x must be (b={cache.batch}, 1, dim={self.dim}); got "
+                f"{tuple(x.shape)}"
+            )
+        if mask is not None or seq_start_pos is not None or context is not None:
+            raise ValueError(
+                "a fixed-shape step builds its mask from cache_position and the cache's own left padding, and reads "
+                "the context's keys from the cache: pass no mask, seq_start_pos or context"
+            )
+        capacity = cache.reserved
+        keys = torch.arange(capacity, device=x.device)
+        mask = (keys <= cache_position.to(x.device))[None].expand(x.shape[0], capacity)  # (b, capacity)
+        seq_start_pos = cache.seq_start_pos
+        if seq_start_pos is not None:
+            mask = mask & (keys >= seq_start_pos.to(x.device)[:, None])
+        rotary = None
+        if self.rotary is not None:
+            pos = cache_position.to(x.device).expand(x.shape[0], 1)  # (b, 1): one position per row
+            if seq_start_pos is not None:
+                pos = (pos - seq_start_pos.to(x.device)[:, None]).clamp(min=0)
+            rotary = self.rotary(1, pos=pos)
+        attn_bias = self.rel_pos(1, capacity, pos_q=cache_position) if self.rel_pos is not None else None
+        first_values = [None, None]
+        for block, layer_cache in zip(self.layers, cache.layers):
+            x, _, inters = block(
+                x, mask=mask, context=None, context_mask=cache.context_mask, rotary=rotary, cache=layer_cache,
+                attn_bias=attn_bias, value_residuals=first_values if self.add_value_residual else (None, None),
+                return_attn=False, cache_position=cache_position,
+            )  # fmt: skip
+            for kind, inter in enumerate(inters):
+                if inter is not None and first_values[kind] is None:
+                    first_values[kind] = inter.values
+        x = self.final_norm(x)
+        return (x, cache) if return_cache else x
 
 
 # the constructor's own parameters, for the did-you-mean hint on an unknown option

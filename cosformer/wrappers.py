@@ -11,7 +11,9 @@ post-norm and post-rotary when rotary is on) in buffers preallocated for the who
 and its cross-attention (k, v) of the context (computed once). Each decoding step feeds only the new token; the
 op's causal mask is aligned bottom-right, so one query against j keys sees all of them. When a sequence outgrows
 `max_seq_len`, `generate` falls back to a sliding window over the last `max_seq_len` tokens, recomputed each step
-without the cache (positions restart at 0 in the window).
+without the cache (positions restart at 0 in the window). `generate(..., compile=...)` runs the steps after the
+prompt as fixed-shape steps (`KVCache`'s `cache_position`): the whole reserve read, positions beyond masked, so one
+compiled graph serves every step and replays as a CUDA graph.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 
 from .attention import KVBuffer
+from .compiling import compile_kwargs
 from .positional import AbsolutePositionalEmbedding, check_segment_ids, check_seq_start_pos, segment_positions
 from .sampling import check_sampling_args, sample_next, top_k
 from .transformer import Decoder, Encoder, KVCache, Transformer
@@ -179,6 +182,7 @@ class TransformerWrapper(StackWrapper):
         return_intermediates: bool = False,
         return_attn: bool = False,
         segment_ids: torch.Tensor | None = None,
+        cache_position: torch.Tensor | None = None,
     ):
         """x (b, n) token ids -> logits (b, n, num_tokens), or embeddings (b, n, dim) with return_embeddings.
         With return_cache, returns (output, cache). See `Transformer.forward` for mask, context and cache: with a
@@ -192,10 +196,16 @@ class TransformerWrapper(StackWrapper):
         that materialises the maps: slow, O(n²) memory, for inspection.
         segment_ids (b, n) integers: documents packed in a row, one id per token (see `Transformer.forward`); the
         absolute positions restart at every document too, so each document gets the logits it gets alone. Not with
-        a cache, seq_start_pos or memory tokens."""
+        a cache, seq_start_pos or memory tokens.
+        cache_position (1,) integer tensor, `cache.step_position(...)`: a fixed-shape decoding step, x (b, 1) the
+        token at that position (see `KVCache`; what `generate(..., compile=...)` compiles); the caller checks the
+        position against max_seq_len and calls `cache.advance(1)` afterwards."""
         if x.dim() != 2 or x.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"x must be (b, n) integer token ids; got shape {tuple(x.shape)}, dtype {x.dtype}")
         self._check_returns(cache, return_cache, return_intermediates, return_attn)
+        if cache_position is not None:
+            return self._fixed_step(x, cache, cache_position, mask, context, context_mask, seq_start_pos,
+                                    return_embeddings, return_cache)  # fmt: skip
         n = x.shape[1]
         if cache is None and return_cache:
             cache = KVCache()
@@ -233,6 +243,24 @@ class TransformerWrapper(StackWrapper):
                 cache.tokens.append(x.long()[..., None])  # (b, n, 1): the buffer appends along dim -2
         out = h if return_embeddings or self.return_only_embed else self._logits(h)
         return self._outputs(out, extra, return_cache, return_intermediates, return_attn)
+
+    def _fixed_step(self, x, cache, cache_position, mask, context, context_mask, seq_start_pos, embeddings, ret_cache):
+        """`forward` with cache_position: reads no host value of the cache, so every step has the same graph."""
+        if cache is None or context_mask is not None or seq_start_pos is not None:
+            raise ValueError(
+                "cache_position is a decoding step against a filled cache: give the cache, and no context_mask or "
+                "seq_start_pos (the cache keeps those of its first call)"
+            )
+        h = self.token_emb(x)
+        if self.pos_emb is not None:
+            pos = cache_position.to(x.device).expand(x.shape[0], 1)  # (b, 1)
+            if cache.seq_start_pos is not None:
+                pos = (pos - cache.seq_start_pos.to(x.device)[:, None]).clamp(min=0)
+            h = h + self.pos_emb(1, pos=pos)
+        h = self.project_emb(self.emb_dropout(self.post_emb_norm(h)))
+        h = self.attn_layers(h, mask=mask, context=context, cache=cache, cache_position=cache_position)
+        out = h if embeddings or self.return_only_embed else self._logits(h)
+        return (out, cache) if ret_cache else out
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         if self.tie_embedding:
@@ -332,6 +360,7 @@ class AutoregressiveWrapper(nn.Module):
         cache_kv: bool = True,
         *,
         mask: torch.Tensor | None = None,
+        compile: bool | str = False,
         **kwargs,
     ) -> torch.Tensor:
         """Sample up to `seq_len` tokens after `prompts` (b, n) (or (n,)); returns only the new tokens (b, k).
@@ -351,6 +380,14 @@ class AutoregressiveWrapper(nn.Module):
         - cache_kv: decode with a KV cache while the sequence fits in max_seq_len (each step feeds the net only
           the new token; never the whole sequence with the cache); beyond it, a sliding window recomputed without
           the cache (see the module docstring). A net that is not causal has no valid cache: it recomputes.
+        - compile (keyword only; not in x-transformers): False decodes eagerly, each step attending to the keys
+          cached so far. True or a torch.compile mode ("reduce-overhead": CUDA graphs, what True means; "default",
+          "max-autotune", "max-autotune-no-cudagraphs") runs every step after the prompt as a fixed-shape step
+          (see `KVCache`): the cache is reserved for a power of two of positions (at most max_seq_len), each step
+          attends to all of them with those beyond its position masked, and the step is compiled once per mode,
+          batch size and reserve, with fullgraph=True, and replayed. The tokens are those of the eager decoding
+          (up to the rounding of a compiled graph). Needs a KV cache (a causal net, no memory tokens, cache_kv);
+          the sliding window beyond max_seq_len stays eager.
         kwargs (context, context_mask) go to the net.
         """
         if "segment_ids" in kwargs:
@@ -369,6 +406,7 @@ class AutoregressiveWrapper(nn.Module):
                 "argument is eos_token, as in x-transformers: pass temperature= by keyword)"
             )
         filter_fn = check_sampling_args(temperature, filter_logits_fn, filter_kwargs)
+        compile_mode = _check_compile(compile)
         if not isinstance(seq_len, int) or seq_len < 1:
             raise ValueError(f"seq_len must be a positive integer; got seq_len={seq_len!r}")
         if isinstance(prompts, (list, tuple)):
@@ -387,16 +425,36 @@ class AutoregressiveWrapper(nn.Module):
         out, seq_start_pos = _left_pad(prompts, prompt_lens, mask)
         # a bidirectional net's earlier keys change with every new token: x-transformers then quietly recomputes
         cache_kv = cache_kv and self.net.causal and self.net.can_cache_kv  # (memory tokens are not cached either)
+        if compile_mode is not None and not cache_kv:
+            raise ValueError(
+                f"compile={compile!r} compiles the fixed-shape decoding step of a KV cache, and this call has none "
+                "(cache_kv=False, a net that is not causal, or memory tokens): use compile=False"
+            )
+        if compile_mode is not None and set(kwargs) - {"context", "context_mask"}:
+            raise ValueError(f"compile= steps take no net kwargs beyond context and context_mask; got {sorted(kwargs)}")
 
         was_training = self.net.training
         self.net.eval()
         window = self.max_seq_len
         ended = torch.zeros(out.shape[0], dtype=torch.bool, device=out.device)
         generated = []
-        # reserve every position the cache will hold: the prompt and the tokens fed back, up to max_seq_len
-        cache = KVCache(capacity=min(out.shape[1] + seq_len - 1, window)) if cache_kv else None
-        for _ in range(seq_len):
-            if cache is not None and out.shape[1] <= window:
+        # reserve every position the cache will hold: the prompt and the tokens fed back, up to max_seq_len (for
+        # compiled steps a power of two of them, so that other lengths reuse the compiled step)
+        capacity = min(out.shape[1] + seq_len - 1, window)
+        if compile_mode is not None:
+            capacity = min(1 << (capacity - 1).bit_length(), window)
+        cache = KVCache(capacity=capacity) if cache_kv else None
+        step = compiled_decode_step(compile_mode) if compile_mode is not None else None
+        for t in range(seq_len):
+            if step is not None and cache is not None and t > 0 and out.shape[1] <= window:
+                if t == 1:  # the first step after the prompt (t = 0 fed the prompt and filled the cache)
+                    _mark_static(cache)
+                if compile_mode == "reduce-overhead":
+                    torch.compiler.cudagraph_mark_step_begin()
+                last = out[:, -1:].contiguous()  # (b, 1) with the same strides at every step (out grows)
+                logits = step(self.net, last, cache, cache.step_position(out.device))[:, None]
+                cache.advance(1)
+            elif cache is not None and out.shape[1] <= window:
                 # the cache is fed only the tokens it has not seen: the whole prompt first, then one per step
                 logits = self.net(out[:, cache.length :], cache=cache, seq_start_pos=seq_start_pos, **kwargs)
             else:
@@ -422,6 +480,47 @@ class AutoregressiveWrapper(nn.Module):
             after_eos = F.pad(tokens == eos_token, (1, -1)).cumsum(dim=1) > 0
             tokens = tokens.masked_fill(after_eos, self.pad_value)
         return tokens[0] if squeeze else tokens
+
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def _check_compile(compile) -> str | None:
+    """generate's compile argument -> a torch.compile mode, or None for eager decoding."""
+    if compile is False or compile is None:
+        return None
+    if compile is True:
+        return "reduce-overhead"
+    if compile not in COMPILE_MODES:
+        raise ValueError(f"compile must be True, False or one of {COMPILE_MODES}; got compile={compile!r}")
+    return compile
+
+
+def _decode_step(net: TransformerWrapper, token: torch.Tensor, cache: KVCache, position: torch.Tensor):
+    """One fixed-shape decoding step: the logits (b, num_tokens) after token (b, 1) at position (1,)."""
+    return net(token, cache=cache, cache_position=position)[:, -1]
+
+
+_COMPILED_STEPS: dict[str, Callable] = {}
+
+
+def compiled_decode_step(mode: str) -> Callable:
+    """`_decode_step` compiled for one torch.compile mode (fullgraph, static shapes; the Inductor options of
+    `compile_kwargs`), made once per process: a new net, batch size or reserve is a recompile of the same
+    function, not a new one."""
+    if mode not in _COMPILED_STEPS:
+        _COMPILED_STEPS[mode] = torch.compile(_decode_step, **compile_kwargs(dynamic=False, mode=mode))
+    return _COMPILED_STEPS[mode]
+
+
+def _mark_static(cache: KVCache) -> None:
+    """Tell torch.compile that the cache's storage keeps its address from step to step: CUDA graphs then read and
+    write it in place instead of copying it into the graph's own inputs at every replay."""
+    for layer in cache.layers:
+        for buffer in layer:
+            if buffer is not None and buffer.storage is not None:
+                for t in buffer.storage:
+                    torch._dynamo.mark_static_address(t)
 
 
 def _left_pad(

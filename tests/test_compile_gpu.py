@@ -156,3 +156,42 @@ def test_bench_model_compiled_rows_on_a_tiny_config(tmp_path, capsys):
             cosine, peer = by[mode, seq, "cosine"]["final_loss"], by[mode, seq, "normalize-sdpa"]["final_loss"]
             assert peer == pytest.approx(cosine, rel=1e-3), (mode, seq)
     assert "vs regular" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------- generation
+
+
+@pytest.mark.parametrize("mode", ["reduce-overhead", "default"])
+@pytest.mark.parametrize("case", ["cosine-rotary-gqa", "regular", "cosine-alibi-prenorm"])
+def test_generate_compiled_steps_replay(case, mode):
+    """generate(compile=mode): each greedy token is the eager model's argmax (within rounding) over the sequence so
+    far, left-padded prompts included; under reduce-overhead the step runs as CUDA graphs (no skip); a second call
+    of another length in the same reserve compiles nothing new."""
+    from torch._dynamo.utils import counters
+
+    from cosformer.wrappers import _COMPILED_STEPS
+
+    torch._dynamo.reset()
+    _COMPILED_STEPS.clear()
+    counters.clear()
+    torch.manual_seed(0)
+    layers = Decoder(dim=128, depth=2, heads=4, dim_head=32, **CASES[case])
+    model = AutoregressiveWrapper(TransformerWrapper(num_tokens=256, max_seq_len=512, attn_layers=layers)).cuda()
+    prompts = [torch.randint(0, 256, (n,), device="cuda") for n in (40, 57, 33)]
+    out = model.generate(prompts, 60, temperature=0.0, compile=mode)
+    assert out.shape == (3, 60)
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs >= 1
+    out2 = model.generate(prompts, 40, temperature=0.0, compile=mode)  # 57 + 40 - 1 positions: reserve 128 again
+    assert counters["stats"]["unique_graphs"] == graphs, "a second generation of the same reserve recompiled"
+    assert torch.equal(out2, out[:, :40])
+    if mode == "reduce-overhead":
+        assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
+    model.eval()
+    with torch.no_grad():
+        for r, prompt in enumerate(prompts):
+            seq = torch.cat((prompt, out[r]))[None]
+            logits = model.net(seq[:, :-1])[0, len(prompt) - 1 :].float()  # (60, num_tokens): each token's scores
+            chosen = logits.gather(1, out[r][:, None])[:, 0]
+            gap = logits.max(dim=1).values - chosen
+            assert (gap <= 1e-3 * logits.abs().max()).all(), (r, gap.max().item())
