@@ -113,11 +113,13 @@ class TextToImage(nn.Module):
         filter_logits_fn: str | Callable | None = None,
         filter_kwargs: dict | None = None,
         return_tokens: bool = False,
+        compile: bool | str = False,
     ) -> torch.Tensor:
         """Sample one image per caption: (b, 3, S, S) uint8 (or the (b, S*S) tokens with return_tokens).
 
         No logit filter by default: FID compares the model's own distribution with the data's, which top-k would
-        sharpen. The KV cache makes each step cost one token per layer.
+        sharpen. The KV cache makes each step cost one token per layer; compile=True replays the steps as CUDA
+        graphs (`AutoregressiveWrapper.generate`'s compile).
         """
         was_training = self.training
         self.eval()
@@ -130,6 +132,7 @@ class TextToImage(nn.Module):
             filter_logits_fn=filter_logits_fn,
             filter_kwargs=filter_kwargs,
             cache_kv=True,
+            compile=compile,
             context=context,
             context_mask=text_mask,
         )
