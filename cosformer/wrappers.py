@@ -451,7 +451,9 @@ class AutoregressiveWrapper(nn.Module):
                     _mark_static(cache)
                 if compile_mode == "reduce-overhead":
                     torch.compiler.cudagraph_mark_step_begin()
-                last = out[:, -1:].contiguous()  # (b, 1) with the same strides at every step (out grows)
+                # (b, 1) with strides (1, 1) at every step: a view of out, or .contiguous() of it (a no-op for b = 1),
+                # would carry out's growing row stride, and dynamo would recompile for each new one
+                last = out[:, -1:].clone(memory_format=torch.contiguous_format)
                 logits = step(self.net, last, cache, cache.step_position(out.device))[:, None]
                 cache.advance(1)
             elif cache is not None and out.shape[1] <= window:

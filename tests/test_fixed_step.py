@@ -117,6 +117,9 @@ def test_the_step_compiles_once_per_reserve(seed, torch_attention_path, monkeypa
     assert len(graphs) == 1
     model.generate(prompt, 20, temperature=0.0, compile="default")  # reserve 32
     assert len(graphs) == 2
+    # batch 1: the fed token's strides must not follow the growing sequence (a (1, 1) view of it is "contiguous")
+    model.generate(prompt[:1], 12, temperature=0.0, compile="default")
+    assert len(graphs) == 3
     torch._dynamo.reset()
 
 
