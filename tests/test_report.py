@@ -162,6 +162,18 @@ def test_labels_follow_config_differences(tmp_path):
     label_runs(runs[:2])
     assert [r.label for r in runs[:2]] == ["scale=5.0", "scale=20.0"]
 
+    # a run recorded before a key existed ran with its default: no difference (here data.pack, train.compile), and
+    # an unset scale is the zoo's default 10
+    old, new = base_config(), base_config(**{"model.scale": 16.0})
+    new["data"] |= {"pack": False}
+    new["train"] |= {"compile": False}
+    old["model"]["scale"] = None
+    fake_run(tmp_path / "old", old)
+    fake_run(tmp_path / "new", new)
+    ages = [load_run(tmp_path / "old"), load_run(tmp_path / "new")]
+    label_runs(ages)
+    assert [r.label for r in ages] == ["scale=10", "scale=16.0"]
+
     # equal configs (out_dir and log.* differ by construction) fall back on directory names
     for name in ("x1", "x2"):
         fake_run(tmp_path / "same" / name, base_config())

@@ -28,7 +28,9 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from cosformer.attention import DEFAULT_SCALE
 from cosformer.tools.stability import write_stability_maps
+from cosformer.train.config import Config, to_dict
 from cosformer.train.tracking import read_metrics as load_metrics
 
 # Keys that differ between runs by construction and say nothing about the variant.
@@ -127,6 +129,9 @@ def load_run(path: str | os.PathLike) -> RunLog:
     path = Path(path)
     config_file = path / "config.yaml"
     config = flatten(yaml.safe_load(config_file.read_text()) or {}) if config_file.exists() else {}
+    if config:
+        # a key added to the config after the run was recorded took its default then: runs of different ages compare
+        config = flatten(to_dict(Config())) | config
     run = RunLog(path=path, config=config, label=path.name)
     for record in load_metrics(path / "metrics.jsonl"):
         if record.get("final"):
@@ -166,6 +171,8 @@ def _describe(key: str, value) -> str:
         return str(value)
     if key == "model.pre_norm":
         return "pre-LN" if value else "post-LN"
+    if key == "model.scale" and value is None:
+        return f"scale={DEFAULT_SCALE:g}"  # not set: the zoo's default
     return f"{key.rsplit('.', 1)[-1]}={value}"
 
 
