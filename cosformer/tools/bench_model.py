@@ -18,6 +18,16 @@ turns, their order rotated each round), so that the host's slow and fast spells,
 percent on shared machines, fall on every variant alike. The table, printed last, gives each row's tokens/s relative
 to regular attention in the same mode.
 
+`--profile REPORT` asks whether a row's tokens/s measures kernels or the host: after a group's timing, each case runs
+`--profile-steps` (5) more steps under `torch.profiler` (CPU and CUDA activity; CPU only on `--device cpu`), outside
+the timed steps, whose numbers it leaves alone. Each row gains `device_ms`, the summed device time (kernels, memcpy,
+memset) per step, and `host_bound`, its step_ms over device_ms: near 1 the GPU was busy the whole step, well above 1
+it waited on the host. On CPU there is no device activity, so both are null. REPORT lists, per case, the top
+`--profile-top` (25) device kernels and the top 12 CPU ops by self time, per step; the table gains a `device ms`
+column.
+
+    python scripts/bench_model.py --modes eager default --seqs 1024 --profile prof.txt --out m.json
+
     python scripts/bench_model.py --out runs/bench_model.json                 # GPU: eager and compiled rows
     python scripts/bench_model.py --out m.json --modes eager default reduce-overhead
     python scripts/bench_model.py --device cpu --tiny --out /tmp/bm.json      # smoke test
@@ -39,6 +49,8 @@ from unittest import mock
 import torch
 import torch.nn.functional as F
 import triton
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
 
 import cosformer.attention
 from cosformer import AutoregressiveWrapper, Decoder, TransformerWrapper, compile_model
@@ -50,6 +62,7 @@ ATTNS = ("cosine", "regular", "normalize-sdpa")
 MODES = ("eager", "default", "reduce-overhead", "max-autotune")
 CUDA_ONLY_MODES = {"reduce-overhead": "CUDA graphs need a CUDA device"}
 MIN_WARMUP = {"reduce-overhead": 3}  # CUDA graph trees: a warm-up run, a recording, then replays
+PROFILE_STEPS, PROFILE_TOP, PROFILE_CPU_TOP, PROFILE_NAME = 5, 25, 12, 110
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -78,7 +91,17 @@ def parse_args(argv=None) -> argparse.Namespace:
         default="auto",
         help="compiled rows: dynamic shapes (auto: static for the case's one shape)",
     )
-    return p.parse_args(argv)
+    p.add_argument("--profile", type=Path, help="profile each case after its timing; write the report to this file")
+    p.add_argument("--profile-steps", type=int, help=f"--profile: steps profiled per case (default {PROFILE_STEPS})")
+    p.add_argument("--profile-top", type=int, help=f"--profile: device kernels listed per case (default {PROFILE_TOP})")
+    args = p.parse_args(argv)
+    if args.profile is None and (args.profile_steps is not None or args.profile_top is not None):
+        p.error("--profile-steps and --profile-top need --profile")
+    args.profile_steps = PROFILE_STEPS if args.profile_steps is None else args.profile_steps
+    args.profile_top = PROFILE_TOP if args.profile_top is None else args.profile_top
+    if args.profile_steps < 1 or args.profile_top < 1:
+        p.error(f"--profile-steps and --profile-top must be >= 1, got {args.profile_steps} and {args.profile_top}")
+    return args
 
 
 def normalize_sdpa(q, k, v, *, mask=None, attn_bias=None, causal=False, scale=10.0, l2norm_qk=True, groups=1,
@@ -187,6 +210,57 @@ def time_steps(case: Case, n: int, device: torch.device) -> None:
     case.loss = loss.item()
 
 
+@dataclass
+class StepProfile:
+    """What the profiler saw in one case's steps, per step. `kernels` and `cpu_ops` are (ms per step, launches per
+    step, name), longest first, as in `cosformer.tools.profiling.kernel_times`; `device_ms` sums the kernels (None on
+    CPU, where there is no device activity)."""
+
+    device_ms: float | None
+    kernels: list[tuple[float, float, str]]
+    cpu_ops: list[tuple[float, float, str]]
+
+
+def profile_steps(case: Case, n: int, device: torch.device) -> StepProfile:
+    """n more steps of `case` under `torch.profiler`, CPU and (on a GPU) CUDA activity in one window, so that both
+    lists describe the same steps. (`profiling.kernel_times` records one activity per window and warms up first:
+    here the case is warm, and both views are wanted.) Every device event counts towards device_ms, including those
+    of kernels that ran in only some of the steps."""
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with _swap(case.attn):
+        if cuda:
+            torch.cuda.synchronize(device)  # earlier steps' kernels stay out of the window
+        with profile(activities=activities) as prof:
+            for _ in range(n):
+                case.step()  # marks a CUDA-graph step begin itself, as in the timed steps
+            if cuda:
+                torch.cuda.synchronize(device)
+    kernels, cpu_ops = [], []
+    for e in prof.key_averages():
+        if e.device_type == DeviceType.CUDA and e.self_device_time_total > 0:
+            kernels.append((e.self_device_time_total / n / 1e3, e.count / n, e.key))
+        elif e.device_type == DeviceType.CPU and e.self_cpu_time_total > 0:
+            cpu_ops.append((e.self_cpu_time_total / n / 1e3, e.count / n, e.key))
+    device_ms = sum(ms for ms, _, _ in kernels) if cuda else None
+    return StepProfile(device_ms, sorted(kernels, reverse=True), sorted(cpu_ops, reverse=True))
+
+
+def format_profile(mode: str, seq: int, attn: str, step_ms: float, prof: StepProfile, top: int) -> list[str]:
+    """One case's section of the report: a header with the timed step and the device time per step, then the top
+    device kernels (GPU only) and the top CPU ops by self time, per step."""
+    device = "n/a on CPU" if prof.device_ms is None else f"{prof.device_ms:.2f} ms per step"
+    lines = [f"== {mode} seq={seq} {attn}: step {step_ms:.2f} ms, device kernels {device}"]
+
+    def entries(rows):
+        return [f"   {ms:9.3f} ms x{count:<6g} {name[:PROFILE_NAME]}" for ms, count, name in rows]
+
+    if prof.device_ms is not None:
+        lines += [f"  top {top} device kernels (ms per step, launches per step)"] + entries(prof.kernels[:top])
+    lines += [f"  top {PROFILE_CPU_TOP} CPU ops by self time (ms per step, calls per step)"]
+    return lines + entries(prof.cpu_ops[:PROFILE_CPU_TOP])
+
+
 def schedule(n_cases: int, steps: int, rounds: int) -> list[tuple[int, int]]:
     """(case index, steps) blocks: `steps` per case split into `rounds` near-equal blocks, the cases taking turns,
     their order rotated each round, so that a slow or fast spell of the host falls on every variant alike."""
@@ -195,8 +269,9 @@ def schedule(n_cases: int, steps: int, rounds: int) -> list[tuple[int, int]]:
     return [((r + c) % n_cases, n) for r, n in enumerate(counts) for c in range(n_cases)]
 
 
-def run_group(attns: list[str], mode: str, seq: int, cfg: dict, args: argparse.Namespace) -> list[dict]:
-    """Every variant at one mode and length, built first, then timed in interleaved rounds; one row each."""
+def run_group(attns: list[str], mode: str, seq: int, cfg: dict, args: argparse.Namespace) -> tuple[list, list]:
+    """Every variant at one mode and length, built first, then timed in interleaved rounds; one row each. With
+    `--profile`, each variant is then profiled; returns the rows and the report's lines (none without it)."""
     device = torch.device(args.device)
     torch._dynamo.reset()  # no graphs, guards or cache-limit counts carried over from the previous group
     cases, rows = {}, {}
@@ -208,6 +283,9 @@ def run_group(attns: list[str], mode: str, seq: int, cfg: dict, args: argparse.N
     built = list(cases.values())
     for index, n in schedule(len(built), cfg["steps"], args.rounds) if built else []:
         time_steps(built[index], n, device)
+    # only after every variant's timing: no timed step runs under the profiler, or between profiled ones
+    profiles = {a: profile_steps(c, args.profile_steps, device) for a, c in cases.items()} if args.profile else {}
+    lines = []
     for attn, case in cases.items():
         median_ms = statistics.median(case.times_ms)
         rows[attn] = dict(
@@ -222,17 +300,23 @@ def run_group(attns: list[str], mode: str, seq: int, cfg: dict, args: argparse.N
             peak_mib=case.peak_mib,
             final_loss=case.loss,
         )
+        if attn in profiles:
+            device_ms = profiles[attn].device_ms
+            rows[attn].update(device_ms=device_ms, host_bound=median_ms / device_ms if device_ms else None)
+            lines += format_profile(mode, seq, attn, median_ms, profiles[attn], args.profile_top)
     del cases, built
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return [rows[attn] for attn in attns]
+    return [rows[attn] for attn in attns], lines
 
 
 def print_table(meta: dict, results: list[dict], step_desc: str) -> None:
-    """One row per (mode, length, variant); `vs regular`: tokens/s over regular attention's in the same mode."""
+    """One row per (mode, length, variant); `vs regular`: tokens/s over regular attention's in the same mode; `device
+    ms` (profiled runs only): the summed device time per step."""
+    profiled = "profile" in meta
     print(f"{meta['device']} | torch {meta['torch']} | triton {meta['triton']} | {meta['precision']} | {step_desc}")
     header = f"{'mode':<16} {'attn':<15} {'seq':>6} {'batch':>5} {'step ms':>9} {'tokens/s':>12} {'vs regular':>10}"
-    print(header + f" {'peak MiB':>9}")
+    print(header + f" {'peak MiB':>9}" + (f" {'device ms':>9}" if profiled else ""))
     regular = {(r["mode"], r["seq"]): r for r in results if r["attn"] == "regular" and "tokens_per_s" in r}
     for r in results:
         lead = f"{r['mode']:<16} {r['attn']:<15} {r['seq']:>6}"
@@ -242,7 +326,10 @@ def print_table(meta: dict, results: list[dict], step_desc: str) -> None:
         ref = regular.get((r["mode"], r["seq"]))
         ratio = f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}x" if ref else "n/a"
         peak = f"{r['peak_mib']:.0f}" if r["peak_mib"] is not None else "n/a"
-        print(f"{lead} {r['batch']:>5} {r['step_ms']:>9.2f} {r['tokens_per_s']:>12,.0f} {ratio:>10} {peak:>9}")
+        line = f"{lead} {r['batch']:>5} {r['step_ms']:>9.2f} {r['tokens_per_s']:>12,.0f} {ratio:>10} {peak:>9}"
+        if profiled:
+            line += f" {r['device_ms']:>9.2f}" if r["device_ms"] is not None else f" {'n/a':>9}"
+        print(line)
 
 
 def main(argv=None) -> int:
@@ -254,13 +341,15 @@ def main(argv=None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda requested but no CUDA GPU is visible; use --device cpu --tiny")
 
-    results = []
+    results, report = [], []
     for mode in args.modes:
         for seq in cfg["seqs"]:
             if args.device != "cuda" and mode in CUDA_ONLY_MODES:
                 results += [dict(attn=a, mode=mode, seq=seq, skipped=CUDA_ONLY_MODES[mode]) for a in args.attn]
                 continue
-            results += run_group(args.attn, mode, seq, cfg, args)
+            rows, lines = run_group(args.attn, mode, seq, cfg, args)
+            results += rows
+            report += lines
 
     meta = dict(
         device=torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu",
@@ -278,8 +367,16 @@ def main(argv=None) -> int:
         steps=cfg["steps"],
         warmup=cfg["warmup"],
     )
+    step_desc = "fwd+bwd" + ("" if args.no_optimizer else "+AdamW")
+    if args.profile is not None:
+        meta["profile"] = dict(report=str(args.profile), steps=args.profile_steps)
+        head = f"# {meta['device']} | torch {meta['torch']} | {meta['precision']} | {step_desc}"
+        head += f" | {args.profile_steps} profiled steps per case, after its timing"
+        args.profile.parent.mkdir(parents=True, exist_ok=True)
+        args.profile.write_text("\n".join([head, *report]) + "\n")
+        print(f"wrote {args.profile}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(dict(meta=meta, results=results), indent=2))
     print(f"wrote {args.out}")
-    print_table(meta, results, "fwd+bwd" + ("" if args.no_optimizer else "+AdamW"))
+    print_table(meta, results, step_desc)
     return 0
