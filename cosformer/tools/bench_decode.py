@@ -40,7 +40,7 @@ from .benchmark import (
     cpu_median,
     environment,
     json_output,
-    write_json,
+    record_rows,
 )
 
 DEFAULT_CONTEXTS = (1024, 2048, 4096, 8192, 16384, 32768)
@@ -182,13 +182,10 @@ def main(argv=None) -> int:
             rows.append(row)
             print(f"b={b} n={n}: split {row['split_ms']:.4f} ms, {row['vs_nosplit']:.2f}x nosplit, "
                   f"{row['vs_sdpa']:.2f}x sdpa", flush=True)  # fmt: skip
-            if json_path is not None:
-                write_json(json_path, {**meta, "complete": False}, rows)
+            record_rows(json_path, meta, rows)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    if json_path is not None:
-        write_json(json_path, {**meta, "complete": True}, rows)
-        print(f"wrote {json_path}")
+    record_rows(json_path, meta, rows, complete=True)
     if meta["smoke"]:
         print("SMOKE RUN on CPU: timings are perf_counter medians, not GPU numbers")
     geo = math.exp(sum(math.log(r["vs_nosplit"]) for r in rows) / len(rows))

@@ -57,7 +57,7 @@ from torch._dynamo.utils import counters
 from cosformer import AutoregressiveWrapper, Decoder, KVCache, TransformerWrapper
 from cosformer.wrappers import COMPILE_MODES
 
-from .benchmark import DOCS, DTYPES, benchmark_device, environment, json_output, write_json
+from .benchmark import DOCS, DTYPES, benchmark_device, environment, json_output, record_rows
 
 VOCAB = 256
 FULL = dict(dim=512, depth=12, heads=8, dim_head=64)
@@ -287,13 +287,10 @@ def main(argv=None) -> int:
                     print(f"{attn} {r['mode']} b={b} n={n}: " + (done or f"{_cell(r, 'ms_per_token')} ms/token, "
                           f"{_cell(r, 'e2e_tok_s')} tok/s end to end, first call {r['first_call_s']:.2f} s"),
                           flush=True)  # fmt: skip
-                if json_path is not None:
-                    write_json(json_path, {**meta, "complete": False}, rows)
+                record_rows(json_path, meta, rows)
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
-    if json_path is not None:
-        write_json(json_path, {**meta, "complete": True}, rows)
-        print(f"wrote {json_path}")
+    record_rows(json_path, meta, rows, complete=True)
     if meta["smoke"]:
         print("SMOKE RUN on CPU: timings are perf_counter medians of a CPU run, not GPU numbers")
     summary = summary_line(rows)

@@ -64,7 +64,7 @@ from .benchmark import (
     cpu_median,
     environment,
     json_output,
-    write_json,
+    record_rows,
 )
 
 VARIANTS = ("ours", "flex", "sdpa_mask", "ours_dense")
@@ -488,11 +488,8 @@ def main(argv=None) -> int:
             print(f"[{time.perf_counter() - t0:5.0f}s] n={n} d={d} doc={doc_label(row)} {_cell(row, 'mode')}: "
                   f"ours {_cell(row, 'ours_ms')} ms, {ratio} flex, {_cell(row, 'vs_sdpa_mask')} sdpa_mask, "
                   f"{_cell(row, 'ok')}", flush=True)  # fmt: skip
-        if json_path is not None:
-            write_json(json_path, {**meta, "complete": False}, rows)
-    if json_path is not None:
-        write_json(json_path, {**meta, "complete": True}, rows)
-        print(f"wrote {json_path}")
+        record_rows(json_path, meta, rows)
+    record_rows(json_path, meta, rows, complete=True)
     if meta["smoke"]:
         print("SMOKE RUN on CPU: timings are perf_counter medians, not GPU numbers")
     rated = [r["vs_flex"] for r in rows if r["mode"] == "fwdbwd" and r["vs_flex"]]

@@ -324,6 +324,16 @@ def write_json(path: Path, meta: dict, rows: list[dict]) -> None:
     os.replace(tmp, path)
 
 
+def record_rows(path: Path | None, meta: dict, rows: list[dict], *, complete: bool = False) -> None:
+    """The rows so far (after every point, so that an interrupted run keeps them) or all of them (`complete`, said on
+    the console), marked accordingly; nothing when there is no JSON path (a CPU smoke run given none)."""
+    if path is None:
+        return
+    write_json(path, {**meta, "complete": complete}, rows)
+    if complete:
+        print(f"wrote {path}", flush=True)
+
+
 MODE_NAMES = {"fwd": "forward", "fwdbwd": "forward + backward"}
 CASE_NAMES = {"dense": "", "gqa": " GQA", "mask": " key-padding mask"}
 MARKERS = "osD^vP*X"
