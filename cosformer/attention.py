@@ -338,8 +338,12 @@ class Attention(nn.Module):
         return out, logits, weights
 
     def _regular(self, q, k, v, mask, bias, segment_ids=None):
-        # SDPA's is_causal aligns top-left: with i != j, a mask or a bias, build the bottom-right mask the op uses
-        needs_vis = q.shape[-2] != k.shape[-2] or mask is not None or bias is not None or segment_ids is not None
+        # SDPA's is_causal aligns top-left: with i != j, a mask or a bias, build the bottom-right mask the op uses.
+        # One query (a decoding step) sees every key under that mask: no mask then, which keeps SDPA on its fastest
+        # kernels (a mask rules out flash attention)
+        i, j = q.shape[-2], k.shape[-2]
+        causal = self.causal and i > 1
+        needs_vis = (causal and i != j) or mask is not None or bias is not None or segment_ids is not None
         vis = self._visibility(q, k, mask, segment_ids) if needs_vis else None
         has_key = None
         if vis is not None:
@@ -355,7 +359,7 @@ class Attention(nn.Module):
             k,
             v,
             attn_mask=attn_mask,
-            is_causal=self.causal and attn_mask is None,
+            is_causal=causal and attn_mask is None,
             enable_gqa=self.kv_heads != self.heads,
         )
         return out if has_key is None else out * has_key
