@@ -504,14 +504,24 @@ def _decode_step(net: TransformerWrapper, token: torch.Tensor, cache: KVCache, p
 
 
 _COMPILED_STEPS: dict[str, Callable] = {}
+# graphs of the compiled step a process may hold: one per net, batch size and reserve. Dynamo's default of 8 per
+# function is soon reached by a process that generates at several batch sizes or lengths, and with fullgraph=True
+# reaching it is an error (FailOnRecompileLimitHit), not a fallback
+STEP_RECOMPILE_LIMIT = 64
 
 
 def compiled_decode_step(mode: str) -> Callable:
     """`_decode_step` compiled for one torch.compile mode (fullgraph, static shapes; the Inductor options of
     `compile_kwargs`), made once per process: a new net, batch size or reserve is a recompile of the same
-    function, not a new one."""
+    function (up to STEP_RECOMPILE_LIMIT of them), not a new one."""
     if mode not in _COMPILED_STEPS:
-        _COMPILED_STEPS[mode] = torch.compile(_decode_step, **compile_kwargs(dynamic=False, mode=mode))
+        compiled = torch.compile(_decode_step, **compile_kwargs(dynamic=False, mode=mode))
+
+        def step(*args):
+            with torch._dynamo.config.patch(recompile_limit=STEP_RECOMPILE_LIMIT):
+                return compiled(*args)
+
+        _COMPILED_STEPS[mode] = step
     return _COMPILED_STEPS[mode]
 
 

@@ -106,8 +106,8 @@ def test_the_step_compiles_once_per_reserve(seed, torch_attention_path, monkeypa
         return gm.forward
 
     torch._dynamo.reset()
-    step = torch.compile(wrappers._decode_step, backend=backend, fullgraph=True, dynamic=False)
-    monkeypatch.setattr(wrappers, "compiled_decode_step", lambda mode: step)
+    monkeypatch.setattr(wrappers, "_COMPILED_STEPS", {})
+    monkeypatch.setattr(wrappers, "compile_kwargs", lambda **kw: dict(backend=backend, fullgraph=True, dynamic=False))
     model = make_lm("cosine", rotary_pos_emb=True, max_seq_len=64)
     prompt = torch.randint(0, 29, (2, 4))
     want = model.generate(prompt, 12, temperature=0.0)
@@ -120,6 +120,10 @@ def test_the_step_compiles_once_per_reserve(seed, torch_attention_path, monkeypa
     # batch 1: the fed token's strides must not follow the growing sequence (a (1, 1) view of it is "contiguous")
     model.generate(prompt[:1], 12, temperature=0.0, compile="default")
     assert len(graphs) == 3
+    # more graphs than dynamo's default limit of 8 per function (fullgraph turns reaching it into an error)
+    for b in range(2, 10):
+        model.generate(torch.randint(0, 29, (b, 4)), 6, temperature=0.0, compile="default")
+    assert len(graphs) == 3 + 7  # batch 2 at reserve 16 was compiled already (9 steps of 4 + 6 - 1 fit in 16)
     torch._dynamo.reset()
 
 
