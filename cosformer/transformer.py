@@ -347,7 +347,7 @@ class Transformer(nn.Module):
         self.beta = 1.0 if pre_norm else (8 * depth) ** -0.25
 
         norm = nn.RMSNorm if use_rmsnorm else nn.LayerNorm
-        self.rotary = RotaryEmbedding(rotary_emb_dim, theta=rotary_theta) if rotary else None
+        self.rotary = RotaryEmbedding(rotary_emb_dim, theta=rotary_theta, head_dim=dim_head) if rotary else None
         self.rel_pos = None
         if rel_pos_bias:
             self.rel_pos = RelativePositionBias(

@@ -148,13 +148,32 @@ def test_rotation_keeps_every_l2norm_group_unit_norm(groups, whole_head, seed):
     """The fused op is told the rotated q, k are normalised already: every group must stay unit-norm, and rotating
     before or after the l2norm (x-transformers normalises first too) must not matter."""
     d = 32
-    rotary = RotaryEmbedding(d if whole_head else d // 2)
+    rotary = RotaryEmbedding(d if whole_head else d // 2, head_dim=d)
     t = torch.randn(2, 3, 11, d, dtype=torch.float64)
     cos, sin = (c.double() for c in rotary(11))
     normed = cosformer.l2norm_tensors(t, groups=groups)
     rotated = apply_rotary(normed, cos, sin)
     torch.testing.assert_close(rotated.unflatten(-1, (groups, -1)).norm(dim=-1), torch.ones(2, 3, 11, groups).double())
     torch.testing.assert_close(rotated, cosformer.l2norm_tensors(apply_rotary(t, cos, sin), groups=groups))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("d, r", [(64, 32), (64, 64), (40, 20), (32, 2)])
+def test_rotary_tables_rotate_as_the_pairwise_formula(d, r, dtype, seed):
+    """apply_rotary's table form gives bitwise the values of the pairwise rotation (x1 cos − x2 sin, x1 sin + x2 cos
+    on the first r channels, the rest unchanged), per-row positions included."""
+    rotary = RotaryEmbedding(r, head_dim=d)
+    t = torch.randn(2, 3, 17, d).mul(4).to(dtype)
+    for pos in (None, torch.randint(0, 300, (2, 17))):
+        cos, sin = rotary(17, 5, pos=pos)
+        angles = (torch.arange(5, 22).float() if pos is None else pos.float()[:, None])[..., None] * rotary.inv_freq
+        c, s = angles.cos(), angles.sin()
+        x1, x2 = t[..., :r].float().unflatten(-1, (-1, 2)).unbind(-1)
+        pairwise = torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1).flatten(-2)
+        want = torch.cat((pairwise, t[..., r:].float()), dim=-1).to(dtype)
+        assert torch.equal(apply_rotary(t, cos, sin), want)
+    with pytest.raises(ValueError, match=f"width {d} for a head of {d - 2} channels"):
+        apply_rotary(t[..., :-2], cos, sin)
 
 
 def xt_model(layer_kwargs=None, wrapper_kwargs=None, cls="Decoder"):
