@@ -6,7 +6,7 @@ Vocabulary of x-transformers: `TransformerWrapper(num_tokens, max_seq_len, attn_
 weights into the equivalent cosformer model.
 """
 
-from cosattn import cosine_sim_attention, l2norm_tensors
+from cosattn import cosine_sim_attention, cosine_sim_attention_varlen, l2norm_tensors
 
 from .compiling import compile_in_place, compile_kwargs, compile_model
 from .continuous import ContinuousTransformerWrapper
@@ -18,6 +18,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "cosine_sim_attention",
+    "cosine_sim_attention_varlen",
     "l2norm_tensors",
     "Transformer",
     "Encoder",

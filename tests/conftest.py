@@ -69,3 +69,16 @@ def fresh_accelerate():
     yield
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
+
+
+@pytest.fixture(params=["triton", "torch"])
+def backend_device(request, monkeypatch):
+    """The device of one backend, for contract tests that must hold on both: "triton" runs the kernels (natively
+    on a GPU, else under the interpreter), "torch" the chunked PyTorch path on CPU. The op reads the variable per
+    call."""
+    if request.param == "torch":
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        return "cpu"
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    return "cuda" if torch.cuda.is_available() else "cpu"

@@ -20,19 +20,6 @@ FLOOR = {torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}
 DSCALE_SAMPLES = 8
 
 
-@pytest.fixture(params=["triton", "torch"])
-def backend_device(request, monkeypatch):
-    """The device of one backend, for contract tests that must hold on both: "triton" runs the kernels (natively
-    on a GPU, else under the interpreter), "torch" the chunked PyTorch path on CPU. The op reads the variable per
-    call."""
-    if request.param == "torch":
-        monkeypatch.setenv("TRITON_INTERPRET", "0")
-        return "cpu"
-    if not torch.cuda.is_available():
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def _inputs(b, h, hk, i, j, d, dtype, device, *, kv3d=False, q3d=False):
     q = torch.randn(b, h, i, d, device=device, dtype=dtype)
     shape_kv = (b, j, d) if kv3d else (b, hk, j, d)

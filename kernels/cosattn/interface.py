@@ -363,3 +363,81 @@ def cosine_sim_attention(
             segment_ids=segments,
         )
     return o.squeeze(1) if merged else o
+
+
+def cosine_sim_attention_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor | None = None,
+    max_seqlen_q: int | None = None,
+    max_seqlen_k: int | None = None,
+    *,
+    causal: bool = False,
+    scale: float | torch.Tensor = 10.0,
+    l2norm_qk: bool = True,
+    groups: int = 1,
+    alibi_slopes: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """FlashAttention's variable-length form (`flash_attn_varlen_func`): sequences of different lengths concatenated
+    along the first dim, no padding. Sequence s is q[cu_q[s] : cu_q[s + 1]] attending to k, v[cu_k[s] : cu_k[s + 1]];
+    it is `cosine_sim_attention` on one packed row with segment ids, so the kernels skip the tiles that no two tokens
+    of one sequence share.
+
+    Arguments:
+        q: (total_q, h, d); k, v: (total_k, hk, d), h % hk == 0.
+        cu_seqlens_q: (n + 1,) integers, the cumulative sequence lengths from 0 (total_q last), on q's device.
+        cu_seqlens_k: the same for k and v (n + 1 entries too); None (default) when k and v are laid out as q
+            (self-attention).
+        max_seqlen_q, max_seqlen_k: accepted for FlashAttention's signature and not used (nothing here needs the
+            bound, and reading the lengths would synchronise the device).
+        causal: within each sequence, query r sees key c ≤ r. The op aligns causality on the packed row, which is the
+            per-sequence rule when q and k share one layout, so causal needs cu_seqlens_k None or equal to
+            cu_seqlens_q (FlashAttention's bottom-right alignment of sequences whose q and k lengths differ is not
+            supported: it raises). Passing None or the same tensor avoids comparing them on the device.
+        scale, l2norm_qk, groups, alibi_slopes: as in `cosine_sim_attention`; ALiBi's distances are those within a
+            sequence, so it too needs one layout for q and k.
+
+    Returns (total_q, h, d) in q's dtype, with gradients for q, k, v (and a scale tensor). The lengths are not read
+    on the host: cu_seqlens must be non-decreasing from 0 and end at total_q (total_k); tokens past the last offset
+    would form one more sequence.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 3:
+            raise ValueError(f"{name} must be (total, heads, d) in the varlen form; got {_shape(t)}")
+    same_layout = cu_seqlens_k is None or cu_seqlens_k is cu_seqlens_q
+    cu_k = cu_seqlens_q if cu_seqlens_k is None else cu_seqlens_k
+    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_k)):
+        if not isinstance(cu, torch.Tensor) or cu.dim() != 1 or cu.numel() < 2:
+            raise ValueError(f"{name} must be a 1-D tensor of n + 1 >= 2 cumulative lengths; got {_shape(cu)}")
+        if cu.dtype.is_floating_point or cu.dtype.is_complex or cu.dtype == torch.bool:
+            raise TypeError(f"{name} must hold integers; got {cu.dtype}")
+        if cu.device != q.device:
+            raise ValueError(f"{name} must be on q's device {q.device}; got {cu.device}")
+    if cu_k.numel() != cu_seqlens_q.numel():
+        raise ValueError(
+            f"cu_seqlens_q and cu_seqlens_k must count the same sequences; got {cu_seqlens_q.numel() - 1} and "
+            f"{cu_k.numel() - 1}"
+        )
+    if (causal or alibi_slopes is not None) and not same_layout:
+        if q.shape[0] != k.shape[0] or torch.compiler.is_compiling() or not torch.equal(cu_seqlens_q, cu_k):
+            what = "causal=True" if causal else "alibi_slopes"
+            raise ValueError(
+                f"{what} in the varlen form needs q and k laid out alike (cu_seqlens_k None or equal to "
+                "cu_seqlens_q; under torch.compile, None or the same tensor): the op aligns positions on the packed "
+                "row, not per sequence"
+            )
+    positions_q = torch.arange(q.shape[0], device=q.device, dtype=torch.int32)
+    q_seg = torch.searchsorted(cu_seqlens_q[1:].to(torch.int32), positions_q, right=True, out_int32=True)
+    if same_layout and k.shape[0] == q.shape[0]:
+        k_seg = q_seg
+    else:
+        positions_k = torch.arange(k.shape[0], device=q.device, dtype=torch.int32)
+        k_seg = torch.searchsorted(cu_k[1:].to(torch.int32), positions_k, right=True, out_int32=True)
+    o = cosine_sim_attention(
+        q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+        causal=causal, scale=scale, l2norm_qk=l2norm_qk, groups=groups, alibi_slopes=alibi_slopes,
+        segment_ids=(q_seg[None], k_seg[None]),
+    )  # fmt: skip
+    return o[0].transpose(0, 1)
