@@ -77,3 +77,14 @@ def test_varlen_rejects_misuse(seed):
     # equal offsets in another tensor are the same layout (compared on the device)
     same = cosine_sim_attention_varlen(q, q, q, cu, cu.clone(), causal=True)
     assert torch.equal(same, cosine_sim_attention_varlen(q, q, q, cu, causal=True))
+
+
+def test_varlen_compiles_without_graph_breaks(seed, backend_device):
+    """torch.compile(fullgraph=True) traces the conversion (segment ids by searchsorted on the device) and the op."""
+    q, k, v = (torch.randn(23, 2, 16, device=backend_device, requires_grad=True) for _ in range(3))
+    cu = _cu([7, 16], backend_device)
+    fn = torch.compile(cosine_sim_attention_varlen, fullgraph=True, backend="aot_eager")
+    out = fn(q, k, v, cu, causal=True)
+    out.sum().backward()
+    torch.testing.assert_close(out, cosine_sim_attention_varlen(q, k, v, cu, causal=True))
+    assert q.grad is not None and torch.isfinite(q.grad).all()
