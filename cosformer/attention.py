@@ -243,13 +243,15 @@ class Attention(nn.Module):
                 q, k = l2norm_tensors(q, k, groups=self.groups)
                 prenormed = True
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
-        k = k.to(v.dtype)
+        if k.dtype != v.dtype:
+            k = k.to(v.dtype)
         if kv_cache is not None and not reuse:
             if cache_position is not None:
                 k, v = kv_cache.write_at(cache_position, k, v)  # the whole storage: shapes fixed across steps
             else:
                 k, v = kv_cache.append(k, v)  # views of the filled prefix: no copy of what was cached
-        q = q.to(v.dtype)
+        if q.dtype != v.dtype:
+            q = q.to(v.dtype)
         kv = (k, v)
 
         bias, slopes = attn_bias, self.alibi_slopes
