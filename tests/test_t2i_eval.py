@@ -34,8 +34,10 @@ class StubGenerator(torch.nn.Module):
         super().__init__()
         self.source, self.collapsed = source, collapsed
         self.calls = []  # (captions, temperature, images)
+        self.compile = []  # the compile argument of each call
 
     def generate(self, text, text_mask, temperature=1.0, **kwargs):
+        self.compile.append(kwargs.get("compile"))
         captions = [decode_caption(t, m) for t, m in zip(text, text_mask)]
         if self.collapsed is not None:
             images = self.collapsed.expand(len(captions), -1, -1, -1).clone()
@@ -217,6 +219,12 @@ def test_real_generator_scores_the_floor_and_the_ceiling(tmp_path, cache, torch_
     out = task.evaluate(stub, accelerator, step=2, out_dir=tmp_path)
     assert out.pop("samples").exists()
     _check(out, stub, cache, "val")
+    assert stub.compile == [False]  # eager steps unless t2i.sample_compile
+
+    task = t2i_task.TextToImageTask(_config(cache, "t2i.sample_compile=true"))
+    stub = StubGenerator(_real_source("val"))
+    task.evaluate(stub, accelerator, step=2, out_dir=tmp_path)
+    assert stub.compile == [True]
 
 
 def test_collapsed_generator_fails_diversity_and_fidelity(tmp_path, cache, torch_attention_path, small_evaluation):

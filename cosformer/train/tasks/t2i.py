@@ -274,7 +274,8 @@ class TextToImageTask:
 
     def generate(self, model, accelerator, split: str, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Images for the captions of layout(split).captions, then DIVERSITY_SAMPLES images for each diversity
-        caption ((m, DIVERSITY_SAMPLES, 3, S, S)), sampled at t2i.sample_temperature under a forked, seeded RNG."""
+        caption ((m, DIVERSITY_SAMPLES, 3, S, S)), sampled at t2i.sample_temperature under a forked, seeded RNG
+        (compiled steps with t2i.sample_compile)."""
         t, pool = self.cfg.t2i, self.eval_pool(split)
         rows = list(range(len(pool)))[self.layout(split).captions]
         groups = self.diversity_rows(split)
@@ -287,7 +288,11 @@ class TextToImageTask:
             torch.manual_seed(seed)
             for s in range(0, text.shape[0], GENERATE_BATCH):
                 batch = slice(s, s + GENERATE_BATCH)
-                images.append(net.generate(text[batch], mask[batch], temperature=t.sample_temperature).cpu())
+                images.append(
+                    net.generate(
+                        text[batch], mask[batch], temperature=t.sample_temperature, compile=t.sample_compile
+                    ).cpu()
+                )
         images = torch.cat(images)
         n = self.layout(split).n
         return images[:n], images[n:].reshape(len(groups), DIVERSITY_SAMPLES, *images.shape[1:])
