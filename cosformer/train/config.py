@@ -145,7 +145,7 @@ class T2IConfig:
     fid_samples: int = 256
     sample_temperature: float = 1.0
     # sampling steps compiled once and replayed (TextToImage.generate(compile=True): CUDA graphs on a GPU), several
-    # times faster than eager steps; samples differ from eager ones by rounding only
+    # times faster than eager steps; the same sampler, though a rounding difference can flip a draw (and what follows)
     sample_compile: bool = False
     data_seed: int = 0  # draws (shapes) / shuffles (hf) the data; independent of train.seed
     # combinations: val / test hold (colour, shape, relation) triples train never has (data.name shapes or scenes)
