@@ -111,3 +111,23 @@ def test_bad_arguments(tool, argv, flag, capsys):
     with pytest.raises(SystemExit):
         tool.main(["--device", "cpu", "--tiny", *argv])
     assert flag in capsys.readouterr().err
+
+
+def test_nosplit_variant_switches_the_split_path_off_while_it_runs(tool, tmp_path):
+    from cosattn import decode
+
+    seen = []
+    call = tool.without_split(lambda: seen.append(decode.ENABLED))
+    call()
+    assert seen == [False] and decode.ENABLED is True
+
+    def fails():
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        tool.without_split(fails)()
+    assert decode.ENABLED is True  # restored after an error too
+    out = tmp_path / "g.json"
+    assert tool.main([*SMOKE, "--attn", "cosine", tool.NOSPLIT, "--out-json", str(out)]) == 0
+    rows = {(r["attn"], r["mode"]) for r in json.loads(out.read_text())["rows"]}
+    assert rows == {(a, m) for a in ("cosine", tool.NOSPLIT) for m in ("eager", "compiled")}

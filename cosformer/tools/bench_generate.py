@@ -38,6 +38,7 @@ given.
 
     python scripts/bench_generate.py                                   # b 1/8 x n 1k/4k, 128 new tokens
     python scripts/bench_generate.py --batches 1 --contexts 4096 --compile-mode default --out-json $OUT/gen.json
+    python scripts/bench_generate.py --attn cosine cosine-nosplit regular --contexts 8192 32768   # + no split path
     python scripts/bench_generate.py --device cpu --tiny --batches 1 --contexts 8 --new-tokens 4 --repeats 1
 """
 
@@ -54,6 +55,7 @@ from pathlib import Path
 import torch
 from torch._dynamo.utils import counters
 
+from cosattn import decode
 from cosformer import AutoregressiveWrapper, Decoder, KVCache, TransformerWrapper
 from cosformer.wrappers import COMPILE_MODES
 
@@ -63,6 +65,9 @@ VOCAB = 256
 FULL = dict(dim=512, depth=12, heads=8, dim_head=64)
 TINY = dict(dim=64, depth=2, heads=2, dim_head=32)
 ATTNS = ("cosine", "regular")
+# also on request: the cosine model with the op's split-KV decode path switched off (cosattn.decode.ENABLED), the
+# main forward then serving every step: what the split path is worth end to end
+NOSPLIT = "cosine-nosplit"
 MODES = ("eager", "compiled")
 DEFAULT_COMPILE_MODE = "reduce-overhead"
 CPU_COMPILED = "compiled decoding is measured on a GPU"
@@ -73,6 +78,7 @@ HEADERS = ("attn", "mode", "b", "context", "new", "ms/token", "decode tok/s", "e
 
 
 def build_model(attn: str, max_seq_len: int, cfg: dict, dtype: torch.dtype, device: torch.device):
+    attn = attn.removesuffix("-nosplit")
     torch.manual_seed(0)
     layers = Decoder(dim=cfg["dim"], depth=cfg["depth"], heads=cfg["heads"], attn_dim_head=cfg["dim_head"], attn=attn,
                      rotary_pos_emb=True)  # fmt: skip
@@ -83,6 +89,19 @@ def build_model(attn: str, max_seq_len: int, cfg: dict, dtype: torch.dtype, devi
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def without_split(fn):
+    """fn with the op's split-KV decode path off while it runs (restored after, also on an error)."""
+
+    def call():
+        enabled, decode.ENABLED = decode.ENABLED, False
+        try:
+            return fn()
+        finally:
+            decode.ENABLED = enabled
+
+    return call
 
 
 def timed_call(fn, device: torch.device) -> tuple[float, object]:
@@ -137,6 +156,8 @@ def bench_point(model, attn: str, b: int, n: int, args, device: torch.device) ->
     for mode, point in points.items():
         if mode == "eager" or point["compile_mode"] is not None:
             calls[mode] = partial(model.generate, prompt, new, temperature=0.0, compile=point["compile_mode"] or False)
+    if attn == NOSPLIT:
+        calls = {name: without_split(fn) for name, fn in calls.items()}
     errors, first_s, tokens = {}, {}, {}
     for name, fn in calls.items():
         if name == "compiled":
@@ -208,7 +229,7 @@ def summary_line(rows: list[dict]) -> str | None:
     """Geomean over points of compiled / eager decode tok/s, per attention kind (None when nothing pairs)."""
     eager = {(r["attn"], r["b"], r["context"]): r.get("decode_tok_s") for r in rows if r["mode"] == "eager"}
     parts = []
-    for attn in ATTNS:
+    for attn in (*ATTNS, NOSPLIT):
         ratios = []
         for r in rows:
             ref = eager.get((r["attn"], r["b"], r["context"]))
@@ -227,7 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--contexts", type=int, nargs="+", default=list(DEFAULT_CONTEXTS), help="prompt tokens n")
     ap.add_argument("--batches", type=int, nargs="+", default=list(DEFAULT_BATCHES))
     ap.add_argument("--new-tokens", type=int, default=128, help="tokens generated per call (k >= 2)")
-    ap.add_argument("--attn", nargs="+", choices=ATTNS, default=list(ATTNS))
+    ap.add_argument("--attn", nargs="+", choices=[*ATTNS, NOSPLIT], default=list(ATTNS),
+                    help=f"model variants (default {' '.join(ATTNS)}; {NOSPLIT}: no split-KV path)")  # fmt: skip
     ap.add_argument("--compile-mode", choices=COMPILE_MODES, default=None,
                     help=f"compiled rows' torch.compile mode (default {DEFAULT_COMPILE_MODE}; cpu: none)")  # fmt: skip
     ap.add_argument("--repeats", type=int, default=3, help="timed generate calls per variant (median kept)")
