@@ -59,7 +59,7 @@ from cosattn import decode
 from cosformer import AutoregressiveWrapper, Decoder, KVCache, TransformerWrapper
 from cosformer.wrappers import COMPILE_MODES
 
-from .benchmark import DOCS, DTYPES, benchmark_device, environment, json_output, record_rows
+from .benchmark import DOCS, DTYPES, benchmark_device, environment, failure_reason, json_output, record_rows
 
 VOCAB = 256
 FULL = dict(dim=512, depth=12, heads=8, dim_head=64)
@@ -114,13 +114,6 @@ def timed_call(fn, device: torch.device) -> tuple[float, object]:
     return time.perf_counter() - t0, out
 
 
-def _reason(e: BaseException) -> str:
-    if isinstance(e, torch.OutOfMemoryError):
-        return "out of memory"
-    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-    return f"{type(e).__name__}: {first[:160]}"
-
-
 def make_row(point: dict, *, generate_ms_all, prefill_ms, first_call_s, agree=None, timed_compiles=None) -> dict:
     """A timed row: medians and the rates derived from them (see the module docstring); the decode rates are null
     when the generate median does not exceed the prefill's (noise on a smoke run)."""
@@ -165,7 +158,7 @@ def bench_point(model, attn: str, b: int, n: int, args, device: torch.device) ->
         try:
             first_s[name], tokens[name] = timed_call(fn, device)
         except Exception as e:
-            errors[name] = _reason(e)
+            errors[name] = failure_reason(e)
     times = {name: [] for name in first_s}
     graphs = counters["stats"]["unique_graphs"]
     for _ in range(args.repeats):
@@ -173,7 +166,7 @@ def bench_point(model, attn: str, b: int, n: int, args, device: torch.device) ->
             try:
                 times[name].append(timed_call(calls[name], device)[0] * 1e3)
             except Exception as e:
-                errors[name] = _reason(e)
+                errors[name] = failure_reason(e)
                 del times[name]
     timed_compiles = counters["stats"]["unique_graphs"] - graphs  # the compiled calls' (eager ones compile nothing)
 

@@ -63,6 +63,7 @@ from .benchmark import (
     benchmark_device,
     cpu_median,
     environment,
+    failure_reason,
     json_output,
     record_rows,
 )
@@ -223,13 +224,6 @@ def make_run(forward, x: dict, mode: str):
 # running a point
 
 
-def _reason(e: BaseException) -> str:
-    if isinstance(e, torch.OutOfMemoryError):
-        return "out of memory"
-    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-    return f"{type(e).__name__}: {first[:160]}"
-
-
 def _free(device: torch.device) -> None:
     if device.type == "cuda":
         gc.collect()  # tensors held by a caught exception's frames go before empty_cache
@@ -243,7 +237,7 @@ def attempt(errors: dict, name: str, fn, *args):
     try:
         return fn(*args)
     except Exception as e:
-        errors.setdefault(name, _reason(e))
+        errors.setdefault(name, failure_reason(e))
         if torch.cuda.is_available():
             _free(torch.device("cuda"))  # an out-of-memory failure leaves its blocks cached
         return None

@@ -572,13 +572,19 @@ def compare(ours: tuple, peer: tuple) -> tuple[float, float]:
     return abs_o, rel
 
 
-def _error_text(e: BaseException) -> str:
+def failure_reason(e: BaseException) -> str:
+    """A failed variant's one-line reason for its row: "out of memory", or the exception's type and first line."""
     if isinstance(e, torch.OutOfMemoryError):
         return "out of memory"
     first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return f"{type(e).__name__}: {first[:160]}"
+
+
+def _error_text(e: BaseException) -> str:
+    first = (str(e).strip().splitlines() or [""])[0]
     if any(m in first for m in ("No available kernel", "No viable backend")):
         return UNSUPPORTED
-    return f"{type(e).__name__}: {first[:160]}"
+    return failure_reason(e)
 
 
 def _error_note(errors: dict) -> str:
