@@ -44,12 +44,20 @@ def check_seq_start_pos(seq_start_pos: torch.Tensor | None, b: int) -> None:
 
 
 def positions(
-    n: int, offset: int, seq_start_pos: torch.Tensor | None, device: torch.device, dtype: torch.dtype = torch.long
+    n: int,
+    offset: int | torch.Tensor,
+    seq_start_pos: torch.Tensor | None,
+    device: torch.device,
+    dtype: torch.dtype = torch.long,
 ) -> torch.Tensor:
     """Positions of the tokens [offset, offset + n): (n,), or (b, n) counted from each row's first real token when
     seq_start_pos (b,) gives the row's left padding (x-transformers' name). Padding sits at position 0: nothing
-    attends to it (the stack masks it), it only has to be a valid position."""
-    pos = torch.arange(offset, offset + n, device=device)
+    attends to it (the stack masks it), it only has to be a valid position. offset may be a (1,) integer tensor
+    (a fixed-shape decoding step's `cache_position`), read on the device only."""
+    if isinstance(offset, torch.Tensor):
+        pos = offset.to(device) + torch.arange(n, device=device)
+    else:
+        pos = torch.arange(offset, offset + n, device=device)
     if seq_start_pos is not None:
         pos = (pos[None, :] - seq_start_pos.to(device)[:, None]).clamp(min=0)
     return pos.to(dtype)

@@ -576,12 +576,7 @@ class Transformer(nn.Module):
         seq_start_pos = cache.seq_start_pos
         if seq_start_pos is not None:
             mask = mask & (keys >= seq_start_pos.to(x.device)[:, None])
-        rotary = None
-        if self.rotary is not None:
-            pos = cache_position.to(x.device).expand(x.shape[0], 1)  # (b, 1): one position per row
-            if seq_start_pos is not None:
-                pos = (pos - seq_start_pos.to(x.device)[:, None]).clamp(min=0)
-            rotary = self.rotary(1, pos=pos)
+        rotary = self.rotary(1, cache_position, seq_start_pos) if self.rotary is not None else None
         attn_bias = self.rel_pos(1, capacity, pos_q=cache_position) if self.rel_pos is not None else None
         first_values = [None, None]
         for block, layer_cache in zip(self.layers, cache.layers):

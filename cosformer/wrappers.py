@@ -28,7 +28,13 @@ from torch.nn.utils.rnn import pad_sequence
 
 from .attention import KVBuffer
 from .compiling import compile_kwargs
-from .positional import AbsolutePositionalEmbedding, check_segment_ids, check_seq_start_pos, segment_positions
+from .positional import (
+    AbsolutePositionalEmbedding,
+    check_segment_ids,
+    check_seq_start_pos,
+    positions,
+    segment_positions,
+)
 from .sampling import check_sampling_args, sample_next, top_k
 from .transformer import Decoder, Encoder, KVCache, Transformer
 
@@ -253,10 +259,7 @@ class TransformerWrapper(StackWrapper):
             )
         h = self.token_emb(x)
         if self.pos_emb is not None:
-            pos = cache_position.to(x.device).expand(x.shape[0], 1)  # (b, 1)
-            if cache.seq_start_pos is not None:
-                pos = (pos - cache.seq_start_pos.to(x.device)[:, None]).clamp(min=0)
-            h = h + self.pos_emb(1, pos=pos)
+            h = h + self.pos_emb(1, pos=positions(1, cache_position, cache.seq_start_pos, x.device))
         h = self.project_emb(self.emb_dropout(self.post_emb_norm(h)))
         h = self.attn_layers(h, mask=mask, context=context, cache=cache, cache_position=cache_position)
         out = h if embeddings or self.return_only_embed else self._logits(h)
