@@ -523,31 +523,10 @@ class Transformer(nn.Module):
         attn_bias = self.rel_pos(n, offset + n) if self.rel_pos is not None else None
         # stochastic depth only where no cache is built: a skipped block would leave a hole in it
         drop = self.training and self.layer_dropout > 0 and cache is None
-        layer_caches = cache.layers if cache is not None else [None] * self.depth
-        hiddens, attn_intermediates = [], []
-        first_values = [None, None]  # (self, cross): the value residual's source, once its first attention ran
-        for block, layer_cache in zip(self.layers, layer_caches):
-            if drop and torch.rand(()).item() < self.layer_dropout:
-                continue
-            hiddens.append(x)
-            x, _, inters = block(
-                x,
-                mask=mask,
-                context=context,
-                context_mask=context_mask,
-                rotary=rotary,
-                cache=layer_cache,
-                attn_bias=attn_bias,
-                value_residuals=first_values if self.add_value_residual else (None, None),
-                return_attn=return_intermediates,
-                segment_ids=segment_ids,
-            )
-            for kind, inter in enumerate(inters):
-                if inter is not None:
-                    attn_intermediates.append(inter)
-                    if first_values[kind] is None:
-                        first_values[kind] = inter.values
-        x = self.final_norm(x)
+        x, hiddens, attn_intermediates = self._run_blocks(
+            x, mask=mask, context=context, context_mask=context_mask, rotary=rotary, cache=cache, attn_bias=attn_bias,
+            return_attn=return_intermediates, segment_ids=segment_ids, drop=drop,
+        )  # fmt: skip
         if cache is not None:
             cache.length = offset + n
         if return_cache:
@@ -578,18 +557,34 @@ class Transformer(nn.Module):
             mask = mask & (keys >= seq_start_pos.to(x.device)[:, None])
         rotary = self.rotary(1, cache_position, seq_start_pos) if self.rotary is not None else None
         attn_bias = self.rel_pos(1, capacity, pos_q=cache_position) if self.rel_pos is not None else None
-        first_values = [None, None]
-        for block, layer_cache in zip(self.layers, cache.layers):
+        x, _, _ = self._run_blocks(
+            x, mask=mask, context=None, context_mask=cache.context_mask, rotary=rotary, cache=cache,
+            attn_bias=attn_bias, cache_position=cache_position,
+        )  # fmt: skip
+        return (x, cache) if return_cache else x
+
+    def _run_blocks(self, x, *, mask, context, context_mask, rotary, cache, attn_bias, return_attn=False,
+                    segment_ids=None, drop=False, cache_position=None):  # fmt: skip
+        """Every block in turn, then the final norm: (x, the blocks' inputs, their AttentionIntermediates). drop:
+        skip each block with probability layer_dropout (stochastic depth)."""
+        layer_caches = cache.layers if cache is not None else [None] * self.depth
+        hiddens, attn_intermediates = [], []
+        first_values = [None, None]  # (self, cross): the value residual's source, once its first attention ran
+        for block, layer_cache in zip(self.layers, layer_caches):
+            if drop and torch.rand(()).item() < self.layer_dropout:
+                continue
+            hiddens.append(x)
             x, _, inters = block(
-                x, mask=mask, context=None, context_mask=cache.context_mask, rotary=rotary, cache=layer_cache,
+                x, mask=mask, context=context, context_mask=context_mask, rotary=rotary, cache=layer_cache,
                 attn_bias=attn_bias, value_residuals=first_values if self.add_value_residual else (None, None),
-                return_attn=False, cache_position=cache_position,
+                return_attn=return_attn, segment_ids=segment_ids, cache_position=cache_position,
             )  # fmt: skip
             for kind, inter in enumerate(inters):
-                if inter is not None and first_values[kind] is None:
-                    first_values[kind] = inter.values
-        x = self.final_norm(x)
-        return (x, cache) if return_cache else x
+                if inter is not None:
+                    attn_intermediates.append(inter)
+                    if first_values[kind] is None:
+                        first_values[kind] = inter.values
+        return self.final_norm(x), hiddens, attn_intermediates
 
 
 # the constructor's own parameters, for the did-you-mean hint on an unknown option
