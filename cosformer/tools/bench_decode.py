@@ -16,11 +16,22 @@ Timing is `triton.testing.do_bench` medians on a GPU; `--device cpu` is a smoke 
 
     python scripts/bench_decode.py                                    # contexts 1k–32k, batch 1/8/64
     python scripts/bench_decode.py --batches 1 --contexts 4096 32768 --out-json $OUT/decode.json
+
+`--tune` sweeps the split path's launch configuration instead: every combination of `--tune-waves` (SPLIT_WAVES),
+`--tune-tile-keys` (BLOCK_N), `--tune-warps` and `--tune-stages` at every point, each checked against sdpa before
+it is timed (a failing configuration, e.g. out of shared memory, is recorded with its reason). The JSON keeps every
+configuration's time (default docs/benchmarks/decode-tune-<gpu>.json); printed last, per point the current rule and
+the best configuration, then the configurations ranked by their geometric mean time relative to each point's best:
+a rule must hold across points, and that column says which one does.
+
+    python scripts/bench_decode.py --tune --batches 1 8 64 --contexts 8192 32768
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import itertools
 import math
 import sys
 from pathlib import Path
@@ -39,6 +50,7 @@ from .benchmark import (
     benchmark_device,
     cpu_median,
     environment,
+    failure_reason,
     json_output,
     record_rows,
 )
@@ -47,6 +59,9 @@ DEFAULT_CONTEXTS = (1024, 2048, 4096, 8192, 16384, 32768)
 DEFAULT_BATCHES = (1, 8, 64)
 VARIANTS = ("split", "nosplit", "sdpa")
 COLUMNS = ("b", "n", "path", "split_ms", "nosplit_ms", "sdpa_ms", "split_tok_s", "vs_nosplit", "vs_sdpa", "ok")
+# what --tune sweeps: `cosattn.decode` constants, each with its command-line option
+TUNED = {"waves": "SPLIT_WAVES", "tile_keys": "TILE_KEYS", "warps": "NUM_WARPS", "stages": "NUM_STAGES"}
+TUNE_DEFAULTS = {"waves": (2, 4, 8, 16), "tile_keys": (64, 128), "warps": (4, 8), "stages": (2, 3, 4)}
 
 
 def make_inputs(b, h, hk, n, q_len, d, dtype, device) -> dict:
@@ -120,6 +135,84 @@ def bench_point(args, b: int, n: int, device: torch.device) -> dict:
     )
 
 
+@contextlib.contextmanager
+def decode_settings(**values):
+    """Set `cosattn.decode`'s launch constants (names as in TUNED) for the block, restoring them after."""
+    names = {TUNED[k]: v for k, v in values.items()}
+    saved = {name: getattr(decode, name) for name in names}
+    try:
+        for name, value in names.items():
+            setattr(decode, name, value)
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(decode, name, value)
+
+
+def current_rule() -> dict:
+    return {key: getattr(decode, name) for key, name in TUNED.items()}
+
+
+def tune_point(args, b: int, n: int, device: torch.device) -> list[dict]:
+    """One row per configuration at (b, n): its time, or its failure, beside sdpa's and the current rule's times."""
+    dtype = DTYPES[args.dtype]
+    x = make_inputs(b, args.heads, args.kv_heads, n, args.q_len, args.dim_head, dtype, device)
+    fns = variants(x)
+    time = (
+        (lambda fn: bench_median(fn, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms))
+        if device.type == "cuda"
+        else (lambda fn: cpu_median(fn, reps=args.smoke_reps))
+    )
+    base = dict(b=b, n=n, h=args.heads, hk=args.kv_heads, d=args.dim_head, q_len=args.q_len, dtype=args.dtype)
+    rows = []
+    with torch.inference_mode():
+        ref = fns["sdpa"]()
+        sdpa_ms, rule_ms = time(fns["sdpa"]), time(fns["split"])
+        grid = [getattr(args, f"tune_{key}") for key in TUNED]
+        for values in itertools.product(*grid):
+            config = dict(zip(TUNED, values))
+            row = dict(base, **config, sdpa_ms=sdpa_ms, rule_ms=rule_ms)
+            try:
+                with decode_settings(**config):
+                    diff = rel_diff(fns["split"](), ref)
+                    row.update(max_rel_diff=diff, ok=diff <= TOLERANCE[args.dtype])
+                    row["ms"] = time(fns["split"]) if row["ok"] else None
+            except Exception as err:  # a configuration the GPU cannot run (shared memory, registers)
+                row.update(ok=False, ms=None, error=failure_reason(err))
+            rows.append(row)
+    return rows
+
+
+def tune_summary(rows: list[dict], top: int = 8) -> str:
+    """Per point: sdpa, the current rule, the best configuration; then the configurations ranked by their geometric
+    mean time relative to each point's best (only those that ran at every point)."""
+    points = sorted({(r["b"], r["n"]) for r in rows})
+    timed = [r for r in rows if r.get("ms")]
+    best = {p: min((r for r in timed if (r["b"], r["n"]) == p), key=lambda r: r["ms"], default=None) for p in points}
+    lines = [f"{'b':>3} {'n':>6} {'sdpa ms':>8} {'rule ms':>8} {'best ms':>8} {'rule/sdpa':>9} {'best/sdpa':>9}  best"]
+    for p in points:
+        r = best[p]
+        if r is None:
+            lines.append(f"{p[0]:>3} {p[1]:>6}  no configuration ran")
+            continue
+        cfg = ", ".join(f"{k} {r[k]}" for k in TUNED)
+        lines.append(f"{p[0]:>3} {p[1]:>6} {r['sdpa_ms']:8.4f} {r['rule_ms']:8.4f} {r['ms']:8.4f} "
+                     f"{r['sdpa_ms'] / r['rule_ms']:8.2f}x {r['sdpa_ms'] / r['ms']:8.2f}x  {cfg}")  # fmt: skip
+    by_config: dict = {}
+    for r in timed:
+        by_config.setdefault(tuple(r[k] for k in TUNED), {})[(r["b"], r["n"])] = r["ms"] / best[(r["b"], r["n"])]["ms"]
+    ranked = sorted(
+        (math.exp(sum(map(math.log, rel.values())) / len(rel)), cfg, rel)
+        for cfg, rel in by_config.items()
+        if len(rel) == len(points)
+    )
+    keys = ", ".join(TUNED)
+    lines.append(f"configurations by geomean time / each point's best ({keys}; per point in the order above):")
+    for geo, cfg, rel in ranked[:top]:
+        lines.append(f"  {cfg}  {geo:.3f}  " + " ".join(f"{rel[p]:.2f}" for p in points))
+    return "\n".join(lines)
+
+
 def _cell(row: dict, col: str) -> str:
     value = row[col]
     if isinstance(value, bool):
@@ -151,6 +244,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--rep-ms", type=float, default=100.0)
     ap.add_argument("--smoke-reps", type=int, default=3, help="timed calls per variant on --device cpu")
     ap.add_argument("--out-json", type=Path, default=None, help="default (GPU): docs/benchmarks/decode-<gpu>.json")
+    ap.add_argument("--tune", action="store_true", help="sweep the split path's launch configuration (see above)")
+    for key, default in TUNE_DEFAULTS.items():
+        flag = "--tune-" + key.replace("_", "-")
+        ap.add_argument(flag, type=int, nargs="+", default=list(default), help=f"values of decode.{TUNED[key]}")
     return ap
 
 
@@ -162,6 +259,10 @@ def main(argv=None) -> int:
             raise SystemExit(f"--{name} must be positive integers; got {getattr(args, name)}")
     if args.heads % args.kv_heads:
         raise SystemExit(f"--heads must be a multiple of --kv-heads; got {args.heads}, {args.kv_heads}")
+    for key in TUNED:
+        values = getattr(args, f"tune_{key}")
+        if any(v < 1 for v in values):
+            raise SystemExit(f"--tune-{key.replace('_', '-')} must be positive integers; got {values}")
     device = benchmark_device(args.device)
     meta = environment(device)
     meta.update(
@@ -171,6 +272,8 @@ def main(argv=None) -> int:
         timer="perf_counter median (smoke)" if meta["smoke"] else "triton.testing.do_bench median",
         argv=list(sys.argv[1:] if argv is None else argv),
     )
+    if args.tune:
+        return _tune(args, device, meta)
     json_path = json_output(args.out_json, meta, lambda gpu: DOCS / "benchmarks" / f"decode-{gpu}.json")
     label = "SMOKE RUN on CPU (timings meaningless)" if meta["smoke"] else meta["gpu"]
     print(f"{label} | torch {meta['torch']} triton {meta['triton']} | {args.dtype} h={args.heads} "
@@ -191,4 +294,31 @@ def main(argv=None) -> int:
     geo = math.exp(sum(math.log(r["vs_nosplit"]) for r in rows) / len(rows))
     print(f"geomean speed-up of the split path over the op without it: {geo:.2f}x")
     print(format_table(rows))
+    return 0
+
+
+def _tune(args, device: torch.device, meta: dict) -> int:
+    meta.update(rule=current_rule(), tuned={key: getattr(args, f"tune_{key}") for key in TUNED})
+    json_path = json_output(args.out_json, meta, lambda gpu: DOCS / "benchmarks" / f"decode-tune-{gpu}.json")
+    label = "SMOKE RUN on CPU (timings meaningless)" if meta["smoke"] else meta["gpu"]
+    print(f"{label} | tuning the decode path | rule {meta['rule']}", flush=True)
+    rows = []
+    for b in args.batches:
+        for n in args.contexts:
+            point = tune_point(args, b, n, device)
+            rows.extend(point)
+            ran = [r for r in point if r.get("ms")]
+            failed = sum(not r["ok"] for r in point)
+            line = f"b={b} n={n}: {len(ran)} configurations timed, {failed} failed"
+            if ran:
+                best = min(ran, key=lambda r: r["ms"])
+                line += f"; best {best['ms']:.4f} ms, rule {best['rule_ms']:.4f}, sdpa {best['sdpa_ms']:.4f}"
+            print(line, flush=True)
+            record_rows(json_path, meta, rows)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    record_rows(json_path, meta, rows, complete=True)
+    if meta["smoke"]:
+        print("SMOKE RUN on CPU: perf_counter medians; the interpreter ignores the launch configuration")
+    print(tune_summary(rows))
     return 0

@@ -42,8 +42,15 @@ DECODE_MIN_N = 512
 # set to False to send every call to the main forward (the decode benchmark times the op both ways)
 ENABLED = True
 # split sizing on a GPU: enough splits for SPLIT_WAVES programs per SM, each of at least MIN_SPLIT_KEYS keys (a
-# split's fixed costs, its q prologue and partial stores, stay small against its loop), at most MAX_SPLITS
-SPLIT_WAVES = 2
+# split's fixed costs, its q prologue and partial stores, stay small against its loop), at most MAX_SPLITS. The
+# loop is bandwidth-bound: many programs per SM, each with 2 stages of 64-key tiles, keep the most bytes in flight
+# (a sweep of 64 launch configurations at 6 batch/context points: docs/benchmarks/NOTES.md, "Decoding")
+SPLIT_WAVES = 8
+# the loop's launch configuration on a GPU for 16-bit inputs up to head dim 128 (fp32 and larger heads take 32-key
+# tiles); module constants so that `scripts/bench_decode.py --tune` can sweep them
+TILE_KEYS = 64
+NUM_WARPS = 4
+NUM_STAGES = 2
 MIN_SPLIT_KEYS = 256
 MAX_SPLITS = 64
 # under the interpreter (tests): a few splits, so the combine always has work at small lengths
@@ -235,13 +242,14 @@ def use_decode(q: torch.Tensor, k: torch.Tensor) -> bool:
 def decode_config(rows: int, d_pad: int, dtype: torch.dtype):
     """(BLOCK_R, BLOCK_N, num_warps, num_stages) for `rows` = (h // hk) · i query rows per kv head. BLOCK_R is at
     least 16 (tl.dot's minimum; padded rows are zeros, free in a memory-bound loop) and at most 64 (32 at head dim
-    256, fp32 accumulators in registers); more rows take several row chunks. Not tuned yet."""
+    256, fp32 accumulators in registers); more rows take several row chunks. BLOCK_N, warps and stages: TILE_KEYS,
+    NUM_WARPS, NUM_STAGES."""
     max_r = 64 if d_pad <= 128 else 32
     block_r = min(max(16, next_power_of_2(rows)), max_r)
     if ops._interpreting():
         return block_r, 16, 1, 1
-    block_n = 32 if dtype == torch.float32 or d_pad > 128 else 64
-    return block_r, block_n, 4, 3
+    block_n = 32 if dtype == torch.float32 or d_pad > 128 else TILE_KEYS
+    return block_r, block_n, NUM_WARPS, NUM_STAGES
 
 
 @functools.cache
