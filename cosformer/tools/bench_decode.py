@@ -52,6 +52,7 @@ from .benchmark import (
     environment,
     failure_reason,
     json_output,
+    rank_configurations,
     record_rows,
 )
 
@@ -186,30 +187,19 @@ def tune_point(args, b: int, n: int, device: torch.device) -> list[dict]:
 def tune_summary(rows: list[dict], top: int = 8) -> str:
     """Per point: sdpa, the current rule, the best configuration; then the configurations ranked by their geometric
     mean time relative to each point's best (only those that ran at every point)."""
-    points = sorted({(r["b"], r["n"]) for r in rows})
-    timed = [r for r in rows if r.get("ms")]
-    best = {p: min((r for r in timed if (r["b"], r["n"]) == p), key=lambda r: r["ms"], default=None) for p in points}
+    best, ranked = rank_configurations(rows, ("b", "n"), tuple(TUNED))
     lines = [f"{'b':>3} {'n':>6} {'sdpa ms':>8} {'rule ms':>8} {'best ms':>8} {'rule/sdpa':>9} {'best/sdpa':>9}  best"]
-    for p in points:
-        r = best[p]
+    for p, r in best.items():
         if r is None:
             lines.append(f"{p[0]:>3} {p[1]:>6}  no configuration ran")
             continue
         cfg = ", ".join(f"{k} {r[k]}" for k in TUNED)
         lines.append(f"{p[0]:>3} {p[1]:>6} {r['sdpa_ms']:8.4f} {r['rule_ms']:8.4f} {r['ms']:8.4f} "
                      f"{r['sdpa_ms'] / r['rule_ms']:8.2f}x {r['sdpa_ms'] / r['ms']:8.2f}x  {cfg}")  # fmt: skip
-    by_config: dict = {}
-    for r in timed:
-        by_config.setdefault(tuple(r[k] for k in TUNED), {})[(r["b"], r["n"])] = r["ms"] / best[(r["b"], r["n"])]["ms"]
-    ranked = sorted(
-        (math.exp(sum(map(math.log, rel.values())) / len(rel)), cfg, rel)
-        for cfg, rel in by_config.items()
-        if len(rel) == len(points)
-    )
     keys = ", ".join(TUNED)
     lines.append(f"configurations by geomean time / each point's best ({keys}; per point in the order above):")
     for geo, cfg, rel in ranked[:top]:
-        lines.append(f"  {cfg}  {geo:.3f}  " + " ".join(f"{rel[p]:.2f}" for p in points))
+        lines.append(f"  {cfg}  {geo:.3f}  " + " ".join(f"{rel[p]:.2f}" for p in best))
     return "\n".join(lines)
 
 

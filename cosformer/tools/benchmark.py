@@ -419,6 +419,26 @@ def replot(json_path: Path, png_path: Path | None = None) -> Path:
 # timing and memory
 
 
+def rank_configurations(rows: list[dict], point_keys: tuple, config_keys: tuple):
+    """For a launch-configuration sweep (`bench_decode --tune`, `tune_attention`): rows carry the point's keys, the
+    configuration's keys and "ms" (None where the configuration failed). Returns (best row per point, ranking): the
+    ranking is [(geomean of ms / the point's best ms, configuration tuple, {point: ratio})], lowest first, over the
+    configurations that ran at every point. A rule must hold across points; the ranking says which one does."""
+    point = lambda r: tuple(r[k] for k in point_keys)  # noqa: E731
+    points = sorted({point(r) for r in rows})
+    timed = [r for r in rows if r.get("ms")]
+    best = {p: min((r for r in timed if point(r) == p), key=lambda r: r["ms"], default=None) for p in points}
+    by_config: dict = {}
+    for r in timed:
+        by_config.setdefault(tuple(r[k] for k in config_keys), {})[point(r)] = r["ms"] / best[point(r)]["ms"]
+    ranked = sorted(
+        (math.exp(sum(map(math.log, rel.values())) / len(rel)), cfg, rel)
+        for cfg, rel in by_config.items()
+        if len(rel) == len(points)
+    )
+    return best, ranked
+
+
 def bench_median(fn, *, warmup_ms: float, rep_ms: float, do_bench=None) -> float:
     """Median ms by triton.testing.do_bench, whichever of `return_mode` / `quantiles` this Triton takes."""
     if do_bench is None:
