@@ -123,7 +123,9 @@ def rel_diff(outs, refs) -> float:
     )
 
 
-def tune_point(args, kernel: str, shape: tuple, causal: bool, device: torch.device) -> list[dict]:
+def tune_point(args, kernel: str, shape: tuple, causal: bool, device: torch.device, on_row=None) -> list[dict]:
+    """One row per configuration; `on_row(rows so far)` after each (the JSON is rewritten, so a run stopped by a time
+    limit keeps every configuration it timed)."""
     b, h, n, d = shape
     dtype = DTYPES[args.dtype]
     x = make_inputs(b, h, n, d, dtype, args.layout, device)
@@ -150,6 +152,8 @@ def tune_point(args, kernel: str, shape: tuple, causal: bool, device: torch.devi
         except Exception as err:  # a configuration this GPU cannot run
             row.update(ok=False, ms=None, error=failure_reason(err))
         rows.append(row)
+        if on_row is not None:
+            on_row(rows)
     return rows
 
 
@@ -223,7 +227,9 @@ def main(argv=None) -> int:
     for kernel in args.kernels:
         for shape in shapes:
             for causal in causals:
-                point = tune_point(args, kernel, shape, causal, device)
+                # `rows` holds the finished points while tune_point runs
+                record = lambda r: record_rows(json_path, meta, rows + r)  # noqa: E731
+                point = tune_point(args, kernel, shape, causal, device, record)
                 rows.extend(point)
                 ran = [r for r in point if r.get("ms")]
                 line = f"{kernel} {'x'.join(map(str, shape))} causal={int(causal)}: {len(ran)}/{len(point)} ran"
