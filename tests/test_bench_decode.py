@@ -77,7 +77,7 @@ def test_tune_smoke_run_records_every_configuration_and_restores_the_rule(tool, 
 
 def test_tune_summary_ranks_by_geomean_over_points(tool):
     def row(b, waves, ms):
-        return dict(b=b, n=1024, waves=waves, tile_keys=64, warps=4, stages=2, ms=ms, sdpa_ms=1.0, rule_ms=2.0)
+        return dict(b=b, n=1024, waves=waves, tile_keys=64, warps=4, stages=2, ms=ms, sdpa_ms=1.0, current_ms=2.0)
 
     rows = [row(1, 2, 1.0), row(1, 4, 2.1), row(1, 8, 1.1), row(8, 2, 4.0), row(8, 4, 2.0), row(8, 8, 2.2)]
     rows.append(row(8, 16, 1.0) | {"ms": None, "ok": False})  # failed at one point: never ranked

@@ -54,6 +54,7 @@ from .benchmark import (
     json_output,
     rank_configurations,
     record_rows,
+    sweep_points,
 )
 
 DEFAULT_CONTEXTS = (1024, 2048, 4096, 8192, 16384, 32768)
@@ -154,8 +155,9 @@ def current_rule() -> dict:
     return {key: getattr(decode, name) for key, name in TUNED.items()}
 
 
-def tune_point(args, b: int, n: int, device: torch.device) -> list[dict]:
-    """One row per configuration at (b, n): its time, or its failure, beside sdpa's and the current rule's times."""
+def tune_point(args, b: int, n: int, device: torch.device, on_row=None) -> list[dict]:
+    """One row per configuration at (b, n): its time, or its failure, beside sdpa's and the current rule's times;
+    `on_row(rows so far)` after each."""
     dtype = DTYPES[args.dtype]
     x = make_inputs(b, args.heads, args.kv_heads, n, args.q_len, args.dim_head, dtype, device)
     fns = variants(x)
@@ -168,11 +170,11 @@ def tune_point(args, b: int, n: int, device: torch.device) -> list[dict]:
     rows = []
     with torch.inference_mode():
         ref = fns["sdpa"]()
-        sdpa_ms, rule_ms = time(fns["sdpa"]), time(fns["split"])
+        sdpa_ms, current_ms = time(fns["sdpa"]), time(fns["split"])
         grid = [getattr(args, f"tune_{key}") for key in TUNED]
         for values in itertools.product(*grid):
             config = dict(zip(TUNED, values))
-            row = dict(base, **config, sdpa_ms=sdpa_ms, rule_ms=rule_ms)
+            row = dict(base, **config, sdpa_ms=sdpa_ms, current_ms=current_ms)
             try:
                 with decode_settings(**config):
                     diff = rel_diff(fns["split"](), ref)
@@ -181,6 +183,8 @@ def tune_point(args, b: int, n: int, device: torch.device) -> list[dict]:
             except Exception as err:  # a configuration the GPU cannot run (shared memory, registers)
                 row.update(ok=False, ms=None, error=failure_reason(err))
             rows.append(row)
+            if on_row is not None:
+                on_row(rows)
     return rows
 
 
@@ -194,8 +198,8 @@ def tune_summary(rows: list[dict], top: int = 8) -> str:
             lines.append(f"{p[0]:>3} {p[1]:>6}  no configuration ran")
             continue
         cfg = ", ".join(f"{k} {r[k]}" for k in TUNED)
-        lines.append(f"{p[0]:>3} {p[1]:>6} {r['sdpa_ms']:8.4f} {r['rule_ms']:8.4f} {r['ms']:8.4f} "
-                     f"{r['sdpa_ms'] / r['rule_ms']:8.2f}x {r['sdpa_ms'] / r['ms']:8.2f}x  {cfg}")  # fmt: skip
+        lines.append(f"{p[0]:>3} {p[1]:>6} {r['sdpa_ms']:8.4f} {r['current_ms']:8.4f} {r['ms']:8.4f} "
+                     f"{r['sdpa_ms'] / r['current_ms']:8.2f}x {r['sdpa_ms'] / r['ms']:8.2f}x  {cfg}")  # fmt: skip
     keys = ", ".join(TUNED)
     lines.append(f"configurations by geomean time / each point's best ({keys}; per point in the order above):")
     for geo, cfg, rel in ranked[:top]:
@@ -292,23 +296,13 @@ def _tune(args, device: torch.device, meta: dict) -> int:
     json_path = json_output(args.out_json, meta, lambda gpu: DOCS / "benchmarks" / f"decode-tune-{gpu}.json")
     label = "SMOKE RUN on CPU (timings meaningless)" if meta["smoke"] else meta["gpu"]
     print(f"{label} | tuning the decode path | rule {meta['rule']}", flush=True)
-    rows = []
-    for b in args.batches:
-        for n in args.contexts:
-            point = tune_point(args, b, n, device)
-            rows.extend(point)
-            ran = [r for r in point if r.get("ms")]
-            failed = sum(not r["ok"] for r in point)
-            line = f"b={b} n={n}: {len(ran)} configurations timed, {failed} failed"
-            if ran:
-                best = min(ran, key=lambda r: r["ms"])
-                line += f"; best {best['ms']:.4f} ms, rule {best['rule_ms']:.4f}, sdpa {best['sdpa_ms']:.4f}"
-            print(line, flush=True)
-            record_rows(json_path, meta, rows)
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-    record_rows(json_path, meta, rows, complete=True)
-    if meta["smoke"]:
-        print("SMOKE RUN on CPU: perf_counter medians; the interpreter ignores the launch configuration")
+    rows = sweep_points(
+        [(b, n) for b in args.batches for n in args.contexts],
+        lambda p, record: tune_point(args, *p, device, record),
+        lambda p: f"b={p[0]} n={p[1]}",
+        json_path=json_path,
+        meta=meta,
+        device=device,
+    )
     print(tune_summary(rows))
     return 0

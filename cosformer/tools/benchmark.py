@@ -439,6 +439,30 @@ def rank_configurations(rows: list[dict], point_keys: tuple, config_keys: tuple)
     return best, ranked
 
 
+def sweep_points(points, run_point, describe, *, json_path, meta: dict, device: torch.device) -> list[dict]:
+    """The loop of a launch-configuration sweep: `run_point(point, record)` returns one row per configuration, each
+    with `current_ms` (the op as configured now) and `ms` (None where the configuration failed), and calls
+    `record(rows so far)` after each, so the JSON keeps every configuration timed before an interruption. A line per
+    point; the JSON marked complete at the end."""
+    rows: list[dict] = []
+    for point in points:
+        # `rows` holds the finished points while run_point runs
+        got = run_point(point, lambda r: record_rows(json_path, meta, rows + r))
+        rows.extend(got)
+        ran = [r for r in got if r.get("ms")]
+        line = f"{describe(point)}: {len(ran)}/{len(got)} configurations ran"
+        if ran:
+            line += f"; current {got[0]['current_ms']:.4f} ms, best {min(r['ms'] for r in ran):.4f}"
+        print(line, flush=True)
+        record_rows(json_path, meta, rows)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    record_rows(json_path, meta, rows, complete=True)
+    if meta["smoke"]:
+        print("SMOKE RUN on CPU: perf_counter medians; the interpreter ignores launch configurations")
+    return rows
+
+
 def bench_median(fn, *, warmup_ms: float, rep_ms: float, do_bench=None) -> float:
     """Median ms by triton.testing.do_bench, whichever of `return_mode` / `quantiles` this Triton takes."""
     if do_bench is None:

@@ -43,7 +43,7 @@ from .benchmark import (
     failure_reason,
     json_output,
     rank_configurations,
-    record_rows,
+    sweep_points,
 )
 
 # a kernel name as the tool takes it -> the names `launch_config` is asked for (pointer and descriptor variants)
@@ -223,25 +223,14 @@ def main(argv=None) -> int:
     json_path = json_output(args.out_json, meta, lambda gpu: DOCS / "benchmarks" / f"tune-{gpu}.json")
     label = "SMOKE RUN on CPU (timings meaningless)" if meta["smoke"] else meta["gpu"]
     print(f"{label} | torch {meta['torch']} triton {meta['triton']} | {args.dtype}, layout {args.layout}", flush=True)
-    rows = []
-    for kernel in args.kernels:
-        for shape in shapes:
-            for causal in causals:
-                # `rows` holds the finished points while tune_point runs
-                record = lambda r: record_rows(json_path, meta, rows + r)  # noqa: E731
-                point = tune_point(args, kernel, shape, causal, device, record)
-                rows.extend(point)
-                ran = [r for r in point if r.get("ms")]
-                line = f"{kernel} {'x'.join(map(str, shape))} causal={int(causal)}: {len(ran)}/{len(point)} ran"
-                if ran:
-                    best = min(ran, key=lambda r: r["ms"])
-                    line += f"; current {point[0]['current_ms']:.4f} ms, best {best['ms']:.4f}"
-                print(line, flush=True)
-                record_rows(json_path, meta, rows)
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-    record_rows(json_path, meta, rows, complete=True)
-    if meta["smoke"]:
-        print("SMOKE RUN on CPU: perf_counter medians; the interpreter ignores the launch configuration")
+    points = [(kernel, shape, causal) for kernel in args.kernels for shape in shapes for causal in causals]
+    rows = sweep_points(
+        points,
+        lambda p, record: tune_point(args, *p, device, record),
+        lambda p: f"{p[0]} {'x'.join(map(str, p[1]))} causal={int(p[2])}",
+        json_path=json_path,
+        meta=meta,
+        device=device,
+    )
     print(summary(rows))
     return 0
