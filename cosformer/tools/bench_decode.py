@@ -48,9 +48,9 @@ from .benchmark import (
     TOLERANCE,
     bench_median,
     benchmark_device,
+    check_and_time,
     cpu_median,
     environment,
-    failure_reason,
     json_output,
     rank_configurations,
     record_rows,
@@ -175,14 +175,7 @@ def tune_point(args, b: int, n: int, device: torch.device, on_row=None) -> list[
         for values in itertools.product(*grid):
             config = dict(zip(TUNED, values))
             row = dict(base, **config, sdpa_ms=sdpa_ms, current_ms=current_ms)
-            try:
-                with decode_settings(**config):
-                    diff = rel_diff(fns["split"](), ref)
-                    row.update(max_rel_diff=diff, ok=diff <= TOLERANCE[args.dtype])
-                    row["ms"] = time(fns["split"]) if row["ok"] else None
-            except Exception as err:  # a configuration the GPU cannot run (shared memory, registers)
-                row.update(ok=False, ms=None, error=failure_reason(err))
-            rows.append(row)
+            rows.append(check_and_time(row, decode_settings(**config), fns["split"], ref, time, TOLERANCE[args.dtype]))
             if on_row is not None:
                 on_row(rows)
     return rows

@@ -439,6 +439,26 @@ def rank_configurations(rows: list[dict], point_keys: tuple, config_keys: tuple)
     return best, ranked
 
 
+def check_and_time(row: dict, settings, fn, ref, timer, tolerance: float) -> dict:
+    """One configuration of a sweep: under `settings` (a context manager applying it), fn's output (a tensor or a
+    tuple of them) is compared with `ref` (max |diff| / max |ref|, the largest over the tuple) and timed only if it
+    agrees within `tolerance`; a configuration that raises (out of shared memory, registers) keeps its reason.
+    Fills max_rel_diff, ok, ms (None unless timed) and error into `row`."""
+    as_tuple = lambda t: t if isinstance(t, tuple) else (t,)  # noqa: E731
+    try:
+        with settings:
+            outs = as_tuple(fn())
+            diff = max(
+                ((a.float() - r.float()).abs().max() / r.float().abs().max().clamp_min(1e-30)).item()
+                for a, r in zip(outs, as_tuple(ref))
+            )
+            row.update(max_rel_diff=diff, ok=diff <= tolerance)
+            row["ms"] = timer(fn) if row["ok"] else None
+    except Exception as err:
+        row.update(ok=False, ms=None, error=failure_reason(err))
+    return row
+
+
 def sweep_points(points, run_point, describe, *, json_path, meta: dict, device: torch.device) -> list[dict]:
     """The loop of a launch-configuration sweep: `run_point(point, record)` returns one row per configuration, each
     with `current_ms` (the op as configured now) and `ms` (None where the configuration failed), and calls

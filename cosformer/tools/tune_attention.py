@@ -38,9 +38,9 @@ from .benchmark import (
     TOLERANCE,
     bench_median,
     benchmark_device,
+    check_and_time,
     cpu_median,
     environment,
-    failure_reason,
     json_output,
     rank_configurations,
     sweep_points,
@@ -116,13 +116,6 @@ def run_fn(x: dict, causal: bool, kernel: str):
     return fwd_bwd
 
 
-def rel_diff(outs, refs) -> float:
-    return max(
-        ((a.float() - r.float()).abs().max() / r.float().abs().max().clamp_min(1e-30)).item()
-        for a, r in zip(outs, refs)
-    )
-
-
 def tune_point(args, kernel: str, shape: tuple, causal: bool, device: torch.device, on_row=None) -> list[dict]:
     """One row per configuration; `on_row(rows so far)` after each (the JSON is rewritten, so a run stopped by a time
     limit keeps every configuration it timed)."""
@@ -144,14 +137,7 @@ def tune_point(args, kernel: str, shape: tuple, causal: bool, device: torch.devi
     rows = []
     for config in itertools.product(*(getattr(args, key) for key in CONFIG_KEYS)):
         row = dict(base, **dict(zip(CONFIG_KEYS, config)))
-        try:
-            with kernel_config(kernel, config):
-                diff = rel_diff(fn(), ref)
-                row.update(max_rel_diff=diff, ok=diff <= TOLERANCE[args.dtype])
-                row["ms"] = timer(fn) if row["ok"] else None
-        except Exception as err:  # a configuration this GPU cannot run
-            row.update(ok=False, ms=None, error=failure_reason(err))
-        rows.append(row)
+        rows.append(check_and_time(row, kernel_config(kernel, config), fn, ref, timer, TOLERANCE[args.dtype]))
         if on_row is not None:
             on_row(rows)
     return rows
