@@ -225,13 +225,16 @@ def plot_seed_bands(groups: dict[str, list[RunLog]], key: str, path: str | Path,
             ax.plot(steps, mean, color=color, label=f"{name} (n={len(runs)})")
             ax.fill_between(steps, values.min(axis=0), values.max(axis=0), color=color, alpha=0.2, lw=0)
             if ax is ax_zoom:
-                lows.append(values.min())
+                lows.append((values.min(), mean.min()))
     unit = key.removeprefix("val_")
     ax_val.set_ylabel(f"val {unit}")
     ax_zoom.set_ylabel(f"val {unit} (near the minimum)")
     if lows:
-        low = min(lows)
-        ax_zoom.set_ylim(low - 0.01 * abs(low), low + 0.08 * abs(low))
+        # from the lowest seed to every variant's best mean (at least 8% above the lowest), with a margin
+        low = min(lo for lo, _ in lows)
+        high = max(max(best for _, best in lows), low + 0.08 * abs(low))
+        pad = 0.05 * (high - low)
+        ax_zoom.set_ylim(low - pad, high + pad)
     ax_gap.set_ylabel(f"val − train ({unit})")
     ax_gap.axhline(0, color="0.5", lw=0.8)
     for ax in (ax_val, ax_zoom, ax_gap):
