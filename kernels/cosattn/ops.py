@@ -437,27 +437,9 @@ def _(q, k, v, mask, bias, slopes, scales, q_seg, k_seg, causal, scale, l2norm, 
     return empty_in_layout(q), q.new_empty((b, h, m), dtype=torch.float32)
 
 
-@torch.library.custom_op("cosattn::attention_bwd", mutates_args=())
-def _attention_bwd_op(
-    do: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    o: torch.Tensor,
-    lse: torch.Tensor,
-    mask: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    slopes: torch.Tensor | None,
-    scales: torch.Tensor | None,
-    q_seg: torch.Tensor | None,
-    k_seg: torch.Tensor | None,
-    causal: bool,
-    scale: float,
-    l2norm: bool,
-    groups: int,
-    bias_grad: bool,
-    scale_grad: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _attention_bwd_impl(
+    do, q, k, v, o, lse, mask, bias, slopes, scales, q_seg, k_seg, causal, scale, l2norm, groups, bias_grad, scale_grad
+):
     flags = (causal, scale, l2norm, groups, bias_grad, scale_grad)
     dq, dk, dv, db, dscale = attention_backward(do, q, k, v, o, lse, mask, bias, slopes, scales, q_seg, k_seg, *flags)
     if db is None:
@@ -467,7 +449,19 @@ def _attention_bwd_op(
     return dq, dk, dv, db, dscale
 
 
-@_attention_bwd_op.register_fake
+# The backward op is registered through `torch.library.Library` rather than `custom_op`: it has no autograd of its
+# own, and custom_op's per-call layers (its autograd wrapper, the dynamo-disable wrapper, alias checks) cost ~25 µs
+# more host time per call (NOTES.md, "Compiled step, profiled"); a compiled training step calls it once per layer.
+_lib = torch.library.Library("cosattn", "FRAGMENT")
+_lib.define(
+    "attention_bwd(Tensor do, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, Tensor? mask, Tensor? bias, "
+    "Tensor? slopes, Tensor? scales, Tensor? q_seg, Tensor? k_seg, bool causal, float scale, bool l2norm, "
+    "SymInt groups, bool bias_grad, bool scale_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+)
+_lib.impl("attention_bwd", _attention_bwd_impl, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("cosattn::attention_bwd", lib=_lib)
 def _(
     do, q, k, v, o, lse, mask, bias, slopes, scales, q_seg, k_seg, causal, scale, l2norm, groups, bias_grad, scale_grad
 ):
@@ -482,6 +476,9 @@ def _(
         q.new_empty(db_shape, dtype=torch.float32),
         q.new_empty((h,) if scale_grad else (0,), dtype=torch.float32),
     )
+
+
+_attention_bwd_op = torch.ops.cosattn.attention_bwd.default
 
 
 def _save(ctx, inputs, o, lse):
