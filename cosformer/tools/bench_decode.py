@@ -46,12 +46,12 @@ from .benchmark import (
     DTYPES,
     SCALE,
     TOLERANCE,
-    bench_median,
     benchmark_device,
     check_and_time,
-    cpu_median,
     environment,
     json_output,
+    make_timer,
+    max_rel_diff,
     rank_configurations,
     record_rows,
     sweep_points,
@@ -103,21 +103,15 @@ def variants(x: dict) -> dict:
     return dict(split=split, nosplit=nosplit, sdpa=sdpa)
 
 
-def rel_diff(a: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((a.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-30)).item()
-
-
 def bench_point(args, b: int, n: int, device: torch.device) -> dict:
     dtype = DTYPES[args.dtype]
     x = make_inputs(b, args.heads, args.kv_heads, n, args.q_len, args.dim_head, dtype, device)
     fns = variants(x)
     with torch.inference_mode():
         outs = {name: fn() for name, fn in fns.items()}
-        diffs = {name: rel_diff(outs[name], outs["sdpa"]) for name in ("split", "nosplit")}
-        if device.type == "cuda":
-            ms = {name: bench_median(fn, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms) for name, fn in fns.items()}
-        else:
-            ms = {name: cpu_median(fn, reps=args.smoke_reps) for name, fn in fns.items()}
+        diffs = {name: max_rel_diff(outs[name], outs["sdpa"]) for name in ("split", "nosplit")}
+        timer = make_timer(device, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms, smoke_reps=args.smoke_reps)
+        ms = {name: timer(fn) for name, fn in fns.items()}
     tokens = b * args.q_len
     return dict(
         b=b,
@@ -161,11 +155,7 @@ def tune_point(args, b: int, n: int, device: torch.device, on_row=None) -> list[
     dtype = DTYPES[args.dtype]
     x = make_inputs(b, args.heads, args.kv_heads, n, args.q_len, args.dim_head, dtype, device)
     fns = variants(x)
-    time = (
-        (lambda fn: bench_median(fn, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms))
-        if device.type == "cuda"
-        else (lambda fn: cpu_median(fn, reps=args.smoke_reps))
-    )
+    time = make_timer(device, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms, smoke_reps=args.smoke_reps)
     base = dict(b=b, n=n, h=args.heads, hk=args.kv_heads, d=args.dim_head, q_len=args.q_len, dtype=args.dtype)
     rows = []
     with torch.inference_mode():

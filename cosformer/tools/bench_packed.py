@@ -51,7 +51,6 @@ import torch.nn.functional as F
 
 from cosattn import cosine_sim_attention
 
-from .bench_decode import rel_diff
 from .benchmark import (
     DOCS,
     DTYPES,
@@ -65,6 +64,7 @@ from .benchmark import (
     environment,
     failure_reason,
     json_output,
+    max_rel_diff,
     record_rows,
 )
 
@@ -279,7 +279,7 @@ def bench_point(args, n: int, d: int, doc_len: int | None, device: torch.device,
     diffs = {}
     if ref is not None:
         diffs = {
-            name: dict(zip(TENSORS, (rel_diff(a, r) for a, r in zip(out, ref))))
+            name: dict(zip(TENSORS, (max_rel_diff(a, r) for a, r in zip(out, ref))))
             for name, out in outs.items()
             if out is not None
         }

@@ -439,19 +439,30 @@ def rank_configurations(rows: list[dict], point_keys: tuple, config_keys: tuple)
     return best, ranked
 
 
+def max_rel_diff(outs, refs) -> float:
+    """max |a − r| / max |r| for a tensor, or the largest over a tuple of them (outputs and gradients)."""
+    as_tuple = lambda t: t if isinstance(t, tuple) else (t,)  # noqa: E731
+    return max(
+        ((a.float() - r.float()).abs().max() / r.float().abs().max().clamp_min(1e-30)).item()
+        for a, r in zip(as_tuple(outs), as_tuple(refs))
+    )
+
+
+def make_timer(device: torch.device, *, warmup_ms: float, rep_ms: float, smoke_reps: int) -> Callable:
+    """fn -> median ms: do_bench on a GPU, perf_counter (a smoke run's) on the CPU."""
+    if device.type == "cuda":
+        return lambda fn: bench_median(fn, warmup_ms=warmup_ms, rep_ms=rep_ms)
+    return lambda fn: cpu_median(fn, reps=smoke_reps)
+
+
 def check_and_time(row: dict, settings, fn, ref, timer, tolerance: float) -> dict:
     """One configuration of a sweep: under `settings` (a context manager applying it), fn's output (a tensor or a
-    tuple of them) is compared with `ref` (max |diff| / max |ref|, the largest over the tuple) and timed only if it
-    agrees within `tolerance`; a configuration that raises (out of shared memory, registers) keeps its reason.
-    Fills max_rel_diff, ok, ms (None unless timed) and error into `row`."""
-    as_tuple = lambda t: t if isinstance(t, tuple) else (t,)  # noqa: E731
+    tuple of them) is compared with `ref` (`max_rel_diff`) and timed only if it agrees within `tolerance`; a
+    configuration that raises (out of shared memory, registers) keeps its reason. Fills max_rel_diff, ok, ms (None
+    unless timed) and error into `row`."""
     try:
         with settings:
-            outs = as_tuple(fn())
-            diff = max(
-                ((a.float() - r.float()).abs().max() / r.float().abs().max().clamp_min(1e-30)).item()
-                for a, r in zip(outs, as_tuple(ref))
-            )
+            diff = max_rel_diff(fn(), ref)
             row.update(max_rel_diff=diff, ok=diff <= tolerance)
             row["ms"] = timer(fn) if row["ok"] else None
     except Exception as err:

@@ -36,12 +36,11 @@ from .benchmark import (
     DOCS,
     DTYPES,
     TOLERANCE,
-    bench_median,
     benchmark_device,
     check_and_time,
-    cpu_median,
     environment,
     json_output,
+    make_timer,
     rank_configurations,
     sweep_points,
 )
@@ -123,10 +122,7 @@ def tune_point(args, kernel: str, shape: tuple, causal: bool, device: torch.devi
     dtype = DTYPES[args.dtype]
     x = make_inputs(b, h, n, d, dtype, args.layout, device)
     fn = run_fn(x, causal, kernel)
-    if device.type == "cuda":
-        timer = lambda f: bench_median(f, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms)  # noqa: E731
-    else:
-        timer = lambda f: cpu_median(f, reps=args.smoke_reps)  # noqa: E731
+    timer = make_timer(device, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms, smoke_reps=args.smoke_reps)
     with recorded_configs() as seen:
         ref = fn()
     # the kernel's configuration as the op chose it (pointer or descriptor variant); absent if it did not launch
