@@ -43,7 +43,7 @@ DECODE_MIN_N = 512
 ENABLED = True
 # split sizing on a GPU: enough splits for SPLIT_WAVES programs per SM, each of at least MIN_SPLIT_KEYS keys (a
 # split's fixed costs, its q prologue and partial stores, stay small against its loop), at most MAX_SPLITS. The
-# loop is bandwidth-bound: many programs per SM, each with 2 stages of 64-key tiles, keep the most bytes in flight
+# loop is bandwidth-bound: many programs per SM with few pipeline stages each keep the most bytes in flight
 # (a sweep of 64 launch configurations at 6 batch/context points: docs/benchmarks/NOTES.md, "Decoding")
 SPLIT_WAVES = 8
 # the loop's launch configuration on a GPU for 16-bit inputs up to head dim 128 (fp32 and larger heads take 32-key
