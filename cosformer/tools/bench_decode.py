@@ -32,7 +32,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import itertools
-import math
+import statistics
 import sys
 from pathlib import Path
 
@@ -268,7 +268,7 @@ def main(argv=None) -> int:
     record_rows(json_path, meta, rows, complete=True)
     if meta["smoke"]:
         print("SMOKE RUN on CPU: timings are perf_counter medians, not GPU numbers")
-    geo = math.exp(sum(math.log(r["vs_nosplit"]) for r in rows) / len(rows))
+    geo = statistics.geometric_mean(r["vs_nosplit"] for r in rows)
     print(f"geomean speed-up of the split path over the op without it: {geo:.2f}x")
     print(format_table(rows))
     return 0

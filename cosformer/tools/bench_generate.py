@@ -45,7 +45,6 @@ given.
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import sys
 import time
@@ -229,7 +228,7 @@ def summary_line(rows: list[dict]) -> str | None:
             if r["attn"] == attn and r["mode"] == "compiled" and r.get("decode_tok_s") and ref:
                 ratios.append(r["decode_tok_s"] / ref)
         if ratios:
-            geo = math.exp(sum(map(math.log, ratios)) / len(ratios))
+            geo = statistics.geometric_mean(ratios)
             parts.append(f"{attn} {geo:.2f}x over {len(ratios)} points")
     return "decode tok/s, compiled over eager (geomean): " + ", ".join(parts) if parts else None
 

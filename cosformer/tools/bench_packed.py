@@ -41,7 +41,7 @@ import argparse
 import contextlib
 import functools
 import gc
-import math
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -488,7 +488,7 @@ def main(argv=None) -> int:
         print("SMOKE RUN on CPU: timings are perf_counter medians, not GPU numbers")
     rated = [r["vs_flex"] for r in rows if r["mode"] == "fwdbwd" and r["vs_flex"]]
     if rated:
-        geo = math.exp(sum(map(math.log, rated)) / len(rated))
+        geo = statistics.geometric_mean(rated)
         print(f"fwd+bwd, ours vs flex: geomean {geo:.2f}x, worst {min(rated):.2f}x over {len(rated)} points")
     print(format_table(rows))
     print(target_line(rows))

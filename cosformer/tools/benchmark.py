@@ -432,9 +432,7 @@ def rank_configurations(rows: list[dict], point_keys: tuple, config_keys: tuple)
     for r in timed:
         by_config.setdefault(tuple(r[k] for k in config_keys), {})[point(r)] = r["ms"] / best[point(r)]["ms"]
     ranked = sorted(
-        (math.exp(sum(map(math.log, rel.values())) / len(rel)), cfg, rel)
-        for cfg, rel in by_config.items()
-        if len(rel) == len(points)
+        (statistics.geometric_mean(rel.values()), cfg, rel) for cfg, rel in by_config.items() if len(rel) == len(points)
     )
     return best, ranked
 
