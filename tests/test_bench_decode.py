@@ -24,6 +24,8 @@ def test_cpu_smoke_run(tool, seed, tmp_path, capsys):
     assert decode.ENABLED  # restored after the nosplit variant
     data = json.loads(out.read_text())
     assert data["smoke"] is True and data["complete"] is True and len(data["rows"]) == 1
+    rule = (data["split_waves"], data["tile_keys"], data["num_warps"], data["num_stages"])
+    assert rule == (decode.SPLIT_WAVES, decode.TILE_KEYS, decode.NUM_WARPS, decode.NUM_STAGES)
     row = data["rows"][0]
     assert row["path"] == "decode" and row["ok"], row
     assert set(row["max_rel_diff"]) == {"split", "nosplit"}
@@ -39,7 +41,7 @@ def test_smoke_run_is_never_written_to_docs(tool, tmp_path):
     assert not target.exists()
 
 
-@pytest.mark.parametrize("argv", [["--contexts", "0"], ["--heads", "6", "--kv-heads", "4"]])
+@pytest.mark.parametrize("argv", [["--contexts", "0"], ["--heads", "6", "--kv-heads", "4"], ["--timer", "host"]])
 def test_bad_arguments(tool, argv):
     with pytest.raises(SystemExit):
         tool.main(["--device", "cpu", *argv])

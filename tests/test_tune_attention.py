@@ -47,7 +47,9 @@ def test_cpu_smoke_run(tool, seed, tmp_path, capsys, monkeypatch):
     assert "(32, 16, 1, 1)" not in dq_part and "(16, 16, 1, 1)  1.000" in dq_part
 
 
-@pytest.mark.parametrize("argv", [["--shapes", "4x8x64"], ["--shapes", "4x8x0x64"], ["--warps", "0"]])
+@pytest.mark.parametrize(
+    "argv", [["--shapes", "4x8x64"], ["--shapes", "4x8x0x64"], ["--warps", "0"], ["--timer", "host"]]
+)
 def test_bad_arguments(tool, argv):
     with pytest.raises(SystemExit):
         tool.main(["--device", "cpu", *argv])

@@ -45,6 +45,7 @@ from .benchmark import (
     DOCS,
     DTYPES,
     SCALE,
+    TIMERS,
     TOLERANCE,
     benchmark_device,
     check_and_time,
@@ -55,6 +56,7 @@ from .benchmark import (
     rank_configurations,
     record_rows,
     sweep_points,
+    timer_name,
 )
 
 DEFAULT_CONTEXTS = (1024, 2048, 4096, 8192, 16384, 32768)
@@ -110,7 +112,9 @@ def bench_point(args, b: int, n: int, device: torch.device) -> dict:
     with torch.inference_mode():
         outs = {name: fn() for name, fn in fns.items()}
         diffs = {name: max_rel_diff(outs[name], outs["sdpa"]) for name in ("split", "nosplit")}
-        timer = make_timer(device, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms, smoke_reps=args.smoke_reps)
+        timer = make_timer(
+            device, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms, smoke_reps=args.smoke_reps, kind=args.timer
+        )
         ms = {name: timer(fn) for name, fn in fns.items()}
     tokens = b * args.q_len
     return dict(
@@ -155,7 +159,7 @@ def tune_point(args, b: int, n: int, device: torch.device, on_row=None) -> list[
     dtype = DTYPES[args.dtype]
     x = make_inputs(b, args.heads, args.kv_heads, n, args.q_len, args.dim_head, dtype, device)
     fns = variants(x)
-    time = make_timer(device, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms, smoke_reps=args.smoke_reps)
+    time = make_timer(device, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms, smoke_reps=args.smoke_reps, kind=args.timer)
     base = dict(b=b, n=n, h=args.heads, hk=args.kv_heads, d=args.dim_head, q_len=args.q_len, dtype=args.dtype)
     rows = []
     with torch.inference_mode():
@@ -217,6 +221,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--kv-heads", type=int, default=8)
     ap.add_argument("--dim-head", type=int, default=128)
     ap.add_argument("--q-len", type=int, default=1, help="new tokens per step")
+    ap.add_argument(
+        "--timer",
+        choices=list(TIMERS),
+        default="wall",
+        help="wall: triton's do_bench, host issue included where it exceeds the kernels' time (an eager step's "
+        "view; default); device: the kernels alone, host issue hidden behind a GPU sleep (a CUDA-graph step's view)",
+    )
     ap.add_argument("--warmup-ms", type=float, default=25.0)
     ap.add_argument("--rep-ms", type=float, default=100.0)
     ap.add_argument("--smoke-reps", type=int, default=3, help="timed calls per variant on --device cpu")
@@ -246,7 +257,11 @@ def main(argv=None) -> int:
         scale=SCALE,
         decode_max_q=decode.DECODE_MAX_Q,
         decode_min_n=decode.DECODE_MIN_N,
-        timer="perf_counter median (smoke)" if meta["smoke"] else "triton.testing.do_bench median",
+        timer=timer_name(meta["smoke"], args.timer),
+        split_waves=decode.SPLIT_WAVES,
+        tile_keys=decode.TILE_KEYS,
+        num_warps=decode.NUM_WARPS,
+        num_stages=decode.NUM_STAGES,
         argv=list(sys.argv[1:] if argv is None else argv),
     )
     if args.tune:

@@ -446,11 +446,96 @@ def max_rel_diff(outs, refs) -> float:
     )
 
 
-def make_timer(device: torch.device, *, warmup_ms: float, rep_ms: float, smoke_reps: int) -> Callable:
-    """fn -> median ms: do_bench on a GPU, perf_counter (a smoke run's) on the CPU."""
-    if device.type == "cuda":
-        return lambda fn: bench_median(fn, warmup_ms=warmup_ms, rep_ms=rep_ms)
-    return lambda fn: cpu_median(fn, reps=smoke_reps)
+TIMERS = ("wall", "device")
+TIMER_NAMES = {
+    "wall": "triton.testing.do_bench median",
+    "device": "device time: median of CUDA-event samples queued behind a GPU sleep (host issue hidden)",
+}
+
+
+def make_timer(
+    device: torch.device, *, warmup_ms: float, rep_ms: float, smoke_reps: int, kind: str = "wall"
+) -> Callable:
+    """fn -> median ms. On a GPU, `kind` "wall" is do_bench (the host's issue time shows where it exceeds the
+    kernels'), "device" is `device_median` (the kernels alone). On the CPU, perf_counter (a smoke run's)."""
+    if kind not in TIMERS:
+        raise ValueError(f"timer kind must be one of {TIMERS}; got {kind!r}")
+    if device.type != "cuda":
+        return lambda fn: cpu_median(fn, reps=smoke_reps)
+    if kind == "device":
+        return lambda fn: device_median(fn)
+    return lambda fn: bench_median(fn, warmup_ms=warmup_ms, rep_ms=rep_ms)
+
+
+def timer_name(smoke: bool, kind: str) -> str:
+    return "perf_counter median (smoke)" if smoke else TIMER_NAMES[kind]
+
+
+class CudaClock:
+    """What `device_median` needs of the GPU; a test substitutes a simulated one."""
+
+    def __init__(self):
+        self._cycles_per_ms = None
+
+    def synchronize(self) -> None:
+        torch.cuda.synchronize()
+
+    def perf_ms(self) -> float:
+        return time.perf_counter() * 1e3
+
+    def event(self):
+        return torch.cuda.Event(enable_timing=True)
+
+    def sleep_ms(self, ms: float) -> None:
+        """Keep the GPU busy for about `ms` (torch.cuda._sleep spins for a number of clock cycles)."""
+        if self._cycles_per_ms is None:
+            self.synchronize()
+            start, end = self.event(), self.event()
+            start.record()
+            torch.cuda._sleep(10_000_000)
+            end.record()
+            self.synchronize()
+            self._cycles_per_ms = 10_000_000 / max(start.elapsed_time(end), 1e-3)
+        torch.cuda._sleep(int(ms * self._cycles_per_ms))
+
+
+def device_median(fn, *, samples: int = 15, calls: int = 10, sleep_ms: float = 20.0, max_sleep_ms: float = 640.0,
+                  clock=None) -> float:  # fmt: skip
+    """Median ms per call of fn's device time alone. Each sample queues `calls` calls behind a GPU sleep and times
+    them with CUDA events recorded after the sleep and after the last call, so the kernels run back to back and the
+    host's issue time between calls is not in the figure. That holds only if the host finished issuing before the
+    sleep ended: the sleep's real length is measured by an event before it, and a sample whose issue took longer
+    is discarded, after which the sleep doubles (up to `max_sleep_ms`) and then `calls` halves (a full launch queue
+    blocks the host until the GPU drains it, which no sleep cures). Raises if one call alone cannot be hidden."""
+    clock = clock or CudaClock()
+    fn()
+    clock.synchronize()
+    times: list[float] = []
+    while len(times) < samples:
+        before, start, end = clock.event(), clock.event(), clock.event()
+        clock.synchronize()
+        t0 = clock.perf_ms()
+        before.record()
+        clock.sleep_ms(sleep_ms)
+        start.record()
+        for _ in range(calls):
+            fn()
+        end.record()
+        issued_ms = clock.perf_ms() - t0
+        clock.synchronize()
+        slept_ms = before.elapsed_time(start)
+        if issued_ms < 0.9 * slept_ms:
+            times.append(start.elapsed_time(end) / calls)
+        elif sleep_ms < max_sleep_ms:
+            sleep_ms *= 2
+        elif calls > 1:
+            calls //= 2
+        else:
+            raise RuntimeError(
+                f"device_median: one call's host issue ({issued_ms:.1f} ms) outlasts a {slept_ms:.1f} ms GPU sleep; "
+                "its device time cannot be separated from the host's"
+            )
+    return statistics.median(times)
 
 
 def check_and_time(row: dict, settings, fn, ref, timer, tolerance: float) -> dict:

@@ -14,6 +14,10 @@ Points: `--shapes` b x h x n x d, causal or not; `--layout bnhd` makes q, k, v a
     python scripts/tune_attention.py --kernels dkdv dq --shapes 16x8x1024x64 --causal 1 --layout bnhd
     python scripts/tune_attention.py --kernels fwd --shapes 4x16x4096x128 4x16x16384x128
 
+Timing (`--timer device`, the default) is the kernels' alone: each sample's calls are queued behind a GPU sleep
+that outlasts their host issue (`benchmark.device_median`). At the training shapes a call's host time exceeds its
+kernels', so do_bench (`--timer wall`) would rank the host's noise, as a first sweep did (NOTES).
+
 Printed last, per kernel: per point the current configuration's time and the best, then the configurations ranked
 by their geometric mean time relative to each point's best (`benchmark.rank_configurations`). The JSON keeps every
 row (default docs/benchmarks/tune-<gpu>.json). `--device cpu` is a smoke run of the pipeline (the interpreter
@@ -35,6 +39,7 @@ from cosattn import cosine_sim_attention, ops
 from .benchmark import (
     DOCS,
     DTYPES,
+    TIMERS,
     TOLERANCE,
     benchmark_device,
     check_and_time,
@@ -43,6 +48,7 @@ from .benchmark import (
     make_timer,
     rank_configurations,
     sweep_points,
+    timer_name,
 )
 
 # a kernel name as the tool takes it -> the names `launch_config` is asked for (pointer and descriptor variants)
@@ -122,7 +128,9 @@ def tune_point(args, kernel: str, shape: tuple, causal: bool, device: torch.devi
     dtype = DTYPES[args.dtype]
     x = make_inputs(b, h, n, d, dtype, args.layout, device)
     fn = run_fn(x, causal, kernel)
-    timer = make_timer(device, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms, smoke_reps=args.smoke_reps)
+    timer = make_timer(
+        device, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms, smoke_reps=args.smoke_reps, kind=args.timer
+    )
     with recorded_configs() as seen:
         ref = fn()
     # the kernel's configuration as the op chose it (pointer or descriptor variant); absent if it did not launch
@@ -173,8 +181,15 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--layout", choices=["bnhd", "bhnd"], default="bnhd")
     for key, default in GRID_DEFAULTS.items():
         ap.add_argument("--" + key.replace("_", "-"), type=int, nargs="+", default=list(default))
-    ap.add_argument("--warmup-ms", type=float, default=10.0)
-    ap.add_argument("--rep-ms", type=float, default=50.0)
+    ap.add_argument(
+        "--timer",
+        choices=list(TIMERS),
+        default="device",
+        help="device: the kernels alone, host issue hidden behind a GPU sleep (default; at the training shapes a "
+        "call's host time exceeds its kernels', and do_bench would rank the host); wall: triton's do_bench",
+    )
+    ap.add_argument("--warmup-ms", type=float, default=10.0, help="do_bench's warm-up (--timer wall)")
+    ap.add_argument("--rep-ms", type=float, default=50.0, help="do_bench's repetition time (--timer wall)")
     ap.add_argument("--smoke-reps", type=int, default=1, help="timed calls per configuration on --device cpu")
     ap.add_argument("--out-json", type=Path, default=None, help="default (GPU): docs/benchmarks/tune-<gpu>.json")
     return ap
@@ -197,7 +212,7 @@ def main(argv=None) -> int:
     device = benchmark_device(args.device)
     meta = environment(device)
     meta.update(
-        timer="perf_counter median (smoke)" if meta["smoke"] else "triton.testing.do_bench median",
+        timer=timer_name(meta["smoke"], args.timer),
         layout=args.layout,
         grid={key: getattr(args, key) for key in CONFIG_KEYS},
         argv=list(sys.argv[1:] if argv is None else argv),
