@@ -185,6 +185,23 @@ def test_num_splits():
         assert 1 <= splits <= decode.INTERPRET_SPLITS
 
 
+def test_num_splits_on_a_gpu_follows_the_waves(monkeypatch):
+    """The GPU rule, computed here for a 132-SM device: enough splits for SPLIT_WAVES programs per SM, capped by
+    MAX_SPLITS and by MIN_SPLIT_KEYS keys per split; one split (the direct path) once the programs fill the waves."""
+    sms = 132
+    monkeypatch.setattr(decode, "_sm_count", lambda index: sms)
+    monkeypatch.setattr(decode.ops, "_interpreting", lambda: False)
+    cuda = torch.device("cuda")
+    waves = decode.SPLIT_WAVES * sms
+    assert decode.num_splits(32768, waves, 64, cuda)[0] == 1
+    assert decode.num_splits(32768, 8, 64, cuda)[0] == min(-(-waves // 8), decode.MAX_SPLITS)
+    assert decode.num_splits(32768, 64 * 8, 64, cuda)[0] == -(-waves // (64 * 8))  # batch 64, 8 kv heads
+    assert decode.num_splits(1024, 8, 64, cuda)[0] == 1024 // decode.MIN_SPLIT_KEYS  # short caches: few splits
+    for programs in (1, 8, 100, 512, waves - 1, waves):
+        splits, split_len = decode.num_splits(5000, programs, 64, cuda)
+        assert split_len % 64 == 0 and (splits - 1) * split_len < 5000 <= splits * split_len
+
+
 def test_dispatch_rule_and_gradients(seed, device, decode_spy, monkeypatch):
     """A call that needs a gradient never takes the decode path (it saves nothing for a backward); the same call
     without one does, and gives the main forward's result up to rounding."""

@@ -99,7 +99,9 @@ def test_split_count_fills_the_gpu():
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     splits, split_len = decode.num_splits(32768, 8, 64, torch.device("cuda"))
     assert splits * 8 >= min(sms, 32768 // decode.MIN_SPLIT_KEYS * 8) and split_len >= decode.MIN_SPLIT_KEYS
-    assert decode.num_splits(32768, 64 * 8, 64, torch.device("cuda"))[0] == 1  # batch 64: one split, direct
+    waves = decode.SPLIT_WAVES * sms
+    assert decode.num_splits(32768, waves, 64, torch.device("cuda"))[0] == 1  # the waves are full: direct
+    assert decode.num_splits(32768, 64 * 8, 64, torch.device("cuda"))[0] == -(-waves // (64 * 8))  # batch 64
 
 
 def test_cuda_graph_decode_step(seed, decode_calls):
