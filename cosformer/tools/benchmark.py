@@ -463,7 +463,8 @@ def make_timer(
     if device.type != "cuda":
         return lambda fn: cpu_median(fn, reps=smoke_reps)
     if kind == "device":
-        return lambda fn: device_median(fn)
+        clock = CudaClock()  # one per timer: the sleep is calibrated once, not once per timed function
+        return lambda fn: device_median(fn, clock=clock)
     return lambda fn: bench_median(fn, warmup_ms=warmup_ms, rep_ms=rep_ms)
 
 
