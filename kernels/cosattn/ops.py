@@ -24,6 +24,11 @@ try:
 except ImportError:  # pragma: no cover - older Triton: pointer loads only
     TensorDescriptor = None
 
+try:  # the experimental Hopper backward (Gluon); opt-in, see cosattn.hopper
+    from . import hopper
+except ImportError:  # pragma: no cover - a Triton without Gluon's Hopper API
+    hopper = None
+
 LOG2E: float = K.LOG2E.value  # the kernels' constants, as host floats
 HEADROOM: float = K.HEADROOM.value
 # log2 of the smallest normal number of the dtype P is cast to before the P·V product
@@ -347,6 +352,16 @@ def attention_backward(
     aux, aux_strides = _aux(q, mask, bias, slopes)
     seg, seg_strides = _segment_args(q, q_seg, k_seg)
     dq, dk, dv = empty_in_layout(q), empty_in_layout(k), empty_in_layout(v)
+    if (
+        hopper is not None
+        and hopper.HOPPER_BWD
+        and hopper.eligible(
+            q, k, v, do, mask=mask, bias=bias, slopes=slopes, scales=scales, q_seg=q_seg, use_max=use_max,
+            l2norm=l2norm, groups=groups, k_inline=k_inline, bias_grad=bias_grad, scale_grad=scale_grad,
+        )
+    ):  # fmt: skip
+        hopper.backward(q_s, q, k, k_hat, v, do, lse, delta, dq, dk, dv, causal=causal, qk_scale=qk_scale, scale=scale)
+        return dq, dk, dv, None, None
     # the bias gradient is dS itself, written per (b, h) and reduced to the bias's shape afterwards; zeroed
     # because causally invisible tiles are skipped, never written
     db = torch.zeros((b, h, m, n), dtype=torch.float32, device=q.device) if bias_grad else q
