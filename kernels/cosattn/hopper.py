@@ -54,6 +54,22 @@ _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 
 
 @gluon.jit
+def _normalize_rows(x32):
+    """(x̂, 1/‖x‖) per row of an fp32 tile, as F.normalize: correctly rounded sqrt and division, ‖x‖ ≥ NORM_EPS."""
+    norm = gl.maximum(gl.sqrt_rn(gl.sum(x32 * x32, 1)), NORM_EPS)
+    return gl.div_rn(x32, gl.expand_dims(norm, 1)), 1.0 / norm
+
+
+@gluon.jit
+def _through_l2norm(x_ptrs, dxh):
+    """The gradient through x̂ = x/‖x‖ of the rows at x_ptrs (reloaded: fewer registers live in the main loop):
+    (dx̂ − x̂⟨x̂, dx̂⟩)/‖x‖, or dx̂/eps where the norm was clamped (F.normalize's derivative)."""
+    xh, inv = _normalize_rows(gl.load(x_ptrs).to(gl.float32))
+    dot = gl.where(inv < 1.0 / NORM_EPS, gl.sum(xh * dxh, 1), 0.0)
+    return (dxh - xh * gl.expand_dims(dot, 1)) * gl.expand_dims(inv, 1)
+
+
+@gluon.jit
 def _issue_q_tile(qs_desc, do_desc, qs_smem, do_smem, bars, j, n_tiles, lo, row0, M,
                   BLOCK_M: gl.constexpr, NUM_BUF: gl.constexpr):
     buf = j % NUM_BUF
@@ -93,10 +109,8 @@ def dkdv_kernel(qs_desc, do_desc, K, V, LSE, DELTA, DK, DV,
     b64 = b.to(gl.int64)
     hk64 = hk.to(gl.int64)
     k_ptrs = K + b64 * stride_kb + hk64 * stride_kh + rows[:, None] * stride_kn + cols[None, :]
-    k32 = gl.load(k_ptrs).to(gl.float32)
+    kh32, _ = _normalize_rows(gl.load(k_ptrs).to(gl.float32))
     v = gl.load(V + b64 * stride_vb + hk64 * stride_vh + rows[:, None] * stride_vn + cols[None, :])
-    norm = gl.maximum(gl.sqrt_rn(gl.sum(k32 * k32, 1)), NORM_EPS)
-    kh32 = gl.div_rn(k32, gl.expand_dims(norm, 1))
     kh_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_DIM], kv_smem_layout)
     v_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_DIM], kv_smem_layout)
     kh_smem.store(kh32.to(dtype))
@@ -160,16 +174,8 @@ def dkdv_kernel(qs_desc, do_desc, K, V, LSE, DELTA, DK, DV,
     for i in gl.static_range(NUM_BUF):
         mbarrier.invalidate(bars.index(i))
 
-    # epilogue: dk̂ = dk_scale·Σ dSᵀq̂s, then through the normalisation: (dk̂ − k̂⟨k̂, dk̂⟩)/‖k‖ (k reloaded: fewer
-    # registers live in the loop)
-    k32 = gl.load(k_ptrs).to(gl.float32)
-    norm = gl.maximum(gl.sqrt_rn(gl.sum(k32 * k32, 1)), NORM_EPS)
-    kh32 = gl.div_rn(k32, gl.expand_dims(norm, 1))
-    inv = 1.0 / norm
-    dk = gl.convert_layout(dk, ld_layout) * dk_scale
-    dot = gl.sum(kh32 * dk, 1)
-    dot = gl.where(inv < 1.0 / NORM_EPS, dot, 0.0)
-    dk = (dk - kh32 * gl.expand_dims(dot, 1)) * gl.expand_dims(inv, 1)
+    # epilogue: dk̂ = dk_scale·Σ dSᵀq̂s, then through k's normalisation
+    dk = _through_l2norm(k_ptrs, gl.convert_layout(dk, ld_layout) * dk_scale)
     dv = gl.convert_layout(dv, ld_layout)
     gl.store(DK + b64 * stride_dkb + hk64 * stride_dkh + rows[:, None] * stride_dkn + cols[None, :], dk.to(dtype))
     gl.store(DV + b64 * stride_dvb + hk64 * stride_dvh + rows[:, None] * stride_dvn + cols[None, :], dv.to(dtype))
@@ -212,9 +218,8 @@ def dq_kernel(kh_desc, v_desc, Q, DO, LSE, DELTA, DQ,
     b64 = b.to(gl.int64)
     h64 = h.to(gl.int64)
     q_ptrs = Q + b64 * stride_qb + h64 * stride_qh + rows[:, None] * stride_qm + cols[None, :]
-    q32 = gl.load(q_ptrs).to(gl.float32)
-    norm = gl.maximum(gl.sqrt_rn(gl.sum(q32 * q32, 1)), NORM_EPS)
-    qs = (gl.div_rn(q32, gl.expand_dims(norm, 1)) * qk_scale).to(dtype)
+    qh, _ = _normalize_rows(gl.load(q_ptrs).to(gl.float32))
+    qs = (qh * qk_scale).to(dtype)
     do = gl.load(DO + b64 * stride_db + h64 * stride_dh + rows[:, None] * stride_dm + cols[None, :])
     if OPS_IN_SMEM:  # q̂s and dO read by the MMAs from shared memory: fewer registers (head dim 128)
         ops_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
@@ -275,15 +280,8 @@ def dq_kernel(kh_desc, v_desc, Q, DO, LSE, DELTA, DQ,
     for i in gl.static_range(NUM_BUF):
         mbarrier.invalidate(bars.index(i))
 
-    # epilogue: dq̂ = scale·Σ dS·k̂, then through q's normalisation (q reloaded: fewer registers live in the loop)
-    q32 = gl.load(q_ptrs).to(gl.float32)
-    norm = gl.maximum(gl.sqrt_rn(gl.sum(q32 * q32, 1)), NORM_EPS)
-    qh = gl.div_rn(q32, gl.expand_dims(norm, 1))
-    inv = 1.0 / norm
-    dq = gl.convert_layout(dq, ld_layout) * scale
-    dot = gl.sum(qh * dq, 1)
-    dot = gl.where(inv < 1.0 / NORM_EPS, dot, 0.0)
-    dq = (dq - qh * gl.expand_dims(dot, 1)) * gl.expand_dims(inv, 1)
+    # epilogue: dq̂ = scale·Σ dS·k̂, then through q's normalisation
+    dq = _through_l2norm(q_ptrs, gl.convert_layout(dq, ld_layout) * scale)
     gl.store(DQ + b64 * stride_dqb + h64 * stride_dqh + rows[:, None] * stride_dqm + cols[None, :], dq.to(dtype))
 
 
