@@ -70,15 +70,34 @@ def _through_l2norm(x_ptrs, dxh):
 
 
 @gluon.jit
-def _issue_q_tile(qs_desc, do_desc, qs_smem, do_smem, bars, j, n_tiles, lo, row0, M,
-                  BLOCK_M: gl.constexpr, NUM_BUF: gl.constexpr):
+def _tile_ptrs(base, b, h, stride_b, stride_h, stride_n, start, ROWS: gl.constexpr, HEAD_DIM: gl.constexpr,
+               layout: gl.constexpr):
+    """Pointers to rows [start, start + ROWS) of head h of batch element b in a (b, heads, n, d) tensor with unit
+    stride along d, in `layout`."""
+    rows = start + gl.arange(0, ROWS, layout=gl.SliceLayout(1, layout))
+    cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, layout))
+    return base + b.to(gl.int64) * stride_b + h.to(gl.int64) * stride_h + rows[:, None] * stride_n + cols[None, :]
+
+
+@gluon.jit
+def _rings(desc_a, desc_b, NUM_BUF: gl.constexpr):
+    """NUM_BUF-deep shared-memory rings for the tiles of two descriptors, and one initialised mbarrier per slot."""
+    a = gl.allocate_shared_memory(desc_a.dtype, [NUM_BUF] + desc_a.block_type.shape, desc_a.layout)
+    b = gl.allocate_shared_memory(desc_b.dtype, [NUM_BUF] + desc_b.block_type.shape, desc_b.layout)
+    bars = gl.allocate_shared_memory(gl.int64, [NUM_BUF, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(NUM_BUF):
+        mbarrier.init(bars.index(i), count=1)
+    return a, b, bars
+
+
+@gluon.jit
+def _issue_pair(desc_a, desc_b, ring_a, ring_b, bars, j, row, NUM_BUF: gl.constexpr):
+    """TMA loads of the two tiles at `row` into slot j % NUM_BUF, completing on that slot's mbarrier."""
     buf = j % NUM_BUF
-    hq = j // n_tiles
-    row = row0 + hq * M + lo + (j % n_tiles) * BLOCK_M
     bar = bars.index(buf)
-    mbarrier.expect(bar, qs_desc.block_type.nbytes + do_desc.block_type.nbytes)
-    _tma_load(qs_desc, [row, 0], bar, qs_smem.index(buf))
-    _tma_load(do_desc, [row, 0], bar, do_smem.index(buf))
+    mbarrier.expect(bar, desc_a.block_type.nbytes + desc_b.block_type.nbytes)
+    _tma_load(desc_a, [row, 0], bar, ring_a.index(buf))
+    _tma_load(desc_b, [row, 0], bar, ring_b.index(buf))
 
 
 @gluon.jit
@@ -104,13 +123,10 @@ def dkdv_kernel(qs_desc, do_desc, K, V, LSE, DELTA, DK, DV,
     kv_smem_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
 
     # the key tile: k normalised in fp32 (as F.normalize), k̂ and v to shared memory for the MMAs
-    rows = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, ld_layout))
-    cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, ld_layout))
-    b64 = b.to(gl.int64)
-    hk64 = hk.to(gl.int64)
-    k_ptrs = K + b64 * stride_kb + hk64 * stride_kh + rows[:, None] * stride_kn + cols[None, :]
+    start_n = pid_n * BLOCK_N
+    k_ptrs = _tile_ptrs(K, b, hk, stride_kb, stride_kh, stride_kn, start_n, BLOCK_N, HEAD_DIM, ld_layout)
     kh32, _ = _normalize_rows(gl.load(k_ptrs).to(gl.float32))
-    v = gl.load(V + b64 * stride_vb + hk64 * stride_vh + rows[:, None] * stride_vn + cols[None, :])
+    v = gl.load(_tile_ptrs(V, b, hk, stride_vb, stride_vh, stride_vn, start_n, BLOCK_N, HEAD_DIM, ld_layout))
     kh_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_DIM], kv_smem_layout)
     v_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_DIM], kv_smem_layout)
     kh_smem.store(kh32.to(dtype))
@@ -118,11 +134,7 @@ def dkdv_kernel(qs_desc, do_desc, K, V, LSE, DELTA, DK, DV,
     fence_async_shared()
     _cta_barrier()
 
-    qs_smem = gl.allocate_shared_memory(dtype, [NUM_BUF, BLOCK_M, HEAD_DIM], qs_desc.layout)
-    do_smem = gl.allocate_shared_memory(dtype, [NUM_BUF, BLOCK_M, HEAD_DIM], do_desc.layout)
-    bars = gl.allocate_shared_memory(gl.int64, [NUM_BUF, 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(NUM_BUF):
-        mbarrier.init(bars.index(i), count=1)
+    qs_smem, do_smem, bars = _rings(qs_desc, do_desc, NUM_BUF)
 
     if CAUSAL:
         # query tiles from lo; tiles from full_start on see every key of this block (no mask)
@@ -143,11 +155,13 @@ def dkdv_kernel(qs_desc, do_desc, K, V, LSE, DELTA, DK, DV,
     kpos = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, s_layout))
 
     if total > 0:
-        _issue_q_tile(qs_desc, do_desc, qs_smem, do_smem, bars, 0, n_tiles, lo, row0, M, BLOCK_M, NUM_BUF)
+        _issue_pair(qs_desc, do_desc, qs_smem, do_smem, bars, 0, row0 + lo, NUM_BUF)
     for j in range(total):
         buf = j % NUM_BUF
         if j + 1 < total:
-            _issue_q_tile(qs_desc, do_desc, qs_smem, do_smem, bars, j + 1, n_tiles, lo, row0, M, BLOCK_M, NUM_BUF)
+            nxt = j + 1  # its head within the group, then its query tile
+            _issue_pair(qs_desc, do_desc, qs_smem, do_smem, bars, nxt,
+                        row0 + (nxt // n_tiles) * M + lo + (nxt % n_tiles) * BLOCK_M, NUM_BUF)
         mbarrier.wait(bars.index(buf), (j // NUM_BUF) & 1)
         qs_t = qs_smem.index(buf)
         do_t = do_smem.index(buf)
@@ -177,17 +191,10 @@ def dkdv_kernel(qs_desc, do_desc, K, V, LSE, DELTA, DK, DV,
     # epilogue: dk̂ = dk_scale·Σ dSᵀq̂s, then through k's normalisation
     dk = _through_l2norm(k_ptrs, gl.convert_layout(dk, ld_layout) * dk_scale)
     dv = gl.convert_layout(dv, ld_layout)
-    gl.store(DK + b64 * stride_dkb + hk64 * stride_dkh + rows[:, None] * stride_dkn + cols[None, :], dk.to(dtype))
-    gl.store(DV + b64 * stride_dvb + hk64 * stride_dvh + rows[:, None] * stride_dvn + cols[None, :], dv.to(dtype))
-
-
-@gluon.jit
-def _issue_kv_tile(kh_desc, v_desc, kh_smem, v_smem, bars, t, row0, BLOCK_N: gl.constexpr, NUM_BUF: gl.constexpr):
-    buf = t % NUM_BUF
-    bar = bars.index(buf)
-    mbarrier.expect(bar, kh_desc.block_type.nbytes + v_desc.block_type.nbytes)
-    _tma_load(kh_desc, [row0 + t * BLOCK_N, 0], bar, kh_smem.index(buf))
-    _tma_load(v_desc, [row0 + t * BLOCK_N, 0], bar, v_smem.index(buf))
+    gl.store(_tile_ptrs(DK, b, hk, stride_dkb, stride_dkh, stride_dkn, start_n, BLOCK_N, HEAD_DIM, ld_layout),
+             dk.to(dtype))
+    gl.store(_tile_ptrs(DV, b, hk, stride_dvb, stride_dvh, stride_dvn, start_n, BLOCK_N, HEAD_DIM, ld_layout),
+             dv.to(dtype))
 
 
 @gluon.jit
@@ -213,14 +220,11 @@ def dq_kernel(kh_desc, v_desc, Q, DO, LSE, DELTA, DQ,
     a_acc_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
     ld_layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (HEAD_DIM // 8), HEAD_DIM // 8], [num_warps, 1], [1, 0])
 
-    rows = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, ld_layout))
-    cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, ld_layout))
-    b64 = b.to(gl.int64)
-    h64 = h.to(gl.int64)
-    q_ptrs = Q + b64 * stride_qb + h64 * stride_qh + rows[:, None] * stride_qm + cols[None, :]
+    start_m = pid_m * BLOCK_M
+    q_ptrs = _tile_ptrs(Q, b, h, stride_qb, stride_qh, stride_qm, start_m, BLOCK_M, HEAD_DIM, ld_layout)
     qh, _ = _normalize_rows(gl.load(q_ptrs).to(gl.float32))
     qs = (qh * qk_scale).to(dtype)
-    do = gl.load(DO + b64 * stride_db + h64 * stride_dh + rows[:, None] * stride_dm + cols[None, :])
+    do = gl.load(_tile_ptrs(DO, b, h, stride_db, stride_dh, stride_dm, start_m, BLOCK_M, HEAD_DIM, ld_layout))
     if OPS_IN_SMEM:  # q̂s and dO read by the MMAs from shared memory: fewer registers (head dim 128)
         ops_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
         q_op = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], ops_layout)
@@ -236,11 +240,7 @@ def dq_kernel(kh_desc, v_desc, Q, DO, LSE, DELTA, DQ,
     lse = gl.load(LSE + bh.to(gl.int64) * M + offs_m)
     delta = gl.load(DELTA + bh.to(gl.int64) * M + offs_m)
 
-    kh_smem = gl.allocate_shared_memory(dtype, [NUM_BUF, BLOCK_N, HEAD_DIM], kh_desc.layout)
-    v_smem = gl.allocate_shared_memory(dtype, [NUM_BUF, BLOCK_N, HEAD_DIM], v_desc.layout)
-    bars = gl.allocate_shared_memory(gl.int64, [NUM_BUF, 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(NUM_BUF):
-        mbarrier.init(bars.index(i), count=1)
+    kh_smem, v_smem, bars = _rings(kh_desc, v_desc, NUM_BUF)
 
     if CAUSAL:
         # key tiles before full_end are visible to every row of this tile (no mask); none from hi on
@@ -256,11 +256,11 @@ def dq_kernel(kh_desc, v_desc, Q, DO, LSE, DELTA, DQ,
     s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
     qpos = gl.expand_dims(offs_m, 1) + (N - M)
     if total > 0:
-        _issue_kv_tile(kh_desc, v_desc, kh_smem, v_smem, bars, 0, row0, BLOCK_N, NUM_BUF)
+        _issue_pair(kh_desc, v_desc, kh_smem, v_smem, bars, 0, row0, NUM_BUF)
     for t in range(total):
         buf = t % NUM_BUF
         if t + 1 < total:
-            _issue_kv_tile(kh_desc, v_desc, kh_smem, v_smem, bars, t + 1, row0, BLOCK_N, NUM_BUF)
+            _issue_pair(kh_desc, v_desc, kh_smem, v_smem, bars, t + 1, row0 + (t + 1) * BLOCK_N, NUM_BUF)
         mbarrier.wait(bars.index(buf), (t // NUM_BUF) & 1)
         kh_t = kh_smem.index(buf)
         v_t = v_smem.index(buf)
@@ -282,7 +282,21 @@ def dq_kernel(kh_desc, v_desc, Q, DO, LSE, DELTA, DQ,
 
     # epilogue: dq̂ = scale·Σ dS·k̂, then through q's normalisation
     dq = _through_l2norm(q_ptrs, gl.convert_layout(dq, ld_layout) * scale)
-    gl.store(DQ + b64 * stride_dqb + h64 * stride_dqh + rows[:, None] * stride_dqm + cols[None, :], dq.to(dtype))
+    gl.store(_tile_ptrs(DQ, b, h, stride_dqb, stride_dqh, stride_dqm, start_m, BLOCK_M, HEAD_DIM, ld_layout),
+             dq.to(dtype))
+
+
+def _row_tiles(*tensors, block_rows: int):
+    """TMA descriptors of (block_rows, d) tiles over (b, heads, n, d) tensors seen as (b·heads·n, d) rows, one
+    NVMMA shared layout for all; a tensor that is not contiguous is copied first (a 2-D view needs it)."""
+    d = tensors[0].shape[-1]
+    gdt = gl.bfloat16 if tensors[0].dtype == torch.bfloat16 else gl.float16
+    layout = gl.NVMMASharedLayout.get_default_for([block_rows, d], gdt)
+    descs = []
+    for t in tensors:
+        t2 = t.contiguous().reshape(-1, d)
+        descs.append(TensorDescriptor(t2, list(t2.shape), list(t2.stride()), [block_rows, d], layout))
+    return descs
 
 
 def dq_launch(q, k_hat, v, do, lse, delta, dq_out, *, causal: bool, qk_scale: float, scale: float, block_m=64, block_n=64,
@@ -291,12 +305,7 @@ def dq_launch(q, k_hat, v, do, lse, delta, dq_out, *, causal: bool, qk_scale: fl
     its descriptor); writes dq_out."""
     b, h, m, d = q.shape
     hk, n = k_hat.shape[1], k_hat.shape[2]
-    gdt = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
-    layout = gl.NVMMASharedLayout.get_default_for([block_n, d], gdt)
-    kh2 = k_hat.reshape(b * hk * n, d)
-    v2 = v.contiguous().reshape(b * hk * n, d)
-    kh_desc = TensorDescriptor(kh2, list(kh2.shape), list(kh2.stride()), [block_n, d], layout)
-    v_desc = TensorDescriptor(v2, list(v2.shape), list(v2.stride()), [block_n, d], layout)
+    kh_desc, v_desc = _row_tiles(k_hat, v, block_rows=block_n)
     args = (kh_desc, v_desc, q, do, lse, delta, dq_out,
             q.stride(0), q.stride(1), q.stride(2), do.stride(0), do.stride(1), do.stride(2),
             dq_out.stride(0), dq_out.stride(1), dq_out.stride(2), h, hk, m, n, qk_scale, scale)
@@ -313,12 +322,7 @@ def dkdv_launch(q_s, k, v, do, lse, delta, dk, dv, *, causal: bool, dk_scale: fl
     contiguous for its descriptor), lse/delta (b, h, m) fp32; writes dk, dv."""
     b, h, m, d = q_s.shape
     hk, n = k.shape[1], k.shape[2]
-    gdt = gl.bfloat16 if q_s.dtype == torch.bfloat16 else gl.float16
-    layout = gl.NVMMASharedLayout.get_default_for([block_m, d], gdt)
-    qs2 = q_s.reshape(b * h * m, d)
-    do2 = do.contiguous().reshape(b * h * m, d)
-    qs_desc = TensorDescriptor(qs2, list(qs2.shape), list(qs2.stride()), [block_m, d], layout)
-    do_desc = TensorDescriptor(do2, list(do2.shape), list(do2.stride()), [block_m, d], layout)
+    qs_desc, do_desc = _row_tiles(q_s, do, block_rows=block_m)
     args = (qs_desc, do_desc, k, v, lse, delta, dk, dv,
             k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
             dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
