@@ -124,7 +124,7 @@ def test_text_to_image_model_compiles_across_caption_lengths(attn):
 
 
 def test_trainer_compiled_on_cuda_matches_eager_and_resumes_either_way(tmp_path, fresh_accelerate, capsys):
-    """train.compile on a CUDA device (auto turns it on there): losses as the eager run's within fp32 rounding (TF32
+    """train.compile=auto on a CUDA device (turns it on there): losses as the eager run's within fp32 rounding (TF32
     off by default), generation stays out of the compiled code, and checkpoints resume across compile on/off."""
     import random
 
@@ -154,7 +154,7 @@ def test_trainer_compiled_on_cuda_matches_eager_and_resumes_either_way(tmp_path,
     torch._dynamo.reset()
     counters.clear()
     run(cfg(tmp_path / "eager", "train.compile=false"))
-    run(cfg(tmp_path / "compiled"))  # auto: on, on a CUDA device
+    run(cfg(tmp_path / "compiled", "train.compile=auto"))  # on, on a CUDA device
     assert "compile: on (inductor)" in capsys.readouterr().out
     # training, evaluation, the final full-split batches (another batch size: dynamic shapes): never generation
     assert counters["stats"]["unique_graphs"] <= 4, dict(counters["stats"])
