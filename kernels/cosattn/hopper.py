@@ -160,6 +160,8 @@ def dkdv_kernel(qs_desc, do_desc, K, V, LSE, DELTA, DK, DV,
     for j in range(total):
         buf = j % NUM_BUF
         if j + 1 < total:
+            # the slot's previous tiles may still feed another warpgroup's MMAs: Triton's shared-memory hazard
+            # analysis puts a CTA barrier before this TMA (an explicit one left the PTX's bar.sync count unchanged)
             nxt = j + 1  # its head within the group, then its query tile
             _issue_pair(qs_desc, do_desc, qs_smem, do_smem, bars, nxt,
                         row0 + (nxt // n_tiles) * M + lo + (nxt % n_tiles) * BLOCK_M, NUM_BUF)
