@@ -55,6 +55,7 @@ from .benchmark import (
     max_rel_diff,
     rank_configurations,
     record_rows,
+    right_aligned,
     sweep_points,
     timer_name,
 )
@@ -206,9 +207,7 @@ def _cell(row: dict, col: str) -> str:
 
 
 def format_table(rows: list[dict]) -> str:
-    cells = [list(COLUMNS)] + [[_cell(r, c) for c in COLUMNS] for r in rows]
-    widths = [max(len(line[i]) for line in cells) for i in range(len(COLUMNS))]
-    return "\n".join("  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in cells)
+    return right_aligned([list(COLUMNS)] + [[_cell(r, c) for c in COLUMNS] for r in rows])
 
 
 def build_parser() -> argparse.ArgumentParser:

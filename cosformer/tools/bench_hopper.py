@@ -38,7 +38,7 @@ import torch
 
 from cosattn import cosine_sim_attention, ops
 
-from .benchmark import DOCS, DTYPES, CudaClock, device_median, environment, json_output, record_rows
+from .benchmark import DOCS, DTYPES, CudaClock, device_median, environment, json_output, record_rows, right_aligned
 
 # alternatives per head dim, (BLOCK_M, BLOCK_N, warps, buffers), for the dk/dv and the dq pass
 DKDV_ALT = {64: [(64, 128, 8, 2), (64, 64, 4, 2), (64, 128, 8, 3)], 128: [(64, 128, 8, 2), (32, 128, 8, 2)]}
@@ -224,9 +224,7 @@ def _cell(row: dict, col: str) -> str:
 
 
 def format_table(rows: list[dict]) -> str:
-    cells = [list(COLUMNS)] + [[_cell(r, c) for c in COLUMNS] for r in rows]
-    widths = [max(len(line[i]) for line in cells) for i in range(len(COLUMNS))]
-    return "\n".join("  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in cells)
+    return right_aligned([list(COLUMNS)] + [[_cell(r, c) for c in COLUMNS] for r in rows])
 
 
 def _describe(row: dict) -> str:

@@ -66,6 +66,7 @@ from .benchmark import (
     json_output,
     max_rel_diff,
     record_rows,
+    right_aligned,
 )
 
 VARIANTS = ("ours", "flex", "sdpa_mask", "ours_dense")
@@ -357,9 +358,7 @@ def _cell(row: dict, col: str) -> str:
 
 
 def format_table(rows: list[dict]) -> str:
-    cells = [list(COLUMNS)] + [[_cell(r, c) for c in COLUMNS] for r in rows]
-    widths = [max(len(line[i]) for line in cells) for i in range(len(COLUMNS))]
-    return "\n".join("  ".join(c.rjust(w) for c, w in zip(line, widths)).rstrip() for line in cells)
+    return right_aligned([list(COLUMNS)] + [[_cell(r, c) for c in COLUMNS] for r in rows])
 
 
 def target_line(rows: list[dict]) -> str:

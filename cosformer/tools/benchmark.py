@@ -324,6 +324,12 @@ def write_json(path: Path, meta: dict, rows: list[dict]) -> None:
     os.replace(tmp, path)
 
 
+def right_aligned(lines: list[list[str]]) -> str:
+    """Text columns, each right-justified to its widest cell, two spaces apart: the tools' tables."""
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+    return "\n".join("  ".join(c.rjust(w) for c, w in zip(line, widths)).rstrip() for line in lines)
+
+
 def record_rows(path: Path | None, meta: dict, rows: list[dict], *, complete: bool = False) -> None:
     """The rows so far (after every point, so that an interrupted run keeps them) or all of them (`complete`, said on
     the console), marked accordingly; nothing when there is no JSON path (a CPU smoke run given none)."""
