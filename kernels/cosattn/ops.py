@@ -349,8 +349,6 @@ def attention_backward(
         ),
         num_warps=1 if _interpreting() else 4,
     )
-    aux, aux_strides = _aux(q, mask, bias, slopes)
-    seg, seg_strides = _segment_args(q, q_seg, k_seg)
     dq, dk, dv = empty_in_layout(q), empty_in_layout(k), empty_in_layout(v)
     if (
         hopper is not None
@@ -362,6 +360,8 @@ def attention_backward(
     ):  # fmt: skip
         hopper.backward(q_s, q, k, k_hat, v, do, lse, delta, dq, dk, dv, causal=causal, qk_scale=qk_scale, scale=scale)
         return dq, dk, dv, None, None
+    aux, aux_strides = _aux(q, mask, bias, slopes)
+    seg, seg_strides = _segment_args(q, q_seg, k_seg)
     # the bias gradient is dS itself, written per (b, h) and reduced to the bias's shape afterwards; zeroed
     # because causally invisible tiles are skipped, never written
     db = torch.zeros((b, h, m, n), dtype=torch.float32, device=q.device) if bias_grad else q
