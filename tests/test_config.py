@@ -50,6 +50,7 @@ def test_t2i_section_names_and_defaults():
         hf_split="train",
         fid_samples=256,
         sample_temperature=1.0,
+        inception_fid=False,
         sample_compile=False,
         data_seed=0,
         holdout="none",

@@ -8,6 +8,7 @@ import itertools
 import json
 import math
 import re
+import sys
 
 import numpy as np
 import pytest
@@ -559,18 +560,43 @@ def test_balanced_fidelity_does_not_reward_the_majority_class():
     assert metrics.caption_fidelity(net, images, labels, balanced=True) == pytest.approx(0.5)
 
 
-def test_inception_fid_is_skipped_without_torchmetrics(caplog):
-    try:
-        import torchmetrics  # noqa: F401
+def test_inception_fid_metric_names_what_is_missing(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torchmetrics.image.fid", None)  # as on a machine without torchmetrics
+    with pytest.raises(RuntimeError, match="torchmetrics and its Inception weights: ModuleNotFoundError"):
+        metrics.inception_fid_metric()
 
-        pytest.skip("torchmetrics is installed here")
-    except ImportError:
-        pass
-    images = torch.zeros(4, 3, 8, 8, dtype=torch.uint8)
-    with caplog.at_level("INFO"):
-        assert metrics.inception_fid(images, images) is None
-        assert metrics.inception_fid(images, images) is None
-    assert sum("Inception FID skipped" in r.message for r in caplog.records) <= 1
+
+class RecordingMetric:
+    """A stand-in for torchmetrics' FID: records what it is given; compute() is the mean pixel gap real - fake."""
+
+    def __init__(self):
+        self.sums, self.resets, self.device = {True: [], False: []}, 0, None
+
+    def reset(self):
+        self.sums, self.resets = {True: [], False: []}, self.resets + 1
+
+    def to(self, device):
+        self.device = device
+        return self
+
+    def update(self, images, real):
+        assert images.dtype == torch.uint8 and images.shape[-2:] == (299, 299), (images.dtype, images.shape)
+        self.sums[real].append(images.double().mean(dim=(1, 2, 3)))
+
+    def compute(self):
+        return torch.cat(self.sums[True]).mean() - torch.cat(self.sums[False]).mean()
+
+
+def test_inception_fid_resets_and_upsamples_its_inputs():
+    metric = RecordingMetric()
+    real = torch.randint(0, 256, (5, 3, 8, 8), dtype=torch.uint8)
+    fake = torch.randint(0, 256, (3, 3, 8, 8), dtype=torch.uint8)
+    for _ in range(2):  # a second evaluation starts from nothing
+        value = metrics.inception_fid(metric, real, fake)
+        assert [len(torch.cat(metric.sums[r])) for r in (True, False)] == [5, 3]
+    up = [torch.nn.functional.interpolate(x.double(), size=299, mode="nearest").mean() for x in (real, fake)]
+    assert metric.resets == 2 and metric.device == real.device
+    assert value == pytest.approx((up[0] - up[1]).item(), rel=1e-12)  # real images passed as real, fake as fake
 
 
 def test_save_grid(tmp_path):

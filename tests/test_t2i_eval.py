@@ -227,6 +227,35 @@ def test_real_generator_scores_the_floor_and_the_ceiling(tmp_path, cache, torch_
     assert stub.compile == [True]
 
 
+def test_inception_fid_is_opt_in_and_fetched_when_the_task_is_built(
+    tmp_path, cache, torch_attention_path, small_evaluation, monkeypatch
+):
+    """Off by default (the metric is never asked for); on, it is built once with the task, an unavailable one is a
+    ValueError naming t2i.inception_fid then, and each evaluation reports {split}_inception_fid through it."""
+    from .test_t2i import RecordingMetric
+
+    def unavailable():
+        raise RuntimeError("Inception FID needs torchmetrics and its Inception weights: ImportError: none here")
+
+    monkeypatch.setattr(t2i_task, "inception_fid_metric", unavailable)
+    t2i_task.TextToImageTask(_config(cache))  # off: nothing fetched
+    with pytest.raises(ValueError, match="t2i.inception_fid=true: .*torchmetrics"):
+        t2i_task.TextToImageTask(_config(cache, "t2i.inception_fid=true"))
+
+    built = []
+    monkeypatch.setattr(t2i_task, "inception_fid_metric", lambda: built.append(RecordingMetric()) or built[-1])
+    task = t2i_task.TextToImageTask(_config(cache, "t2i.inception_fid=true"))
+    assert len(built) == 1
+    stub = StubGenerator(_real_source("val"))
+    out = task.evaluate(stub, accelerator=_accelerator(), step=2, out_dir=tmp_path)
+    (_, _, images), *_ = stub.calls
+    pool, lay = task.eval_pool("val"), task.layout("val")
+    assert out["val_inception_fid"] == pytest.approx(
+        metrics.inception_fid(RecordingMetric(), pool.images(lay.reference), images[:N])
+    )
+    assert len(built) == 1 and built[0].resets == 1
+
+
 def test_collapsed_generator_fails_diversity_and_fidelity(tmp_path, cache, torch_attention_path, small_evaluation):
     task = t2i_task.TextToImageTask(_config(cache))
     one = ShapesDataset("train", 1, image_size=8, palette=5, seed=3).images()

@@ -36,8 +36,8 @@ per caption). `mean_pairwise_distance` over images generated for one caption, re
 of one caption, is near 1 for a generator that varies what the caption leaves open and 0 for one that does not;
 `distinct_fraction` counts distinct images per caption.
 
-Standard Inception FID is added through torchmetrics when it and its weights are available; otherwise it is
-skipped with one log line.
+Standard Inception FID through torchmetrics is opt-in (t2i.inception_fid): its weights are a download, asked for
+once when the run starts, so an offline machine fails at once instead of at every evaluation.
 """
 
 from __future__ import annotations
@@ -368,23 +368,27 @@ def distinct_fraction(groups: list[torch.Tensor]) -> float:
     return sum(len(torch.unique(g.flatten(1), dim=0)) / len(g) for g in groups) / len(groups)
 
 
-_inception_unavailable_logged = False
-
-
-def inception_fid(real: torch.Tensor, fake: torch.Tensor) -> float | None:
-    """Standard Inception FID through torchmetrics, or None (said once in the log) when it cannot run here."""
-    global _inception_unavailable_logged
+def inception_fid_metric():
+    """torchmetrics' FrechetInceptionDistance (2048 features), built once: the first build fetches the Inception
+    weights into torch hub's cache. Raises RuntimeError naming the cause when torchmetrics or its weights cannot be had
+    here (offline, the fetch fails or waits on the network's timeout: so it is asked for once, never per evaluation)."""
     try:
         from torchmetrics.image.fid import FrechetInceptionDistance
 
-        fid = FrechetInceptionDistance(feature=2048).to(real.device)
-        # Inception wants at least 75 pixels a side; nearest upsampling keeps the palette's hard edges.
-        size = max(real.shape[-1], 299)
-        for images, is_real in ((real, True), (fake, False)):
-            fid.update(F.interpolate(images.float(), size=size, mode="nearest").to(torch.uint8), real=is_real)
-        return float(fid.compute())
-    except Exception as err:  # ImportError, or the weights cannot be fetched offline
-        if not _inception_unavailable_logged:
-            log.warning("Inception FID skipped (torchmetrics or its weights unavailable: %s)", type(err).__name__)
-            _inception_unavailable_logged = True
-        return None
+        return FrechetInceptionDistance(feature=2048)
+    except Exception as err:  # ImportError, or the weights cannot be fetched
+        raise RuntimeError(
+            f"Inception FID needs torchmetrics and its Inception weights: {type(err).__name__}: {err}"
+        ) from err
+
+
+def inception_fid(metric, real: torch.Tensor, fake: torch.Tensor) -> float:
+    """Standard Inception FID of uint8 images (n, 3, S, S) through `metric` (from `inception_fid_metric`), reset first
+    and run on the images' device."""
+    metric.reset()
+    metric.to(real.device)
+    # Inception wants at least 75 pixels a side; nearest upsampling keeps the palette's hard edges.
+    size = max(real.shape[-1], 299)
+    for images, is_real in ((real, True), (fake, False)):
+        metric.update(F.interpolate(images.float(), size=size, mode="nearest").to(torch.uint8), real=is_real)
+    return float(metric.compute())

@@ -144,6 +144,8 @@ class T2IConfig:
     hf_split: str = "train"
     fid_samples: int = 256
     sample_temperature: float = 1.0
+    # standard Inception FID beside the in-project metrics (torchmetrics and its weights, fetched when the run starts)
+    inception_fid: bool = False
     # sampling steps compiled once and replayed (TextToImage.generate(compile=True): CUDA graphs on a GPU), several
     # times faster than eager steps; the same sampler, though a rounding difference can flip a draw (and what follows)
     sample_compile: bool = False

@@ -20,7 +20,8 @@ real training images from fixed seeds and cached by content, so every run on the
   each): about 1 for a generator that varies what the caption leaves open (where the objects go), 0 for one that
   draws one image per caption; only where the split repeats captions. {split}_distinct: the fraction of distinct
   images among those generated for one caption;
-- {split}_inception_fid: standard Inception FID, only where torchmetrics and its weights are available.
+- {split}_inception_fid: standard Inception FID, with t2i.inception_fid=true (torchmetrics and its weights needed:
+  fetched when the task is built, an error then if they cannot be had).
 val_* at every evaluation (with a grid of the samples and their captions, `samples_step_XXXXXX.png` in the run
 directory), test_* at the end. Losses are reported in nats per pixel token and as bits per pixel (loss / ln 2).
 
@@ -55,6 +56,7 @@ from cosformer.t2i.metrics import (
     extract_features,
     frechet_distance,
     inception_fid,
+    inception_fid_metric,
     kernel_inception_distance,
     load_or_train_net,
     mean_pairwise_distance,
@@ -117,6 +119,12 @@ class TextToImageTask:
         self._nets: dict[str, torch.nn.Module] = {}
         self._real: dict[str, dict] = {}  # split -> what the real images give (features, floor, ceiling)
         self._warned_fsdp = False
+        self._inception = None
+        if cfg.t2i.inception_fid:
+            try:
+                self._inception = inception_fid_metric()
+            except RuntimeError as err:
+                raise ValueError(f"t2i.inception_fid=true: {err}") from err
 
     # ------------------------------------------------------------------------------------------ data
 
@@ -323,9 +331,9 @@ class TextToImageTask:
         if real["spread"] is not None:
             spread = mean_pairwise_distance([extract_features(net, diversity[i]) for i in real["repeated"]])
             out[f"{split}_diversity"] = spread / real["spread"]
-        inception = inception_fid(pool.images(lay.reference).to(device), images.to(device))
-        if inception is not None:
-            out[f"{split}_inception_fid"] = inception
+        if self._inception is not None:
+            reference = pool.images(lay.reference).to(device)
+            out[f"{split}_inception_fid"] = inception_fid(self._inception, reference, images.to(device))
         return out
 
     def evaluate(self, model, accelerator, step: int, out_dir: pathlib.Path) -> dict:
