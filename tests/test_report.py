@@ -162,8 +162,8 @@ def test_labels_follow_config_differences(tmp_path):
     label_runs(runs[:2])
     assert [r.label for r in runs[:2]] == ["scale=5.0", "scale=20.0"]
 
-    # a run recorded before a key existed ran with its default: no difference (here data.pack, train.compile), and
-    # an unset scale is the zoo's default 10
+    # a run recorded before a key existed ran with its default then: no difference (here data.pack, and
+    # train.compile, whose default has changed since), and an unset scale is the zoo's default 10
     old, new = base_config(), base_config(**{"model.scale": 16.0})
     new["data"] |= {"pack": False}
     new["train"] |= {"compile": False}

@@ -740,9 +740,20 @@ HAS_CXX = shutil.which(os.environ.get("CXX", "g++")) is not None or shutil.which
 
 
 def test_resolve_compile():
+    """auto: on CUDA where the launch config allows it, else off with the reason (never an error); true/false as
+    given (true under an FSDP config it cannot compile is compile_for_training's error, below). The default is auto."""
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
-    assert resolve_compile("auto", cuda) is True and resolve_compile("auto", cpu) is False
-    assert resolve_compile(True, cpu) is True and resolve_compile(False, cuda) is False
+    assert resolve_compile("auto", cuda) == (True, "") and resolve_compile("auto", cpu) == (
+        False,
+        "auto: cpu, not CUDA",
+    )
+    assert resolve_compile(True, cpu) == (True, "") and resolve_compile(False, cuda) == (False, "")
+    assert resolve_compile("auto", cuda, _fsdp_accelerator(2, ["Block"])) == (True, "")
+    for version, names, why in ((1, ["Block"], "fsdp_version: 2; this config has 1"), (2, None, "names no fsdp_")):
+        on, reason = resolve_compile("auto", cuda, _fsdp_accelerator(version, names))
+        assert not on and why in reason, reason
+        assert resolve_compile(True, cuda, _fsdp_accelerator(version, names)) == (True, "")
+    assert load_config([], []).train.compile == "auto"
     assert load_config([], ["train.compile=true"]).train.compile is True
     assert load_config([], ["train.compile=auto"]).train.compile == "auto"
     with pytest.raises(ConfigError, match="train.compile"):

@@ -30,7 +30,7 @@ import yaml
 
 from cosformer.attention import DEFAULT_SCALE
 from cosformer.tools.stability import write_stability_maps
-from cosformer.train.config import Config, to_dict
+from cosformer.train.config import FORMER_DEFAULTS, Config, to_dict
 from cosformer.train.tracking import read_metrics as load_metrics
 
 # Keys that differ between runs by construction and say nothing about the variant.
@@ -130,8 +130,9 @@ def load_run(path: str | os.PathLike) -> RunLog:
     config_file = path / "config.yaml"
     config = flatten(yaml.safe_load(config_file.read_text()) or {}) if config_file.exists() else {}
     if config:
-        # a key added to the config after the run was recorded took its default then: runs of different ages compare
-        config = flatten(to_dict(Config())) | config
+        # a key added to the config after the run was recorded took its default then (today's, unless it changed
+        # since: FORMER_DEFAULTS): runs of different ages compare
+        config = flatten(to_dict(Config())) | FORMER_DEFAULTS | config
     run = RunLog(path=path, config=config, label=path.name)
     for record in load_metrics(path / "metrics.jsonl"):
         if record.get("final"):

@@ -118,7 +118,7 @@ class TrainConfig:
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     grad_clip: float = 1.0  # 0 = no clipping
     num_workers: int = 0
-    compile: bool | Literal["auto"] = False  # torch.compile the model (trainer.resolve_compile): auto = on CUDA only
+    compile: bool | Literal["auto"] = "auto"  # torch.compile the model (trainer.resolve_compile): auto = on CUDA only
 
 
 @dataclass
@@ -426,6 +426,11 @@ def validate(cfg: Config) -> Config:
     if isinstance(t.resume, str) and not t.resume:
         t.resume = False
     return cfg
+
+
+# Keys whose default changed after they were added, with what a run recorded before the key existed ran with (a
+# resolved config records every key, so only such runs lack one): train.compile came with the default false.
+FORMER_DEFAULTS: dict[str, Any] = {"train.compile": False}
 
 
 def to_dict(cfg: Config) -> dict[str, dict[str, Any]]:

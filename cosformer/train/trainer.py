@@ -54,7 +54,8 @@ compiled is the module the loop calls for the loss, `model(**batch)`:
   (DDPOptimizer), so gradient all-reduces still overlap the backward.
 - FSDP2: each shard unit (the classes `fsdp_transformer_layer_cls_to_wrap` names: `Block`), in place. The root
   cannot be compiled whole: its FSDP hooks are excluded from tracing, which fullgraph turns into an error. The
-  embedding, output layer and loss run eagerly. FSDP1 (and FSDP without a transformer wrap class) is refused.
+  embedding, output layer and loss run eagerly. FSDP1 (and FSDP without a transformer wrap class) is refused under
+  train.compile=true; the default, auto, leaves such a run eager and says why in the log.
 Evaluation calls the same compiled module (eval mode, no grad and `reduction="none"` compile once more, a smaller
 last batch switches to dynamic shapes once). Generation does not: `generate` calls the wrapped network directly,
 never the compiled `__call__`, so a growing KV cache and each new length run eagerly instead of recompiling.
@@ -114,13 +115,33 @@ def resolve_mixed_precision(value: str) -> str:
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
 
 
-def resolve_compile(value: bool | str, device: torch.device) -> bool:
-    """`train.compile`: auto = on when training on a CUDA device (where Inductor generates Triton kernels; compiling
-    pays back within a run), off on CPU, where compilation takes longer than a short run saves. true compiles on any
-    device (on CPU Inductor needs a C++ compiler)."""
-    if value == "auto":
-        return device.type == "cuda"
-    return bool(value)
+def resolve_compile(
+    value: bool | str, device: torch.device, accelerator: Accelerator | None = None
+) -> tuple[bool, str]:
+    """`train.compile` -> (compile?, why not, when auto declined). auto = on when training on a CUDA device (where
+    Inductor generates Triton kernels; compiling pays back within a run) and the launch config allows it (FSDP: see
+    `fsdp_compile_problem`); off on CPU, where compilation takes longer than a short run saves. true compiles on any
+    device (on CPU Inductor needs a C++ compiler), and an FSDP config that cannot be compiled is then an error."""
+    if value != "auto":
+        return bool(value), ""
+    if device.type != "cuda":
+        return False, f"auto: {device.type}, not CUDA"
+    problem = fsdp_compile_problem(accelerator) if accelerator is not None else None
+    return (False, f"auto: {problem}") if problem else (True, "")
+
+
+def fsdp_compile_problem(accelerator: Accelerator) -> str | None:
+    """Why this launch config's model cannot be compiled before `prepare`, or None. Only FSDP restricts it: the shard
+    units are compiled one by one, which needs FSDP2 with a transformer wrap class."""
+    if accelerator.distributed_type != DistributedType.FSDP:
+        return None
+    plugin = accelerator.state.fsdp_plugin
+    if plugin.fsdp_version != 2:
+        version = plugin.fsdp_version
+        return f"FSDP compiles each shard unit before sharding, which needs fsdp_version: 2; this config has {version}"
+    if not plugin.transformer_cls_names_to_wrap:
+        return "FSDP compiles each shard unit, and this config names no fsdp_transformer_layer_cls_to_wrap"
+    return None
 
 
 def compile_for_training(model: torch.nn.Module, accelerator: Accelerator) -> str:
@@ -129,15 +150,13 @@ def compile_for_training(model: torch.nn.Module, accelerator: Accelerator) -> st
     if accelerator.distributed_type != DistributedType.FSDP:
         compile_in_place(model)
         return ""
-    plugin = accelerator.state.fsdp_plugin
-    names = set(plugin.transformer_cls_names_to_wrap or ())
-    if plugin.fsdp_version != 2 or not names:
-        why = f"fsdp_version {plugin.fsdp_version}" if plugin.fsdp_version != 2 else "no fsdp_transformer_layer_cls"
+    problem = fsdp_compile_problem(accelerator)
+    if problem:
         raise ValueError(
-            f"train.compile under FSDP compiles each shard unit before sharding, which needs FSDP2 "
-            f"(fsdp_version: 2) with a transformer wrap class (fsdp_transformer_layer_cls_to_wrap: Block), as in "
-            f"configs/accelerate/fsdp.yaml; this launch config has {why}. Use that config, or train.compile=false"
+            f"train.compile under FSDP: {problem} (configs/accelerate/fsdp.yaml has both: fsdp_version: 2, "
+            f"fsdp_transformer_layer_cls_to_wrap: Block). Use that config, or train.compile=false"
         )
+    names = set(accelerator.state.fsdp_plugin.transformer_cls_names_to_wrap)
     units = [m for m in model.modules() if type(m).__name__ in names]
     if not units:
         raise ValueError(
@@ -221,12 +240,12 @@ class Trainer:
             ckpt.check_compatible(cfg, self.resumed_from, model)
         # in place and before prepare: the keys stay unprefixed, DDP and FSDP wrap the compiled modules (module
         # docstring); `generate` never runs compiled code (under FSDP, whose blocks are compiled, it is skipped)
-        self.compiled = resolve_compile(t.compile, acc.device)
+        self.compiled, why_not = resolve_compile(t.compile, acc.device, acc)
         if self.compiled:
             what = compile_for_training(model, acc)
             acc.print(f"compile: on (inductor{', ' + what if what else ''})")
         else:
-            acc.print("compile: off")
+            acc.print(f"compile: off{f' ({why_not})' if why_not else ''}")
         datasets = self.task.datasets()
         self.datasets = datasets
         # the same validation items at every evaluation and on every process, so the statistics form one curve
