@@ -61,11 +61,12 @@ def test_cpu_smoke_run(tool, tmp_path, capsys):
         assert compiled["skipped"] == tool.CPU_COMPILED and "generate_ms" not in compiled
     lines = capsys.readouterr().out.rstrip().splitlines()
     assert "SMOKE RUN" in lines[0] and "SMOKE RUN" in lines[-6]
-    assert lines[-5].split()[:3] == ["attn", "mode", "b"] and lines[-5].endswith("agree")  # the table comes last
+    assert lines[-5].split()[:3] == ["attn", "mode", "b"] and lines[-5].endswith("peak GiB")  # the table comes last
     cosine = rows["cosine", "eager"]
+    assert cosine["held_gib"] is None and cosine["peak_gib"] is None  # no device memory to read on CPU
     assert lines[-4].split() == ["cosine", "eager", "1", "8", "12", f"{cosine['ms_per_token']:.3f}",
                                  f"{cosine['decode_tok_s']:,.0f}", f"{cosine['e2e_tok_s']:,.0f}",
-                                 f"{cosine['first_call_s']:.2f}", "-"]  # fmt: skip
+                                 f"{cosine['first_call_s']:.2f}", "-", "-"]  # fmt: skip
     assert lines[-1].split()[:5] == ["regular", "compiled", "1", "8", "12"]
     assert lines[-1].endswith(f"skipped: {tool.CPU_COMPILED}")
 
@@ -95,9 +96,30 @@ def test_compiled_rows_on_cpu_when_asked(tool, step, tmp_path, capsys, monkeypat
     assert lines[-4].startswith("decode tok/s, compiled over eager (geomean): cosine ")
     assert lines[-1].split()[:2] == ["cosine", "compiled"]
     if step == "eager":
-        assert compiled["agree"] == 1.0 and lines[-1].endswith("100.0%")
+        assert compiled["agree"] == 1.0 and lines[-1].split()[-2] == "100.0%"
     else:  # 4 new tokens: the first from the prefill; the next is the argmin, never the argmax
         assert 1 / 12 - 1e-6 <= compiled["agree"] <= 0.5, compiled["agree"]  # the prefill's token of 12
+
+
+def test_rows_carry_memory_held_and_peak(tool, tmp_path, capsys, monkeypatch):
+    """Each row: held_gib read when its point began, peak_gib the most its own calls held (read after each call,
+    reset before it); here a stand-in device memory whose peak grows with every reading."""
+    readings = []
+
+    def allocated_gib(device, peak=False):
+        if not peak:
+            return 2.0
+        readings.append(3.0 + len(readings))
+        return readings[-1]
+
+    monkeypatch.setattr(tool, "allocated_gib", allocated_gib)
+    out = tmp_path / "generate.json"
+    assert tool.main([*SMOKE, "--attn", "cosine", "--out-json", str(out)]) == 0
+    eager, compiled = json.loads(out.read_text())["rows"]
+    # calls in order: prefill, eager; then REPEATS rounds of both: eager's peak is its last reading, the highest
+    assert len(readings) == 2 * (1 + REPEATS) and eager["peak_gib"] == readings[-1] and eager["held_gib"] == 2.0
+    assert compiled["peak_gib"] is None and "skipped" in compiled  # never ran
+    assert capsys.readouterr().out.rstrip().splitlines()[-2].split()[-1] == f"{readings[-1]:.1f}"
 
 
 def test_make_row_rates(tool):

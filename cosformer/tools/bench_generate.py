@@ -30,7 +30,9 @@ Before timing, the compiled variant's greedy tokens (from its first call) are co
 is the fraction equal. It is reported, not asserted: a rounding difference can flip one greedy choice, and every
 token after it differs too. `timed_compiles` counts graphs dynamo compiled during the timed calls (0 expected: the
 step is compiled once per batch size and reserve). A variant that fails (out of memory, a compiler error) keeps its
-row with the reason, and the table goes on.
+row with the reason, and the table goes on. On a GPU each row also has `peak_gib`, the most its calls held at once
+(everything allocated included), and `held_gib`, what was allocated when its point began (the models, plus whatever
+earlier points left behind): what an out-of-memory row needs to be explained.
 
 `--device cpu` is a smoke run of the pipeline: labelled so, and never written under docs/. Its compiled variants are
 skipped ("compiled decoding is measured on a GPU": Inductor on CPU needs a C++ compiler) unless --compile-mode is
@@ -72,8 +74,10 @@ DEFAULT_COMPILE_MODE = "reduce-overhead"
 CPU_COMPILED = "compiled decoding is measured on a GPU"
 DEFAULT_CONTEXTS = (1024, 4096)
 DEFAULT_BATCHES = (1, 8)
-COLUMNS = ("attn", "mode", "b", "context", "new", "ms_per_token", "decode_tok_s", "e2e_tok_s", "first_call_s", "agree")
-HEADERS = ("attn", "mode", "b", "context", "new", "ms/token", "decode tok/s", "e2e tok/s", "first call s", "agree")
+COLUMNS = ("attn", "mode", "b", "context", "new", "ms_per_token", "decode_tok_s", "e2e_tok_s", "first_call_s", "agree",
+           "peak_gib")  # fmt: skip
+HEADERS = ("attn", "mode", "b", "context", "new", "ms/token", "decode tok/s", "e2e tok/s", "first call s", "agree",
+           "peak GiB")  # fmt: skip
 
 
 def build_model(attn: str, max_seq_len: int, cfg: dict, dtype: torch.dtype, device: torch.device):
@@ -101,6 +105,18 @@ def without_split(fn):
             decode.ENABLED = enabled
 
     return call
+
+
+def allocated_gib(device: torch.device, peak: bool = False) -> float | None:
+    """Memory held by tensors on a CUDA device now (or at its peak since the last `reset_peak`), GiB; None on CPU."""
+    if device.type != "cuda":
+        return None
+    return (torch.cuda.max_memory_allocated if peak else torch.cuda.memory_allocated)(device) / 2**30
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
 
 
 def timed_call(fn, device: torch.device) -> tuple[float, object]:
@@ -150,27 +166,37 @@ def bench_point(model, attn: str, b: int, n: int, args, device: torch.device) ->
             calls[mode] = partial(model.generate, prompt, new, temperature=0.0, compile=point["compile_mode"] or False)
     if attn == NOSPLIT:
         calls = {name: without_split(fn) for name, fn in calls.items()}
-    errors, first_s, tokens = {}, {}, {}
+    errors, first_s, tokens, peak = {}, {}, {}, {}
+    held = allocated_gib(device)  # what the point starts with: the models, and anything earlier points left behind
     for name, fn in calls.items():
         if name == "compiled":
             torch._dynamo.reset()  # its own compilation in its first call, and no cache-limit count carried over
+        reset_peak(device)
         try:
-            first_s[name], tokens[name] = timed_call(fn, device)
+            first_s[name], out = timed_call(fn, device)
+            if name != "prefill":  # the prefill's logits are not compared, and need not stay allocated
+                tokens[name] = out
         except Exception as e:
             errors[name] = failure_reason(e)
+        peak[name] = allocated_gib(device, peak=True)
     times = {name: [] for name in first_s}
     graphs = counters["stats"]["unique_graphs"]
     for _ in range(args.repeats):
         for name in list(times):
+            reset_peak(device)
             try:
                 times[name].append(timed_call(calls[name], device)[0] * 1e3)
             except Exception as e:
                 errors[name] = failure_reason(e)
                 del times[name]
+            if peak[name] is not None:
+                peak[name] = max(peak[name], allocated_gib(device, peak=True))
     timed_compiles = counters["stats"]["unique_graphs"] - graphs  # the compiled calls' (eager ones compile nothing)
 
     rows = []
     for mode, point in points.items():
+        # peak: the most this variant's calls held at once, what was held before them included; held_gib: at the start
+        point = dict(point, held_gib=held, peak_gib=peak.get(mode))
         if mode not in calls:
             rows.append(dict(point, skipped=CPU_COMPILED))
         elif "prefill" in errors or mode in errors:
@@ -197,6 +223,8 @@ def _cell(row: dict, col: str) -> str:
         return f"{value:.2f}"
     if col == "agree":
         return f"{value:.1%}"
+    if col == "peak_gib":
+        return f"{value:.1f}"
     return str(value)
 
 
