@@ -565,15 +565,18 @@ class Transformer(nn.Module):
 
     def _run_blocks(self, x, *, mask, context, context_mask, rotary, cache, attn_bias, return_attn=False,
                     segment_ids=None, drop=False, cache_position=None):  # fmt: skip
-        """Every block in turn, then the final norm: (x, the blocks' inputs, their AttentionIntermediates). drop:
-        skip each block with probability layer_dropout (stochastic depth)."""
+        """Every block in turn, then the final norm: (x, the blocks' inputs, their AttentionIntermediates), the two
+        lists filled only with return_attn: held otherwise, they would keep every block's input and values alive to
+        the end of a forward without grad (a long prefill's memory). drop: skip each block with probability
+        layer_dropout (stochastic depth)."""
         layer_caches = cache.layers if cache is not None else [None] * self.depth
         hiddens, attn_intermediates = [], []
         first_values = [None, None]  # (self, cross): the value residual's source, once its first attention ran
         for block, layer_cache in zip(self.layers, layer_caches):
             if drop and torch.rand(()).item() < self.layer_dropout:
                 continue
-            hiddens.append(x)
+            if return_attn:
+                hiddens.append(x)
             x, _, inters = block(
                 x, mask=mask, context=context, context_mask=context_mask, rotary=rotary, cache=layer_cache,
                 attn_bias=attn_bias, value_residuals=first_values if self.add_value_residual else (None, None),
@@ -581,8 +584,9 @@ class Transformer(nn.Module):
             )  # fmt: skip
             for kind, inter in enumerate(inters):
                 if inter is not None:
-                    attn_intermediates.append(inter)
-                    if first_values[kind] is None:
+                    if return_attn:
+                        attn_intermediates.append(inter)
+                    if self.add_value_residual and first_values[kind] is None:
                         first_values[kind] = inter.values
         return self.final_norm(x), hiddens, attn_intermediates
 

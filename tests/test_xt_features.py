@@ -307,3 +307,32 @@ def test_triton_interpreter_matches_torch_path_with_bias_and_memory(seed, monkey
     model = TransformerWrapper(num_tokens=16, max_seq_len=8, attn_layers=layers)
     assert_triton_matches_torch_path(model, torch.randint(0, 16, (1, 8)), monkeypatch)
     assert layers.rel_pos.relative_attention_bias.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("pre_norm", [False, True], ids=["post-ln", "pre-ln"])
+def test_a_forward_without_grad_frees_each_block_input(pre_norm, seed, torch_attention_path):
+    """Without return_intermediates, nothing holds a block's input or its attention values past the next block: a
+    long prefill's memory is one layer's, not every layer's. Watched from inside the forward (a hook on the last
+    block); asking for the intermediates keeps them all, which shows the watch can see them."""
+    import weakref
+
+    layers = Decoder(dim=24, depth=5, heads=3, attn_dim_head=16, pre_norm=pre_norm)
+    model = TransformerWrapper(num_tokens=29, max_seq_len=16, attn_layers=layers)
+    blocks = model.attn_layers.layers
+    inputs, values, alive_at_last = [], [], []
+    hooks = [b.register_forward_pre_hook(lambda m, args: inputs.append(weakref.ref(args[0]))) for b in blocks]
+    # a block returns (x, kv, (self-attention intermediates, cross-attention's)): the values of its attention
+    hooks += [
+        b.register_forward_hook(lambda m, args, out: values.append(weakref.ref(out[2][0].values))) for b in blocks
+    ]
+    hooks.append(blocks[-1].register_forward_pre_hook(lambda m, args: alive_at_last.append(
+        sum(r() is not None for r in inputs[1:-2] + values[:-1]))))  # fmt: skip
+    x = torch.randint(0, 29, (2, 11))
+    with torch.no_grad():
+        model(x)
+        assert alive_at_last == [0], "block inputs held to the end of the forward"
+        inputs.clear(), values.clear()
+        _, inter = model(x, return_intermediates=True)
+        assert alive_at_last[-1] == 2 * len(blocks) - 5 and len(inter.hiddens) == len(blocks)
+    for hook in hooks:
+        hook.remove()
