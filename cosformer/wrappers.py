@@ -350,6 +350,12 @@ class AutoregressiveWrapper(nn.Module):
         counted = (target != self.ignore_index).sum(dim=1)
         return losses.sum(dim=1) / counted.clamp(min=1)  # (b,)
 
+    def _last_logits(self, x: torch.Tensor, **kwargs) -> torch.Tensor:
+        """The net's logits (b, num_tokens) at the last position of x only: a prompt's prefill would otherwise
+        allocate (b, n, num_tokens) of them, b · n · num_tokens values, to sample from the last row."""
+        h = self.net(x, return_embeddings=True, **kwargs)[:, -1]
+        return h if self.net.return_only_embed else self.net._logits(h)
+
     @torch.no_grad()
     def generate(
         self,
@@ -457,19 +463,19 @@ class AutoregressiveWrapper(nn.Module):
                 # (b, 1) with strides (1, 1) at every step: a view of out, or .contiguous() of it (a no-op for b = 1),
                 # would carry out's growing row stride, and dynamo would recompile for each new one
                 last = out[:, -1:].clone(memory_format=torch.contiguous_format)
-                logits = step(self.net, last, cache, cache.step_position(out.device))[:, None]
+                logits = step(self.net, last, cache, cache.step_position(out.device))
                 cache.advance(1)
             elif cache is not None and out.shape[1] <= window:
                 # the cache is fed only the tokens it has not seen: the whole prompt first, then one per step
-                logits = self.net(out[:, cache.length :], cache=cache, seq_start_pos=seq_start_pos, **kwargs)
+                logits = self._last_logits(out[:, cache.length :], cache=cache, seq_start_pos=seq_start_pos, **kwargs)
             else:
                 cache = None
                 start = seq_start_pos
                 if start is not None and out.shape[1] > window:
                     start = (start - (out.shape[1] - window)).clamp(min=0)  # the padding left in the window
-                logits = self.net(out[:, -window:], seq_start_pos=start, **kwargs)
+                logits = self._last_logits(out[:, -window:], seq_start_pos=start, **kwargs)
             token = sample_next(
-                logits[:, -1], temperature=temperature, filter_logits_fn=filter_fn, filter_kwargs=filter_kwargs
+                logits, temperature=temperature, filter_logits_fn=filter_fn, filter_kwargs=filter_kwargs
             )
             # rows that ended still feed their sampled tokens (pad_value need not be a valid token id); the
             # tokens after each row's first eos are masked once, at the end

@@ -116,6 +116,23 @@ def test_sliding_window_past_max_seq_len(attn, seed, torch_attention_path):
 
 
 @pytest.mark.parametrize("cache_kv", [True, False])
+def test_generate_makes_logits_for_the_last_position_only(cache_kv, seed, torch_attention_path, monkeypatch):
+    """A prompt's prefill (and, without a cache, every step) computes the logits of the position sampled from only,
+    never (b, n, num_tokens) of them; the tokens are the full forward's argmax all the same."""
+    model = make_lm("cosine", max_seq_len=12)
+    shapes = []
+    real = type(model.net)._logits
+    monkeypatch.setattr(type(model.net), "_logits", lambda net, h: shapes.append(tuple(h.shape)) or real(net, h))
+    prompt = torch.randint(0, 37, (3, 7))
+    out = model.generate(prompt, 8, temperature=0.0, cache_kv=cache_kv)  # past max_seq_len: the window path too
+    assert shapes and all(len(s) == 2 for s in shapes), shapes
+    seq = torch.cat((prompt, out), dim=1)
+    shapes.clear()
+    model.eval()
+    assert torch.equal(model.net(seq[:, -13:-1])[:, -1].argmax(dim=-1), out[:, -1]) and shapes == [(3, 12, 32)]
+
+
+@pytest.mark.parametrize("cache_kv", [True, False])
 def test_eos_fills_with_pad_and_stops_when_every_row_ended(cache_kv, seed, torch_attention_path):
     """x-transformers' behaviour: after a row's first eos comes pad_value; once every row has produced an eos the
     generation stops and the result is that much shorter than seq_len."""
