@@ -739,6 +739,37 @@ def test_full_split_loss_is_sharded_over_processes():
 HAS_CXX = shutil.which(os.environ.get("CXX", "g++")) is not None or shutil.which("c++") is not None
 
 
+@pytest.mark.slow  # two processes, each with a cold Inductor compile on CPU
+@pytest.mark.skipif(not HAS_CXX, reason="Inductor on CPU needs a C++ compiler (g++ or $CXX); none is installed")
+def test_two_process_cpu_run_compiled_matches_eager(corpus, tmp_path):
+    """train.compile=true under DDP (torchrun, 2 CPU processes, gloo): the whole model compiled inside DDP's forward,
+    the same losses as the eager DDP run of the same config (to rounding), and a final evaluation."""
+    env = dict(os.environ, ACCELERATE_USE_CPU="true", TRITON_INTERPRET="0", OMP_NUM_THREADS="1")
+    env.pop("WANDB_MODE", None)
+    base = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(ROOT / "scripts/train.py")]
+    args = ["data.name=text", f"data.path={corpus}", "data.seq_len=32", "model.dim=32", "model.depth=1",
+            "model.heads=2", "model.dim_head=16", "train.batch_size=4", "train.max_steps=4", "train.eval_every=2",
+            "train.eval_batches=2", "train.log_every=1", "train.sample_length=4"]  # fmt: skip
+    logs, generated = {}, {}
+    for kind in ("false", "true"):
+        out = tmp_path / f"compile_{kind}"
+        cache = tmp_path / f"inductor_{kind}"  # what Inductor generates for this run: nothing when eager
+        run_env = dict(env, TORCHINDUCTOR_CACHE_DIR=str(cache))
+        proc = subprocess.run(base + args + [f"train.out_dir={out}", f"train.compile={kind}"], env=run_env,
+                              capture_output=True, text=True, timeout=600)  # fmt: skip
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        logs[kind] = proc.stdout + proc.stderr
+        generated[kind] = [f for f in cache.rglob("*.py")] if cache.exists() else []
+    assert "compile: off" in logs["false"] and "compile: on (inductor)" in logs["true"]
+    assert not generated["false"] and generated["true"], generated  # the compiled run's graphs went through Inductor
+    eager, compiled = dict(curve(tmp_path / "compile_false")), dict(curve(tmp_path / "compile_true"))
+    assert sorted(compiled) == sorted(eager) == [1, 2, 3, 4]
+    for step, want in eager.items():
+        got = compiled[step]
+        assert got.keys() == want.keys() and all(got[k] == pytest.approx(want[k], rel=1e-4, abs=1e-6) for k in want)
+    assert math.isfinite(records(tmp_path / "compile_true")[-1]["test_bpc"])
+
+
 def test_resolve_compile():
     """auto: on CUDA where the launch config allows it, else off with the reason (never an error); true/false as
     given (true under an FSDP config it cannot compile is compile_for_training's error, below). The default is auto."""
